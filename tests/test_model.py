@@ -1,0 +1,57 @@
+"""The embedding model: pooling, ScalingLayer, and the sentence-transformers round trip."""
+
+import json
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from modules.model import EmbeddingModel, pool
+from tests.conftest import SENTENCES, minilm_path
+
+
+def st_embeddings(path, texts):
+    return torch.as_tensor(SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True))
+
+
+@pytest.mark.parametrize("pooling, scaling_dim", [("mean", None), ("cls", None), ("mean", 48), ("cls", 20)])
+def test_save_reload_with_sentence_transformers(tiny_bert, tmp_path, pooling, scaling_dim):
+    model = EmbeddingModel.from_pretrained(tiny_bert, pooling=pooling, scaling_dim=scaling_dim, max_seq_length=64)
+    ours = model.encode(SENTENCES)
+    model.save_pretrained(tmp_path / "saved")
+
+    modules = json.loads((tmp_path / "saved" / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == (
+        ["Transformer", "Pooling"] + (["Dense"] if scaling_dim else []) + ["Normalize"])
+    assert json.loads((tmp_path / "saved" / "1_Pooling" / "config.json").read_text())["pooling_mode"] == pooling
+    assert list((tmp_path / "saved").glob("*.safetensors"))
+
+    theirs = st_embeddings(tmp_path / "saved", SENTENCES)
+    assert theirs.shape == (len(SENTENCES), scaling_dim or 32)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    reloaded = EmbeddingModel.from_pretrained(tmp_path / "saved")  # as a starting point, 2_Dense included
+    assert reloaded.pooling == pooling and reloaded.output_dim == (scaling_dim or 32)
+    assert torch.allclose(reloaded.encode(SENTENCES), ours, atol=1e-6)
+
+
+def test_scaling_dim_must_match_an_existing_dense(tiny_bert, tmp_path):
+    EmbeddingModel.from_pretrained(tiny_bert, scaling_dim=48).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="2_Dense maps to 48 dims but --scaling_dim is 64"):
+        EmbeddingModel.from_pretrained(tmp_path / "m", scaling_dim=64)
+
+
+def test_packaged_minilm_loads_with_its_pooling_and_matches_sentence_transformers():
+    model = EmbeddingModel.from_pretrained(minilm_path())
+    assert model.pooling == "mean" and model.output_dim == 384 and model.max_seq_length == 256
+    assert torch.allclose(model.encode(SENTENCES[:4]), st_embeddings(minilm_path(), SENTENCES[:4]), atol=1e-5)
+
+
+def test_lasttoken_pooling_picks_the_last_real_token_with_either_padding_side():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert torch.equal(pool(hidden, right, "lasttoken"), torch.stack([hidden[0, 2], hidden[1, 4]]))
+    assert torch.equal(pool(hidden, left, "lasttoken"), torch.stack([hidden[0, 4], hidden[1, 4]]))
+    mean = pool(hidden, right, "mean")
+    assert torch.allclose(mean[0], hidden[0, :3].mean(0))

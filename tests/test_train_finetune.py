@@ -1,0 +1,121 @@
+"""train_finetune.py end to end: loss falls, exact resume, DDP with 2 processes, DeepSpeed ZeRO-1."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modules.data import TaskBatchSampler, TaskCollator, load_meta_list
+from modules.losses import CoSENT, InfoNCE
+from modules.model import EmbeddingModel
+from modules.training import task_loss
+from tests.conftest import REPO, accelerate_cmd, run_script
+
+NEGATIVES = {"retri_contrast": 1, "cls_contrast": 2}
+
+
+def common_args(tiny_bert, tiny_data, output_dir, *extra):
+    return ["train_finetune.py", "--model_name_or_path", str(tiny_bert), "--meta_list", str(tiny_data / "meta.txt"),
+            "--output_dir", str(output_dir), "--retri_batch_size", "4", "--cls_batch_size", "4",
+            "--cosent_batch_size", "4", "--cls_negatives", "2", "--query_max_len", "16", "--passage_max_len", "16",
+            "--pair_max_len", "16", "--lr", "1e-3", "--warmup_ratio", "0.2", "--log_every", "1", "--seed", "11", *extra]
+
+
+def test_a_few_steps_lower_the_hybrid_loss(tiny_bert, tiny_data):
+    torch.manual_seed(0)
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind=NEGATIVES)
+    sampler = TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], [8, 8, 8], seed=0)
+    collator = TaskCollator(model.tokenizer, {"query": 16, "passage": 16, "pair": 16}, NEGATIVES)
+    batches = [collator(datasets[d], indices, 0) for d, indices in sampler.local_batches(0)]
+    losses = {"retri_contrast": InfoNCE(0.05), "cls_contrast": InfoNCE(0.05, in_batch_negatives=False),
+              "cosent": CoSENT(0.05)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def total_loss():
+        model.eval()  # no dropout: compare like with like
+        with torch.no_grad():
+            return sum(task_loss(model, b, losses).item() for b in batches)
+
+    before = total_loss()
+    model.train()
+    for _ in range(5):
+        for batch in batches:
+            task_loss(model, batch, losses).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert total_loss() < 0.7 * before
+
+
+def test_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path):
+    """Stopped at step 3 (its checkpoint) and resumed == never stopped, at step 7 (crossing an epoch)."""
+    run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "full", "--max_steps", "7", "--save_every", "3")])
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
+    resumed = run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "resumed", "--max_steps", "7",
+                                                 "--resume_from_checkpoint", str(checkpoint))])
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    again = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    start = EmbeddingModel.from_pretrained(tiny_bert).backbone.state_dict()
+    assert any(not torch.equal(full[k], start[k]) for k in full if k in start)  # it trained
+    for key in full:
+        assert torch.equal(full[key], again[key]), key
+
+
+def test_resume_latest_ignores_an_unfinished_checkpoint(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "4", "--save_every", "2")])
+    (out / "checkpoint-6.tmp").mkdir()  # a save that crashed midway
+    result = run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "5",
+                                                "--resume_from_checkpoint", "latest")])
+    assert "resumed from" in result.stdout + result.stderr and "checkpoint-4" in result.stdout + result.stderr
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["args"]["max_steps"] == 5 and (out / "meta.txt").exists()
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero1"])
+def test_two_process_run(tiny_bert, tiny_data, tmp_path, launcher):
+    """2 CPU processes (gloo) under DDP and under DeepSpeed ZeRO-1: trains, logs, saves a loadable model."""
+    from sentence_transformers import SentenceTransformer
+
+    cmd = accelerate_cmd(config_file=REPO / "launch" / f"{launcher}.yaml") + [
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+    result = run_script(cmd + common_args(tiny_bert, tiny_data, tmp_path, "--max_steps", "4", "--save_every", "2",
+                                          "--eval_sts_file", str(tiny_data / "sts.jsonl")),
+                        env_extra={"ACCELERATE_USE_CPU": "1"})
+    assert "dev Spearman: step 0" in result.stdout
+    assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
+    model = SentenceTransformer(str(tmp_path / "final"), device="cpu")
+    assert model.encode(["hello world"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_bert, padding_side):
+    from modules.training import embed
+    from tests.conftest import SENTENCES
+
+    if padding_side == "right":
+        model = EmbeddingModel.from_pretrained(tiny_bert)
+    else:  # left padding is for decoders (RoPE is shift-invariant; BERT's absolute positions are not)
+        from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+        torch.manual_seed(0)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_bert, padding_side="left")
+        config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+        model = EmbeddingModel(LlamaModel(config), tokenizer, pooling="lasttoken")
+    model.eval()
+    texts = [s * (1 + i % 3) for i, s in enumerate(SENTENCES)]  # varied lengths
+    tokens = dict(model.tokenizer(texts, padding=True, return_tensors="pt"))
+    plain = embed(model, tokens)
+    plain.square().sum().backward()
+    plain_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    bucketed = embed(model, tokens, length_buckets=4)
+    bucketed.square().sum().backward()
+    assert torch.allclose(plain, bucketed, atol=1e-5)
+    for g1, g2 in zip(plain_grads, [p.grad for p in model.parameters() if p.grad is not None]):
+        assert torch.allclose(g1, g2, atol=1e-4)
