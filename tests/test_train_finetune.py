@@ -87,7 +87,11 @@ def test_two_process_run(tiny_bert, tiny_data, tmp_path, launcher):
                                           "--eval_sts_file", str(tiny_data / "sts.jsonl")),
                         env_extra={"ACCELERATE_USE_CPU": "1"})
     assert "dev Spearman: step 0" in result.stdout
-    assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
+    checkpoint_files = [p.name for p in (tmp_path / "checkpoint-4").rglob("*")]
+    assert "trainer_state.json" in checkpoint_files and "random_states_1.pkl" in checkpoint_files
+    if launcher == "deepspeed_zero1":  # DeepSpeed's own engine wrote the optimizer shards
+        assert any(name.startswith("zero_pp_rank_1") for name in checkpoint_files), checkpoint_files
+    assert list((tmp_path / "finetune").glob("events.out.tfevents*"))  # tensorboard logs
     model = SentenceTransformer(str(tmp_path / "final"), device="cpu")
     assert model.encode(["hello world"]).shape == (1, 32)
 

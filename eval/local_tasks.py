@@ -1,0 +1,301 @@
+"""Run mteb tasks on local files instead of data sets from the Hugging Face hub.
+
+Each task keeps its real mteb class (metadata, evaluator, metrics, main score); only the loading step is
+replaced. `as_local_task` builds a subclass of the task's own class whose `load_data` reads
+`DATA_DIR/<TaskName>/` in the layout described in eval/README.md:
+
+- STS: `<split>.jsonl` with `sentence1`, `sentence2`, `score`.
+- PairClassification: `<split>.jsonl` with `sentence1`, `sentence2`, `label` (0/1).
+- Classification: `<train split>.jsonl` and `<split>.jsonl` with `text`, `label`.
+- Clustering: `<split>.jsonl` with `sentences`, `labels` (for C-MTEB's legacy clustering tasks one line is
+  one clustering set, holding a list of sentences and a list of labels).
+- Retrieval and Reranking: `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`),
+  `qrels/<split>.tsv` (`query-id corpus-id score`), and for reranking `top_ranked/<split>.jsonl`
+  (`query-id`, `corpus-ids`: the candidates to rerank).
+
+Multilingual tasks have one such folder per hf subset: `DATA_DIR/<TaskName>/<subset>/`.
+
+The files are taken as the evaluation data as they are: a task's hub-specific `dataset_transform` (column
+renames, subsampling) is not applied, and local columns are mapped onto the columns the task class reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+from mteb.abstasks import (
+    AbsTask,
+    AbsTaskClassification,
+    AbsTaskClustering,
+    AbsTaskPairClassification,
+    AbsTaskRetrieval,
+    AbsTaskSTS,
+)
+from mteb.abstasks.clustering_legacy import AbsTaskClusteringLegacy
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+QRELS_COLUMNS = ("query-id", "corpus-id", "score")
+TOP_RANKED_COLUMNS = ("query-id", "corpus-ids")
+README_HINT = "see eval/README.md, 'Offline evaluation from local files'"
+
+
+class LocalDataError(Exception):
+    """A local task folder is missing, incomplete or malformed."""
+
+
+def as_local_task(task: AbsTask, data_dir: Path | str) -> AbsTask:
+    """Return a copy of `task` (same class, metadata, splits and subsets) that loads its data from `data_dir`.
+
+    The files are checked here (presence and columns of the first record), so that a broken folder fails
+    before any model is loaded; every record is checked when the data are loaded.
+    """
+    task_class = type(task)
+    local_class = type(
+        task_class.__name__,
+        (LocalFilesTask, task_class),
+        {"__doc__": f"{task_class.__name__} read from local files.", "__module__": __name__},
+    )
+    local_task = local_class(seed=task.seed)
+    local_task.task_dir = Path(data_dir) / task.metadata.name
+    local_task.hf_subsets = list(task.hf_subsets)
+    local_task._eval_splits = task._eval_splits
+    check_local_files(local_task)
+    return local_task
+
+
+def as_local_tasks(tasks: Sequence[AbsTask], data_dir: Path | str) -> list[AbsTask]:
+    """`as_local_task` for each task; the problems of all tasks are reported together."""
+    local_tasks, problems = [], []
+    for task in tasks:
+        try:
+            local_tasks.append(as_local_task(task, data_dir))
+        except LocalDataError as error:
+            problems.append(str(error))
+    if problems:
+        raise LocalDataError("\n".join(problems))
+    return local_tasks
+
+
+class LocalFilesTask:
+    """Mixin placed before a real mteb task class: replaces its hub download by reading `task_dir`."""
+
+    task_dir: Path
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        if self.data_loaded:
+            return
+        self.dataset = load_local_dataset(self)
+        self.data_loaded = True
+
+
+def check_local_files(task: AbsTask) -> None:
+    """Check that every file the task needs exists and that its first record has the expected columns."""
+    if not task.task_dir.is_dir():
+        raise LocalDataError(
+            f"No local data for task {task.metadata.name}: {task.task_dir} is not a directory "
+            f"({README_HINT})."
+        )
+    _read_task_data(task, max_rows=1)
+
+
+def load_local_dataset(task: AbsTask) -> dict[str, Any] | DatasetDict:
+    """Read all of the task's local files into the structure its mteb class evaluates."""
+    return _read_task_data(task, max_rows=None)
+
+
+def _read_task_data(task: AbsTask, max_rows: int | None) -> dict[str, Any] | DatasetDict:
+    read_subset = _read_retrieval_subset if isinstance(task, AbsTaskRetrieval) else _read_flat_subset
+    subsets = {subset: read_subset(task, folder, max_rows) for subset, folder in _subset_folders(task)}
+    if isinstance(task, AbsTaskRetrieval) or task.metadata.is_multilingual:
+        return subsets
+    return subsets["default"]
+
+
+def _subset_folders(task: AbsTask) -> Iterator[tuple[str, Path]]:
+    if not task.metadata.is_multilingual:
+        yield "default", task.task_dir
+        return
+    for subset in task.hf_subsets:
+        yield subset, task.task_dir / subset
+
+
+# ---------------------------------------------------------------------------------------------------------
+# STS, pair classification, classification and clustering: one jsonl file per split
+
+
+def local_columns(task: AbsTask) -> dict[str, str]:
+    """Map the local file's columns to the columns the task's mteb class reads."""
+    if isinstance(task, AbsTaskSTS):
+        first, second = task.column_names
+        return {
+            "sentence1": _text_column(task, first),
+            "sentence2": _text_column(task, second),
+            "score": "score",
+        }
+    if isinstance(task, AbsTaskPairClassification):
+        return {
+            "sentence1": _text_column(task, task.input1_column_name),
+            "sentence2": _text_column(task, task.input2_column_name),
+            "label": task.label_column_name,
+        }
+    if isinstance(task, AbsTaskClassification):
+        return {"text": _text_column(task, task.input_column_name), "label": task.label_column_name}
+    if isinstance(task, (AbsTaskClustering, AbsTaskClusteringLegacy)):
+        return {"sentences": _text_column(task, task.input_column_name), "labels": task.label_column_name}
+    raise LocalDataError(
+        f"Task {task.metadata.name} ({_task_family(task)}) cannot be read from local files: "
+        "supported are Retrieval, Reranking, STS, PairClassification, Classification and Clustering tasks."
+    )
+
+
+def _task_family(task: AbsTask) -> str:
+    """The name of the abstract mteb class the task derives from, e.g. `AbsTaskBitextMining`."""
+    return next(cls.__name__ for cls in type(task).__mro__ if cls.__name__.startswith("AbsTask"))
+
+
+def _text_column(task: AbsTask, column: Any) -> str:
+    if not isinstance(column, str):
+        raise LocalDataError(f"Task {task.metadata.name} is not a text task; local files hold text only.")
+    return column
+
+
+def _read_flat_subset(task: AbsTask, folder: Path, max_rows: int | None) -> DatasetDict:
+    columns = local_columns(task)
+    splits = list(task.eval_splits)
+    if isinstance(task, AbsTaskClassification) and task.train_split not in splits:
+        splits.append(task.train_split)
+    datasets = {}
+    for split in splits:
+        rows = read_jsonl(folder / f"{split}.jsonl", columns, max_rows)
+        datasets[split] = [
+            {task_column: row[local] for local, task_column in columns.items()} for row in rows
+        ]
+    if isinstance(task, AbsTaskClassification):
+        _label_names_to_ids(datasets, task.label_column_name)
+    return DatasetDict({split: Dataset.from_list(rows) for split, rows in datasets.items()})
+
+
+def _label_names_to_ids(splits: dict[str, list[dict[str, Any]]], column: str) -> None:
+    """Replace string class labels by ids (sorted names, same in every split), as mteb expects."""
+    names = sorted({row[column] for rows in splits.values() for row in rows if isinstance(row[column], str)})
+    label_ids = {name: index for index, name in enumerate(names)}
+    for rows in splits.values():
+        for row in rows:
+            row[column] = label_ids.get(row[column], row[column])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retrieval and reranking: BEIR layout
+
+
+def _read_retrieval_subset(
+    task: AbsTaskRetrieval, folder: Path, max_rows: int | None
+) -> dict[str, RetrievalSplitData]:
+    corpus = _read_documents(folder / "corpus.jsonl", ("text",), max_rows)
+    queries = _read_documents(folder / "queries.jsonl", ("text",), max_rows)
+    splits = {}
+    for split in task.eval_splits:
+        relevant_docs = read_qrels(folder / "qrels" / f"{split}.tsv", max_rows)
+        top_ranked_path = folder / "top_ranked" / f"{split}.jsonl"
+        if top_ranked_path.exists():
+            top_ranked = read_top_ranked(top_ranked_path, max_rows)
+        elif task.metadata.type == "Reranking":
+            raise LocalDataError(
+                f"Reranking task {task.metadata.name} needs its candidates in {top_ranked_path} "
+                f"({README_HINT})."
+            )
+        else:
+            top_ranked = None
+        splits[split] = RetrievalSplitData(
+            corpus=corpus,
+            queries=_queries_with_qrels(queries, relevant_docs),
+            relevant_docs=relevant_docs,
+            top_ranked=top_ranked,
+        )
+    return splits
+
+
+def _read_documents(path: Path, text_columns: Sequence[str], max_rows: int | None) -> Dataset:
+    """Read a corpus or queries file; ids may be called `_id` (BEIR, mteb) or `id`."""
+    rows = read_jsonl(path, text_columns, max_rows)
+    records = []
+    for line_number, row in enumerate(rows, start=1):
+        row_id = row.get("_id", row.get("id"))
+        if row_id is None:
+            raise LocalDataError(
+                f"{path}: record {line_number} has no `_id` (or `id`) column; it has {sorted(row)}."
+            )
+        record = {"id": str(row_id), "text": row["text"]}
+        if "title" in row:
+            record["title"] = row["title"] or ""
+        records.append(record)
+    return Dataset.from_list(records)
+
+
+def _queries_with_qrels(queries: Dataset, relevant_docs: dict[str, dict[str, int]]) -> Dataset:
+    """Keep the queries that have judgements, as mteb's hub loader does."""
+    keep = [index for index, query_id in enumerate(queries["id"]) if query_id in relevant_docs]
+    return queries.select(keep)
+
+
+def read_qrels(path: Path, max_rows: int | None = None) -> dict[str, dict[str, int]]:
+    """Read a TREC-style qrels TSV with the header `query-id corpus-id score`."""
+    if not path.is_file():
+        raise LocalDataError(f"Missing file {path} ({README_HINT}).")
+    relevant_docs: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = [column for column in QRELS_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise LocalDataError(
+                f"{path}: missing column(s) {missing} in the header; found {reader.fieldnames}. "
+                "The first line must be `query-id<TAB>corpus-id<TAB>score`."
+            )
+        for row_number, row in enumerate(reader, start=1):
+            try:
+                score = int(float(row["score"]))
+            except (TypeError, ValueError):
+                raise LocalDataError(f"{path}, row {row_number}: no numeric score in {row}.") from None
+            relevant_docs.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = score
+            if max_rows is not None and row_number >= max_rows:
+                break
+    return relevant_docs
+
+
+def read_top_ranked(path: Path, max_rows: int | None = None) -> dict[str, list[str]]:
+    """Read the candidate documents of each query of a reranking task."""
+    rows = read_jsonl(path, TOP_RANKED_COLUMNS, max_rows)
+    return {str(row["query-id"]): [str(doc_id) for doc_id in row["corpus-ids"]] for row in rows}
+
+
+def read_jsonl(
+    path: Path, required_columns: Sequence[str], max_rows: int | None = None
+) -> list[dict[str, Any]]:
+    """Read up to `max_rows` records from a JSON-lines file, checking that each has `required_columns`."""
+    if not path.is_file():
+        raise LocalDataError(f"Missing file {path} ({README_HINT}).")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise LocalDataError(f"{path}, line {line_number}: not valid JSON ({error}).") from None
+            missing = [column for column in required_columns if column not in row]
+            if missing:
+                raise LocalDataError(
+                    f"{path}, line {line_number}: missing column(s) {missing}; the record has {sorted(row)}."
+                )
+            rows.append(row)
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+    if not rows:
+        raise LocalDataError(f"{path} holds no records.")
+    return rows

