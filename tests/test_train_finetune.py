@@ -83,9 +83,11 @@ def test_two_process_run(tiny_bert, tiny_data, tmp_path, launcher):
 
     cmd = accelerate_cmd(config_file=REPO / "launch" / f"{launcher}.yaml") + [
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+    extra = ["--gradient_checkpointing", "--mrl_dims", "8,16,32"] if launcher == "ddp" else []
     result = run_script(cmd + common_args(tiny_bert, tiny_data, tmp_path, "--max_steps", "4", "--save_every", "2",
-                                          "--eval_sts_file", str(tiny_data / "sts.jsonl")),
-                        env_extra={"ACCELERATE_USE_CPU": "1"})
+                                          "--eval_sts_file", str(tiny_data / "sts.jsonl"), *extra),
+                        # DeepSpeed runs on CPU without ACCELERATE_USE_CPU (which would silently drop it)
+                        env_extra={"ACCELERATE_USE_CPU": "1"} if launcher == "ddp" else None)
     assert "dev Spearman: step 0" in result.stdout
     checkpoint_files = [p.name for p in (tmp_path / "checkpoint-4").rglob("*")]
     assert "trainer_state.json" in checkpoint_files and "random_states_1.pkl" in checkpoint_files
