@@ -9,6 +9,7 @@ Every record is checked when the data is loaded, so bad input stops the run befo
 the file and line named, never mid-run.
 """
 
+import gzip
 import json
 import math
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ class MetaEntry:
     source: str = ""  # "meta.txt:3", for error messages
 
 
-def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
-    """Parse ``<path> <repeat> [type=KIND] [batch_size=N]`` lines; '#' comments and blanks skipped.
+def iter_meta_lines(meta_file, root_dir, expected):
+    """Yield (``file:line``, root dir, fields) for each meta-list line; '#' comments and blanks skipped.
 
     Relative paths resolve against ``root_dir`` (default: the meta list's own directory).
     """
@@ -46,15 +47,24 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
     if not meta_file.exists():
         raise DataError(f"meta list {meta_file} does not exist")
     root = Path(root_dir) if root_dir is not None else meta_file.parent
-    entries = []
+    found = False
     for line_no, line in enumerate(meta_file.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        where = f"{meta_file}:{line_no}"
         fields = line.split()
         if len(fields) < 2:
-            raise DataError(f"{where}: expected '<path> <repeat> [type=KIND] [batch_size=N]', got {line!r}")
+            raise DataError(f"{meta_file}:{line_no}: expected '{expected}', got {line!r}")
+        found = True
+        yield f"{meta_file}:{line_no}", root, fields
+    if not found:
+        raise DataError(f"meta list {meta_file} lists no datasets")
+
+
+def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
+    """Parse ``<path> <repeat> [type=KIND] [batch_size=N]`` lines."""
+    entries = []
+    for where, root, fields in iter_meta_lines(meta_file, root_dir, "<path> <repeat> [type=KIND] [batch_size=N]"):
         path = Path(fields[0]) if Path(fields[0]).is_absolute() else root / fields[0]
         if not path.exists():
             raise DataError(f"{where}: dataset path {path} does not exist")
@@ -70,8 +80,6 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
             else:
                 raise DataError(f"{where}: unknown option {option!r}; expected type=KIND or batch_size=N")
         entries.append(entry)
-    if not entries:
-        raise DataError(f"meta list {meta_file} lists no datasets")
     return entries
 
 
@@ -88,8 +96,11 @@ def _positive_int(text, where, name):
 # --------------------------------------------------------------------------- records
 
 
-def iter_raw_records(path: Path):
-    """Yield (location, record) from JSONL, parquet, or a saved ``datasets`` directory."""
+def iter_raw_records(path: Path, on_invalid_json=None):
+    """Yield (location, record) from JSONL, JSONL.gz, parquet, or a saved ``datasets`` directory.
+
+    An invalid JSON line raises DataError, or is passed to ``on_invalid_json(error)`` and skipped.
+    """
     path = Path(path)
     if path.is_dir():
         import datasets
@@ -110,18 +121,27 @@ def iter_raw_records(path: Path):
             for record in batch.to_pylist():
                 yield f"{path} row {row_no}", record
                 row_no += 1
-    elif path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as handle:
+    elif path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
-                yield f"{path}:{line_no}", record
+                    yield f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")
+                except DataError as error:
+                    if on_invalid_json is None:
+                        raise
+                    on_invalid_json(error)
     else:
-        raise DataError(f"{path}: unsupported format; use .jsonl, .parquet or a saved datasets directory")
+        raise DataError(f"{path}: unsupported format; use .jsonl, .jsonl.gz, .parquet or a saved datasets directory")
+
+
+def parse_json_line(line, where):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: invalid JSON ({error.msg})") from None
 
 
 def _text(record, column, where):

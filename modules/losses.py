@@ -35,6 +35,47 @@ def info_nce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(scores, labels)
 
 
+class _ChunkedInfoNCE(torch.autograd.Function):
+    """mean_i CE(q_i . C^T / tau, label_i), ``chunk_size`` query rows at a time in forward and backward.
+
+    Only the inputs and one logsumexp per row are kept for backward, which recomputes each chunk's
+    scores, so memory is O(chunk_size x candidates) instead of O(queries x candidates): at a global
+    batch of 16k the full score matrix, its softmax and their gradients would be gigabytes.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, candidates, labels, temperature, chunk_size):
+        logsumexp = queries.new_empty(queries.size(0))
+        total = queries.new_zeros(())
+        for rows in torch.arange(queries.size(0), device=queries.device).split(chunk_size):
+            scores = queries[rows] @ candidates.T / temperature
+            logsumexp[rows] = torch.logsumexp(scores, dim=1)
+            total += (logsumexp[rows] - scores.gather(1, labels[rows, None]).squeeze(1)).sum()
+        ctx.save_for_backward(queries, candidates, labels, logsumexp)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return total / queries.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        queries, candidates, labels, logsumexp = ctx.saved_tensors
+        grad_queries, grad_candidates = torch.zeros_like(queries), torch.zeros_like(candidates)
+        scale = grad_loss / (queries.size(0) * ctx.temperature)
+        for rows in torch.arange(queries.size(0), device=queries.device).split(ctx.chunk_size):
+            # d loss / d scores = softmax - one_hot(label)
+            weights = torch.exp(queries[rows] @ candidates.T / ctx.temperature - logsumexp[rows, None])
+            weights[torch.arange(rows.numel(), device=rows.device), labels[rows]] -= 1
+            weights *= scale
+            grad_queries[rows] = weights @ candidates
+            grad_candidates += weights.T @ queries[rows]
+        return grad_queries, grad_candidates, None, None, None
+
+
+def chunked_info_nce(queries, candidates, labels, temperature, chunk_size=1024):
+    """``info_nce(queries @ candidates.T / temperature, labels)`` in >= float32 with O(chunk) score memory."""
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    return _ChunkedInfoNCE.apply(queries.to(dtype), candidates.to(dtype), labels, temperature, chunk_size)
+
+
 class InfoNCE(nn.Module):
     """Retrieval / classification InfoNCE with optional in-batch and hard negatives.
 
@@ -53,11 +94,12 @@ class InfoNCE(nn.Module):
     (arXiv 2405.06932), Sec. 3.
     """
 
-    def __init__(self, temperature=0.01, in_batch_negatives=True, gather_across_processes=True):
+    def __init__(self, temperature=0.01, in_batch_negatives=True, gather_across_processes=True, chunk_size=1024):
         super().__init__()
         self.temperature = temperature
         self.in_batch_negatives = in_batch_negatives
         self.gather_across_processes = gather_across_processes
+        self.chunk_size = chunk_size  # query rows scored at once (memory only; the result is the same)
 
     def forward(self, query, positive, negatives=None):
         """query, positive: [B, D]; negatives: [B, K, D] or None."""
@@ -79,9 +121,8 @@ class InfoNCE(nn.Module):
         if negatives is not None:
             flat_negatives = negatives.reshape(-1, negatives.size(-1))
             candidates.append(gather_with_grad(flat_negatives)[0] if gather else flat_negatives)
-        scores = query @ torch.cat(candidates).T / self.temperature
         labels = torch.arange(query.size(0), device=query.device) + offset
-        return info_nce(scores, labels)
+        return chunked_info_nce(query, torch.cat(candidates), labels, self.temperature, self.chunk_size)
 
 
 class InBatchInfoNCE(InfoNCE):
@@ -91,8 +132,8 @@ class InBatchInfoNCE(InfoNCE):
     Reference: Henderson et al. 2017 (arXiv 1705.00652); the 1B-pairs project.
     """
 
-    def __init__(self, temperature=0.05, symmetric=False, gather_across_processes=True):
-        super().__init__(temperature, in_batch_negatives=True, gather_across_processes=gather_across_processes)
+    def __init__(self, temperature=0.05, symmetric=False, gather_across_processes=True, chunk_size=1024):
+        super().__init__(temperature, True, gather_across_processes, chunk_size)
         self.symmetric = symmetric
 
     def forward(self, query, positive, negatives=None):
@@ -172,6 +213,23 @@ def _is_embedding(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
 
 
+PICCOLO_MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
+
+
 def matryoshka_dims(requested, output_dim):
     """Keep the requested nested dims that fit the output size (Piccolo2's default list is 256..1792)."""
     return sorted({d for d in requested if d <= output_dim})
+
+
+def matryoshka_from_flags(loss, dims_flag, weights_flag, output_dim):
+    """``loss`` wrapped in Matryoshka per ``--mrl_dims`` ('' off, 'piccolo', or '64,128') / ``--mrl_weights``."""
+    if not dims_flag:
+        return loss
+    if dims_flag == "piccolo":
+        dims = matryoshka_dims(PICCOLO_MRL_DIMS, output_dim)
+    else:
+        dims = [int(d) for d in dims_flag.split(",")]
+    if not dims or max(dims) > output_dim:
+        raise ValueError(f"--mrl_dims {dims_flag}: dims must be <= the output size {output_dim}")
+    weights = [float(w) for w in weights_flag.split(",")] if weights_flag else None
+    return Matryoshka(loss, dims, weights)

@@ -1,15 +1,31 @@
 """Pieces every training script shares: the per-task forward, optimizer, checkpoints, run config."""
 
 import json
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+
+
+def make_accelerator(output_dir, gradient_accumulation_steps=1):
+    """The run's Accelerator: tensorboard logs in output_dir; gloo for multi-process runs on CPU."""
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    launched = "WORLD_SIZE" in os.environ  # by accelerate launch / torchrun: a process group is set up
+    return Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # the scripts step the scheduler once per optimizer step
+        log_with="tensorboard",
+        project_dir=output_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
+    )
 
 
 def to_device(batch, device):
@@ -83,11 +99,13 @@ def build_optimizer(model, lr, weight_decay):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None):
+def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None, process_state=None):
     """``save_state`` into checkpoint-<step>.tmp, add the trainer state, then rename.
 
-    The rename is the last thing that happens, so a crash mid-save leaves only a ``.tmp``
-    directory, which ``latest_checkpoint`` never picks.
+    ``process_state`` (e.g. a streaming loader's position, different on every process) is
+    gathered and saved as ``trainer_state["process_states"][process_index]``. The rename is the
+    last thing that happens, so a crash mid-save leaves only a ``.tmp`` directory, which
+    ``resolve_checkpoint`` never picks.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -96,6 +114,8 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if process_state is not None:
+        trainer_state = dict(trainer_state, process_states=gather_object([process_state]))
     if accelerator.is_main_process:
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
@@ -134,7 +154,22 @@ def resolve_checkpoint(resume_from, output_dir):
 
 def load_checkpoint(accelerator, path):
     accelerator.load_state(str(path))
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
+    state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    saved_by = len(state.get("process_states", [])) or accelerator.num_processes
+    if saved_by != accelerator.num_processes:
+        raise ValueError(f"{path} was saved by {saved_by} processes, this run has {accelerator.num_processes}: each "
+                         "process's data position is in the checkpoint, so resume with the same number of processes")
+    return state
+
+
+def save_final_model(accelerator, model, output_dir, summary):
+    """Write output_dir/final (a sentence-transformers directory) and train_summary.json."""
+    state_dict = accelerator.get_state_dict(model)  # every process takes part (sharded FSDP / ZeRO-3)
+    if accelerator.is_main_process:
+        final_dir = Path(output_dir) / "final"
+        accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)
+        (Path(output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"saved {final_dir}")
 
 
 def write_run_config(output_dir, args, copy_files=()):
@@ -146,3 +181,11 @@ def write_run_config(output_dir, args, copy_files=()):
     for path in copy_files:
         if path:
             shutil.copy(path, output_dir / Path(path).name)
+
+
+def write_eval_results(output_dir, eval_file, history):
+    """eval_results.json with the dev Spearman at each evaluated step, and a one-line summary."""
+    (Path(output_dir) / "eval_results.json").write_text(json.dumps(
+        {"eval_file": eval_file, "sts_spearman_by_step": history}, indent=2))
+    first, last = min(history), max(history)
+    print(f"dev Spearman: step {first} {history[first]:.2f} -> step {last} {history[last]:.2f}")

@@ -1,0 +1,94 @@
+"""train_pretrain.py: loss falls, exact resume mid-stream, 2 DDP processes with GradCache, DeepSpeed refused."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modules.gradcache import cached_loss_backward
+from modules.losses import InBatchInfoNCE
+from modules.model import EmbeddingModel
+from modules.streaming import PairSource, PretrainBatches
+from tests.conftest import SHARED_DATA, accelerate_cmd, run_script, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory):
+    """Real paraphrase pairs (STS-B train, label >= 3.5) in two sources, and a meta list with weights."""
+    rows = [json.loads(line) for line in (SHARED_DATA / "en-stsb" / "train.jsonl").read_text().splitlines()]
+    pairs = [{"text": r["text"], "text_pos": r["text_pair"]} for r in rows if r["label"] >= 3.5]
+    root = tmp_path_factory.mktemp("pairs")
+    write_jsonl(root / "stsb_a.jsonl", pairs[: len(pairs) // 2])
+    write_jsonl(root / "stsb_b.jsonl", [{"q": p["text_pos"], "a": p["text"]} for p in pairs[len(pairs) // 2 :]])
+    (root / "meta.txt").write_text("stsb_a.jsonl 3\nstsb_b.jsonl 1 columns=q,a\n")
+    return root
+
+
+def test_a_few_cached_steps_lower_the_loss(tiny_bert, pair_data):
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    source = PairSource("a", [pair_data / "stsb_a.jsonl"], 1.0)
+    stream = iter(PretrainBatches([source], 32, model.tokenizer, {"query": 32, "passage": 32}, seed=0))
+    batches = [next(stream) for _ in range(4)]
+    loss_fn = InBatchInfoNCE(0.05, symmetric=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+
+    def held_out_loss():
+        model.eval()
+        with torch.no_grad():
+            return sum(loss_fn(model(**b["query"]), model(**b["passage"])).item() for b in batches[2:])
+
+    before = held_out_loss()
+    model.train()
+    for _ in range(6):
+        for batch in batches[:2]:
+            cached_loss_backward(model, [batch["query"], batch["passage"]], loss_fn, mini_batch_size=8)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert held_out_loss() < 0.85 * before
+
+
+def script_args(tiny_bert, pair_data, output_dir, *extra):
+    return ["train_pretrain.py", "--model_name_or_path", str(tiny_bert), "--meta_list", str(pair_data / "meta.txt"),
+            "--output_dir", str(output_dir), "--batch_size", "8", "--mini_batch_size", "3", "--query_max_len", "24",
+            "--passage_max_len", "24", "--shuffle_chunk", "64", "--block_mb", "1", "--lr", "1e-3", "--warmup_steps", "1",
+            "--log_every", "1", "--seed", "5", *extra]
+
+
+def test_resume_mid_stream_reaches_the_same_weights(tiny_bert, pair_data, tmp_path):
+    """Stopped at step 3 and resumed == never stopped (data position, dropout, optimizer, schedule)."""
+    run_script([sys.executable, *script_args(tiny_bert, pair_data, tmp_path / "full", "--max_steps", "6",
+                                             "--save_every", "3", "--symmetric", "--mrl_dims", "16,32")])
+    state = json.loads((tmp_path / "full" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["process_states"][0]["step"] == 3
+    resumed = run_script([sys.executable, *script_args(
+        tiny_bert, pair_data, tmp_path / "resumed", "--max_steps", "6", "--symmetric", "--mrl_dims", "16,32",
+        "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3"))])
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    again = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.equal(full[name], again[name]) for name in full)
+    start = load_file(tiny_bert / "model.safetensors")
+    assert not torch.equal(full["embeddings.word_embeddings.weight"], start["embeddings.word_embeddings.weight"])
+
+
+def test_two_processes_with_gradcache(tiny_bert, pair_data, tmp_path):
+    output = tmp_path / "ddp"
+    run_script([*accelerate_cmd(2), *script_args(tiny_bert, pair_data, output, "--max_steps", "3", "--save_every", "2",
+                                                 "--symmetric", "--mrl_dims", "16,32")],
+               env_extra={"ACCELERATE_USE_CPU": "1"})
+    state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
+    positions = state["process_states"]
+    assert len(positions) == 2 and positions[0]["step"] == positions[1]["step"] == 2
+    assert (output / "final" / "model.safetensors").exists()
+    with pytest.raises(AssertionError, match="saved by 2 processes"):
+        run_script([sys.executable, *script_args(tiny_bert, pair_data, output, "--max_steps", "4",
+                                                 "--resume_from_checkpoint", "latest")])
+
+
+def test_gradcache_under_deepspeed_is_refused(tiny_bert, pair_data, tmp_path):
+    command = [sys.executable.replace("python", "accelerate"), "launch", "--use_deepspeed", "--zero_stage", "2",
+               "--num_processes", "1", *script_args(tiny_bert, pair_data, tmp_path / "ds", "--max_steps", "2")]
+    with pytest.raises(AssertionError, match="does not work with DeepSpeed \\(this run: ZeRO-2\\)"):
+        run_script(command)

@@ -1,0 +1,185 @@
+"""Weakly supervised pair pretraining: in-batch InfoNCE over streamed (query, positive) pairs.
+
+    accelerate launch --config_file launch/ddp.yaml train_pretrain.py \
+        --model_name_or_path PATH --meta_list meta_lists/pretrain_demo.txt --output_dir runs/pt \
+        --batch_size 4096 --mini_batch_size 128 --max_steps 10000
+
+Conan-Embedding's first stage and the 1B-pairs project (all-MiniLM-L6-v2): every step's global
+batch comes from one source, drawn by weight; every other pair in the global batch (all processes)
+is a negative; ``--mini_batch_size`` turns on GradCache so the batch can be tens of thousands of
+pairs on limited memory. Data streams: nothing is read ahead, and a checkpoint holds every
+process's position in every source, so resuming continues with exactly the batches that would
+have come next. All hyperparameters are below; edit freely for ablations.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from modules.data import MetaEntry, load_task_dataset
+from modules.evaluation import sts_spearman
+from modules.gradcache import cached_loss_backward, check_gradcache_supported
+from modules.losses import InBatchInfoNCE, matryoshka_from_flags
+from modules.model import EmbeddingModel
+from modules.streaming import PretrainBatches, read_pretrain_meta_list
+from modules.training import (
+    build_optimizer, embed, load_checkpoint, make_accelerator, resolve_checkpoint, save_checkpoint, save_final_model,
+    to_device, write_eval_results, write_run_config,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
+    g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("data")
+    g.add_argument("--meta_list", required=True, help="lines of '<path> <weight> [columns=QUERY,POSITIVE]'")
+    g.add_argument("--root_dir", default=None, help="base of relative meta-list paths (default: the meta list's dir)")
+    g.add_argument("--batch_size", type=int, default=256, help="pairs per process per step (global = x processes)")
+    g.add_argument("--query_max_len", type=int, default=64)
+    g.add_argument("--passage_max_len", type=int, default=256)
+    g.add_argument("--query_prefix", default="", help="instruction prepended to queries")
+    g.add_argument("--shuffle_chunk", type=int, default=8192, help="records read and shuffled together")
+    g.add_argument("--block_mb", type=int, default=64, help="JSONL files are split into blocks of this many MB")
+    g.add_argument("--num_workers", type=int, default=1, choices=[0, 1], help="0: load in the training process")
+    g.add_argument("--length_buckets", type=int, default=4, help="without GradCache: length-sorted sub-batches per forward")
+    g = p.add_argument_group("loss")
+    g.add_argument("--temperature", type=float, default=0.05, help="0.05 = scale 20 (MultipleNegativesRankingLoss)")
+    g.add_argument("--symmetric", action="store_true", help="add the positive->query direction")
+    g.add_argument("--mini_batch_size", type=int, default=0, help="GradCache mini-batch (0: off; plain backward)")
+    g.add_argument("--loss_chunk_size", type=int, default=1024, help="query rows scored at once (memory only)")
+    g.add_argument("--mrl_dims", default="", help="comma list of Matryoshka dims, or 'piccolo' for 256..1792 (<= output)")
+    g.add_argument("--mrl_weights", default="", help="comma list, one per MRL dim (default equal)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--lr_scheduler", default="linear", help="any transformers scheduler name")
+    g.add_argument("--warmup_steps", type=int, default=500)
+    g.add_argument("--max_steps", type=int, required=True, help="optimizer steps (the stream has no epochs)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
+    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
+    g.add_argument("--eval_every", type=int, default=0)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    args = p.parse_args(argv)
+    if args.mini_batch_size < 0 or args.batch_size < 1:
+        p.error("--batch_size must be >= 1 and --mini_batch_size >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = make_accelerator(args.output_dir)
+    set_seed(args.seed)
+    if args.mini_batch_size:
+        check_gradcache_supported(accelerator)
+
+    sources = read_pretrain_meta_list(args.meta_list, args.root_dir)
+    eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
+
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
+                                    args.mrl_dims, args.mrl_weights, model.output_dim)
+    tokenizer = model.tokenizer
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    global_step, loader_state = 0, None
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        global_step, loader_state = state["global_step"], state["process_states"][accelerator.process_index]
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    if accelerator.is_main_process:
+        write_run_config(args.output_dir, args, [args.meta_list])
+    accelerator.init_trackers("pretrain", config={k: str(v) for k, v in vars(args).items()})
+
+    # Each process streams its own part; batches carry the loader state after them (the worker owns the stream).
+    batches = PretrainBatches(sources, args.batch_size, tokenizer, {"query": args.query_max_len,
+                              "passage": args.passage_max_len}, args.seed, accelerator.process_index,
+                              accelerator.num_processes, args.shuffle_chunk, args.block_mb << 20, args.query_prefix,
+                              loader_state)
+    loader = iter(DataLoader(batches, batch_size=None, num_workers=args.num_workers,
+                             generator=torch.Generator().manual_seed(args.seed)))  # leaves the global RNG alone
+
+    def evaluate():
+        score = sts_spearman(model, tokenizer, eval_pairs, args.query_max_len)
+        accelerator.log({"eval/sts_spearman": score}, step=global_step)
+        return score
+
+    eval_history = {0: evaluate()} if eval_pairs and checkpoint is None else {}
+
+    model.train()
+    progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    window = {"loss": 0.0, "steps": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
+    measured = {"steps": 0, "pairs": 0, "seconds": 0.0}  # after the first step (warm-up excluded)
+    warm = False
+    while global_step < args.max_steps:
+        step_start = time.perf_counter()
+        batch = next(loader)
+        loader_state = batch.pop("loader_state")
+        batch = to_device(batch, accelerator.device)
+        if args.mini_batch_size:
+            loss = cached_loss_backward(model, [batch["query"], batch["passage"]], loss_fn, args.mini_batch_size,
+                                        backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        else:
+            loss = loss_fn(embed(model, batch["query"], args.length_buckets),
+                           embed(model, batch["passage"], args.length_buckets))
+            accelerator.backward(loss)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        global_step += 1
+        progress.update(1)
+
+        pairs = batch["query"]["input_ids"].size(0) * accelerator.num_processes
+        tokens = int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())
+        window.update(loss=window["loss"] + loss.item(), steps=window["steps"] + 1, pairs=window["pairs"] + pairs,
+                      tokens=window["tokens"] + tokens * accelerator.num_processes)
+        if warm:
+            measured.update(steps=measured["steps"] + 1, pairs=measured["pairs"] + pairs,
+                            seconds=measured["seconds"] + time.perf_counter() - step_start)
+        warm = True
+        if global_step % args.log_every == 0 or global_step == args.max_steps:
+            elapsed = time.perf_counter() - window["start"]
+            metrics = {"loss": window["loss"] / window["steps"], "lr": scheduler.get_last_lr()[0],
+                       "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
+            accelerator.log(metrics, step=global_step)
+            progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+            window.update(loss=0.0, steps=0, pairs=0, tokens=0, start=time.perf_counter())
+        if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
+            eval_history[global_step] = evaluate()
+        if args.save_every and global_step % args.save_every == 0:
+            save_checkpoint(accelerator, args.output_dir, global_step, {"global_step": global_step},
+                            args.save_total_limit, process_state=loader_state)
+    progress.close()
+
+    if eval_pairs:
+        eval_history[global_step] = evaluate()
+    measured["pairs_per_s"] = measured["pairs"] / measured["seconds"] if measured["seconds"] else None
+    save_final_model(accelerator, model, args.output_dir, measured)
+    if accelerator.is_main_process and eval_pairs:
+        write_eval_results(args.output_dir, args.eval_sts_file, eval_history)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
