@@ -9,39 +9,48 @@ negatives only) or cosent (CoSENT). All hyperparameters are below; edit freely f
 """
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modules.data import EpochBatches, MetaEntry, TaskBatchSampler, TaskCollator, load_meta_list, load_task_dataset
+from modules.data import (
+    BalancedBatchSampler, DataError, EpochBatches, MetaEntry, TaskBatchSampler, TaskCollator, load_meta_list,
+    load_task_dataset,
+)
 from modules.evaluation import sts_spearman
-from modules.losses import CoSENT, InfoNCE, Matryoshka, matryoshka_dims
+from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags
+from modules.mining import MiningState, dhnm_check
 from modules.model import EmbeddingModel
+from modules.position import METHODS as PE_METHODS, extend_model_positions, freeze_position_embeddings
 from modules.training import (
-    batch_size_and_tokens, build_optimizer, load_checkpoint, resolve_checkpoint, save_checkpoint,
-    task_loss, to_device, write_run_config,
+    batch_size_and_tokens, build_optimizer, load_checkpoint, make_accelerator, resolve_checkpoint, save_checkpoint,
+    save_final_model, task_loss, to_device, write_eval_results, write_run_config,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
-PICCOLO_MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, add_arguments=None, description=__doc__):
+    """The fine-tuning flags; ``add_arguments(parser)`` adds a calling script's own (train_llm_embed.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
     g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
     g.add_argument("--scaling_dim", type=int, default=None, help="add/keep a ScalingLayer hidden->dim (Piccolo2: 1792)")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--extend_pe", action="store_true",
+                   help="extend a learned absolute position table (BERT, XLM-R, ...) to --max_length tokens")
+    g.add_argument("--max_length", type=int, default=None, help="with --extend_pe: positions after extension (<= n^2)")
+    g.add_argument("--pe_extension", choices=PE_METHODS, default="hierarchical",
+                   help="hierarchical decomposition (short inputs unchanged) or tile (p_{k mod n}, ablation)")
+    g.add_argument("--pe_alpha", type=float, default=0.4, help="alpha of the hierarchical decomposition")
+    g.add_argument("--freeze_position_embeddings", action="store_true", help="keep the position table fixed")
     g = p.add_argument_group("data")
     g.add_argument("--meta_list", required=True, help="lines of '<path> <repeat> [type=KIND] [batch_size=N]'")
     g.add_argument("--root_dir", default=None, help="base of relative meta-list paths (default: the meta list's dir)")
@@ -67,6 +76,16 @@ def parse_args(argv=None):
     g.add_argument("--retri_hard_negatives_only", action="store_true", help="no in-batch negatives for retrieval")
     g.add_argument("--mrl_dims", default="", help="comma list of Matryoshka dims, or 'piccolo' for 256..1792 (<= output)")
     g.add_argument("--mrl_weights", default="", help="comma list, one per MRL dim (default equal)")
+    g = p.add_argument_group("Conan: dynamic hard-negative mining (data from tools/mine_hard_negatives.py) and CBB")
+    g.add_argument("--dhnm", action="store_true", help="re-mine easy negatives of retri_contrast data with candidates")
+    g.add_argument("--dhnm_interval", type=int, default=100, help="check the last retrieval batch every N steps")
+    g.add_argument("--dhnm_ratio", type=float, default=1.15, help="replace when ratio * S < S0 ...")
+    g.add_argument("--dhnm_max_abs", type=float, default=0.8, help="... and |S| < this")
+    g.add_argument("--dhnm_skip", type=int, default=10, help="replacement i takes ranks [(i-1)n+skip, in+skip)")
+    g.add_argument("--cbb", action="store_true",
+                   help="cross-GPU batch balance: every step one batch of every task; processes share retrieval "
+                        "queries and hold different negatives; loss = retrieval + cbb_beta * CoSENT")
+    g.add_argument("--cbb_beta", type=float, default=0.8, help="CoSENT weight under --cbb")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=2e-5)
     g.add_argument("--weight_decay", type=float, default=0.01)
@@ -85,23 +104,43 @@ def parse_args(argv=None):
     g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
     g.add_argument("--eval_every", type=int, default=0)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    if add_arguments is not None:
+        add_arguments(p)
     args = p.parse_args(argv)
     if args.cls_negatives < 1:
         p.error("--cls_negatives must be >= 1: cls_contrast has no in-batch negatives")
+    if args.extend_pe != (args.max_length is not None):
+        p.error("--extend_pe and --max_length N go together")
+    if args.extend_pe and args.freeze_position_embeddings:
+        p.error("--freeze_position_embeddings: the extended position table has to be trained")
+    if args.extend_pe:
+        too_long = [f"--{role}_max_len {length}" for role, length in (
+            ("query", args.query_max_len), ("passage", args.passage_max_len), ("pair", args.pair_max_len))
+            if length > args.max_length]
+        if too_long:
+            p.error(f"{', '.join(too_long)} above --max_length {args.max_length}")
+    if args.dhnm and args.retri_negatives < 1:
+        p.error("--dhnm needs --retri_negatives >= 1 (the mined negatives it replaces)")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    launched = "WORLD_SIZE" in os.environ  # by accelerate launch / torchrun: a process group is set up
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.grad_accum,
-        step_scheduler_with_optimizer=False,  # we step the scheduler once per optimizer step ourselves
-        log_with="tensorboard",
-        project_dir=args.output_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
-    )
+def build_encoder(args, accelerator):
+    """The model this script trains: an encoder (or any EmbeddingModel directory), position table optionally extended."""
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim)
+    if args.extend_pe:
+        trained = extend_model_positions(model, args.max_length, args.pe_extension, args.pe_alpha)
+        accelerator.print(f"position table: {trained} trained positions -> {args.max_length} ({args.pe_extension})")
+    elif args.freeze_position_embeddings:
+        freeze_position_embeddings(model.backbone)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def main(argv=None, add_arguments=None, build_model=build_encoder, description=__doc__):
+    """Fine-tune; train_llm_embed.py reuses this loop with its own flags and model (``build_model(args, accelerator)``)."""
+    args = parse_args(argv, add_arguments, description)
+    accelerator = make_accelerator(args.output_dir, args.grad_accum)
     set_seed(args.seed)  # before anything random is built (Piccolo builds its sampler first)
 
     # ---- data: every record checked now, so bad input fails before step one
@@ -109,37 +148,38 @@ def main(argv=None):
     datasets = load_meta_list(args.meta_list, args.root_dir, negatives)
     default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
                      "cosent": args.cosent_batch_size}
-    sampler = TaskBatchSampler(
-        dataset_sizes=[len(d) for d in datasets],
-        repeats=[d.repeat for d in datasets],
-        batch_sizes=[d.batch_size or default_batch[d.kind] for d in datasets],
-        seed=args.seed,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-    )
+    batch_sizes = [d.batch_size or default_batch[d.kind] for d in datasets]
+    if args.cbb:  # each step: one batch per task kind; retrieval queries shared by all processes
+        sampler = BalancedBatchSampler(datasets, batch_sizes, args.seed, accelerator.num_processes,
+                                       accelerator.process_index)
+    else:
+        sampler = TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], batch_sizes, args.seed,
+                                   accelerator.num_processes, accelerator.process_index)
+    mining = MiningState(datasets) if args.dhnm else None
+    if mining is not None and not mining.datasets:
+        raise DataError(f"--dhnm: no retri_contrast dataset in {args.meta_list} has mined candidates "
+                        "(make them with tools/mine_hard_negatives.py)")
+    for index in mining.datasets if mining else ():
+        if len(datasets[index].records[0]["neg_ranks"]) != args.retri_negatives * (accelerator.num_processes if args.cbb else 1):
+            raise DataError(f"{datasets[index].source}: --dhnm replaces all mined negatives of a record, so "
+                            "--retri_negatives (x processes under --cbb) must equal the number mined")
     eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
 
     # ---- model and losses
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim)
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    collator = TaskCollator(model.tokenizer, {"query": args.query_max_len, "passage": args.passage_max_len,
-                                              "pair": args.pair_max_len}, negatives, args.seed, args.query_prefix)
+    model = build_model(args, accelerator)
+    max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
+    negative_part = (accelerator.process_index, accelerator.num_processes) if args.cbb else (0, 1)
+    collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, args.query_prefix, negative_part)
     losses = {
-        "retri_contrast": InfoNCE(args.retri_temperature, in_batch_negatives=not args.retri_hard_negatives_only),
+        "retri_contrast": InfoNCE(args.retri_temperature, in_batch_negatives=not args.retri_hard_negatives_only,
+                                  shared_queries=args.cbb),
         "cls_contrast": InfoNCE(args.cls_temperature, in_batch_negatives=False),
         "cosent": CoSENT(args.cosent_temperature),
     }
-    loss_weights = {"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight, "cosent": args.cosent_weight}
-    if args.mrl_dims:
-        if args.mrl_dims == "piccolo":
-            dims = matryoshka_dims(PICCOLO_MRL_DIMS, model.output_dim)
-        else:
-            dims = [int(d) for d in args.mrl_dims.split(",")]
-        weights = [float(w) for w in args.mrl_weights.split(",")] if args.mrl_weights else None
-        if not dims or max(dims) > model.output_dim:
-            raise ValueError(f"--mrl_dims {args.mrl_dims}: dims must be <= the output size {model.output_dim}")
-        losses = {kind: Matryoshka(loss, dims, weights) for kind, loss in losses.items()}
+    loss_weights = {"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight,
+                    "cosent": args.cbb_beta if args.cbb else args.cosent_weight}
+    losses = {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, model.output_dim)
+              for kind, loss in losses.items()}
 
     # ---- optimizer and schedule (in optimizer steps)
     steps_per_epoch = len(sampler) // args.grad_accum
@@ -149,6 +189,8 @@ def main(argv=None):
     scheduler = get_scheduler(args.lr_scheduler, optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     tokenizer = accelerator.unwrap_model(model).tokenizer
+    if mining is not None:
+        accelerator.register_for_checkpointing(mining)  # saved and restored with save_state / load_state
 
     # ---- resume
     global_step, start_epoch, start_batch = 0, 0, 0
@@ -179,6 +221,7 @@ def main(argv=None):
               "start": time.perf_counter()}
     done = global_step >= total_steps
     measured = {"steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}  # training steps only, after the first
+    dhnm_log, last_mined = {"checks": 0, "checked": 0, "replaced": 0, "seconds": 0.0}, None
     warm, step_start = False, time.perf_counter()
     for epoch in range(start_epoch, num_epochs):
         if done:
@@ -187,26 +230,30 @@ def main(argv=None):
         loader = DataLoader(
             EpochBatches(sampler, datasets, collator, epoch, start=first),
             batch_size=None,
-            num_workers=args.num_workers,
+            num_workers=0 if mining else args.num_workers,  # DHNM edits records in this process
             generator=torch.Generator().manual_seed(args.seed + epoch),  # leaves the global RNG stream alone
         )
         for batch_in_epoch, batch in enumerate(loader, start=first):
-            kind = batch["kind"]
+            parts = batch["parts"] if args.cbb else [batch]  # CBB: one batch of every task kind
             with accelerator.accumulate(model):
-                loss = task_loss(model, to_device(batch, accelerator.device), losses, args.length_buckets)
-                accelerator.backward(loss_weights[kind] * loss)
+                part_losses = [task_loss(model, to_device(part, accelerator.device), losses, args.length_buckets)
+                               for part in parts]
+                accelerator.backward(sum(loss_weights[part["kind"]] * loss for part, loss in zip(parts, part_losses)))
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            pairs, tokens = batch_size_and_tokens(batch)
-            window["loss"][KINDS.index(kind)] += loss.detach().float().cpu()
-            window["count"][KINDS.index(kind)] += 1
-            window["pairs"] += pairs * accelerator.num_processes
-            window["tokens"] += tokens * accelerator.num_processes
-            if warm:
-                measured["pairs"] += pairs * accelerator.num_processes
-                measured["tokens"] += tokens * accelerator.num_processes
+            for part, loss in zip(parts, part_losses):
+                pairs, tokens = batch_size_and_tokens(part)
+                window["loss"][KINDS.index(part["kind"])] += loss.detach().float().cpu()
+                window["count"][KINDS.index(part["kind"])] += 1
+                window["pairs"] += pairs * accelerator.num_processes
+                window["tokens"] += tokens * accelerator.num_processes
+                if warm:
+                    measured["pairs"] += pairs * accelerator.num_processes
+                    measured["tokens"] += tokens * accelerator.num_processes
+                if mining is not None and part["dataset_index"] in mining:
+                    last_mined = (part["dataset_index"], part["indices"])
             if not accelerator.sync_gradients:
                 continue
 
@@ -228,6 +275,21 @@ def main(argv=None):
                 progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in metrics.items() if k != "epoch"})
                 window.update(loss=torch.zeros(len(KINDS)), count=torch.zeros(len(KINDS)), pairs=0, tokens=0,
                               start=time.perf_counter())
+            if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
+                check_start = time.perf_counter()
+                updates = dhnm_check(model, tokenizer, mining, *last_mined, max_lengths, args.query_prefix,
+                                     args.dhnm_ratio, args.dhnm_max_abs, args.dhnm_skip)
+                if accelerator.num_processes > 1 and not args.cbb:  # CBB: every process checked the same records
+                    updates = gather_object(updates)
+                for record_index, ranks, score in updates:
+                    mining.replace(last_mined[0], record_index, ranks, score)
+                checked = len(last_mined[1]) * (1 if args.cbb else accelerator.num_processes)
+                dhnm_log.update(checks=dhnm_log["checks"] + 1, checked=dhnm_log["checked"] + checked,
+                                replaced=dhnm_log["replaced"] + len(updates),
+                                seconds=dhnm_log["seconds"] + time.perf_counter() - check_start)
+                accelerator.log({"dhnm/checked": checked, "dhnm/replaced": len(updates),
+                                 "dhnm/check_seconds": time.perf_counter() - check_start}, step=global_step)
+                accelerator.print(f"step {global_step}: DHNM checked {checked} examples, replaced {len(updates)}")
             if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
                 eval_history[global_step] = evaluate()
             if args.save_every and global_step % args.save_every == 0:
@@ -242,19 +304,12 @@ def main(argv=None):
     # ---- final model and scores
     if eval_pairs:
         eval_history[global_step] = evaluate()
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        final_dir = Path(args.output_dir) / "final"
-        accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)
-        measured["pairs_per_s"] = measured["pairs"] / measured["seconds"] if measured["seconds"] else None
-        (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(measured, indent=2))
-        if eval_pairs:
-            (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(
-                {"eval_file": args.eval_sts_file, "sts_spearman_by_step": eval_history}, indent=2))
-            first_step, last_step = min(eval_history), max(eval_history)
-            print(f"dev Spearman: step {first_step} {eval_history[first_step]:.2f} -> "
-                  f"step {last_step} {eval_history[last_step]:.2f}")
-        print(f"saved {final_dir}")
+    measured["pairs_per_s"] = measured["pairs"] / measured["seconds"] if measured["seconds"] else None
+    if mining is not None:
+        measured["dhnm"] = dhnm_log
+    save_final_model(accelerator, model, args.output_dir, measured)
+    if accelerator.is_main_process and eval_pairs:
+        write_eval_results(args.output_dir, args.eval_sts_file, eval_history)
     accelerator.end_training()
 
 

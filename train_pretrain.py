@@ -49,7 +49,7 @@ def parse_args(argv=None):
     g.add_argument("--query_prefix", default="", help="instruction prepended to queries")
     g.add_argument("--shuffle_chunk", type=int, default=8192, help="records read and shuffled together")
     g.add_argument("--block_mb", type=int, default=64, help="JSONL files are split into blocks of this many MB")
-    g.add_argument("--num_workers", type=int, default=1, choices=[0, 1], help="0: load in the training process")
+    g.add_argument("--num_workers", type=int, default=2, help="tokenizing loader workers per process (0: in-process)")
     g.add_argument("--length_buckets", type=int, default=4, help="without GradCache: length-sorted sub-batches per forward")
     g = p.add_argument_group("loss")
     g.add_argument("--temperature", type=float, default=0.05, help="0.05 = scale 20 (MultipleNegativesRankingLoss)")

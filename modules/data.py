@@ -182,7 +182,22 @@ def parse_record(record, kind, where, needs_negatives):
     parsed = {"text": _text(record, "text", where), "text_pos": _text_list(record, "text_pos", where, False)}
     if needs_negatives:
         parsed["text_neg"] = _text_list(record, "text_neg", where, allow_empty=False)
+    if kind == "retri_contrast" and "candidates" in record:
+        parsed.update(_mined_candidates(record, where))
     return parsed
+
+
+def _mined_candidates(record, where):
+    """The ranked list tools/mine_hard_negatives.py writes, which dynamic hard-negative mining draws from."""
+    candidates = _text_list(record, "candidates", where, allow_empty=False)
+    ranks, scores = record.get("neg_ranks"), record.get("neg_scores")
+    if not (isinstance(ranks, list) and ranks and all(isinstance(r, int) and 0 <= r < len(candidates) for r in ranks)):
+        raise DataError(f"{where}: 'neg_ranks' must list ranks into 'candidates' (0..{len(candidates) - 1})")
+    if not (isinstance(scores, list) and len(scores) == len(ranks)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores)):
+        raise DataError(f"{where}: 'neg_scores' must hold one number per entry of 'neg_ranks'")
+    return {"candidates": candidates, "neg_ranks": ranks, "neg_scores": scores,
+            "text_neg": [candidates[r] for r in ranks]}
 
 
 REQUIRED_COLUMNS = {
@@ -294,8 +309,54 @@ class TaskBatchSampler:
         )
 
 
+class BalancedBatchSampler:
+    """Conan's cross-GPU batch balance (CBB): every step holds one batch of every task kind present.
+
+    Each kind samples its own datasets like TaskBatchSampler. Retrieval batches are not sliced:
+    every process gets the whole query batch and holds its own part of the hard negatives
+    (TaskCollator.negative_part); the other kinds are sliced across processes as usual. An epoch is
+    one pass over the retrieval batches; the other kinds cycle through their own epochs, their
+    position a function of the step count, so resuming still needs only (epoch, batch index).
+    """
+
+    def __init__(self, datasets, batch_sizes, seed, num_processes=1, process_index=0):
+        kinds = [kind for kind in TASK_KINDS if any(d.kind == kind for d in datasets)]
+        if "retri_contrast" not in kinds:
+            raise DataError("--cbb needs at least one retri_contrast dataset in the meta list")
+        self.kinds = ["retri_contrast"] + [kind for kind in kinds if kind != "retri_contrast"]
+        self.members = {kind: [i for i, d in enumerate(datasets) if d.kind == kind] for kind in self.kinds}
+        self.samplers = {}
+        for offset, kind in enumerate(self.kinds):
+            members = self.members[kind]
+            sliced = kind != "retri_contrast"
+            self.samplers[kind] = TaskBatchSampler(
+                [len(datasets[i]) for i in members], [datasets[i].repeat for i in members],
+                [batch_sizes[i] for i in members], seed + offset,
+                num_processes if sliced else 1, process_index if sliced else 0)
+
+    def __len__(self):
+        return len(self.samplers["retri_contrast"])
+
+    def local_batches(self, epoch: int) -> list:
+        """[[(dataset index, local record indices) for each kind] for each step of the epoch]."""
+        steps = []
+        for batch_no, (member, indices) in enumerate(self.samplers["retri_contrast"].local_batches(epoch)):
+            parts = [(self.members["retri_contrast"][member], indices)]
+            for kind in self.kinds[1:]:
+                sampler = self.samplers[kind]
+                kind_epoch, position = divmod(epoch * len(self) + batch_no, len(sampler))
+                member, kind_indices = sampler.local_batches(kind_epoch)[position]
+                parts.append((self.members[kind][member], kind_indices))
+            steps.append(parts)
+        return steps
+
+
 class EpochBatches(torch.utils.data.Dataset):
-    """Item i is the i-th local batch of an epoch, tokenized; starts at ``start`` to resume."""
+    """Item i is the i-th local batch of an epoch, tokenized; starts at ``start`` to resume.
+
+    A batch also names its ``dataset_index`` and record ``indices`` (for hard-negative re-mining);
+    under CBB an item is ``{"parts": [one batch per task kind]}``.
+    """
 
     def __init__(self, sampler: TaskBatchSampler, datasets: list, collator, epoch: int, start: int = 0):
         self.batches = sampler.local_batches(epoch)[start:]
@@ -307,8 +368,13 @@ class EpochBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i):
-        dataset_index, indices = self.batches[i]
-        return self.collator(self.datasets[dataset_index], indices, self.epoch)
+        if isinstance(self.batches[i], list):
+            return {"parts": [self._collate(dataset_index, indices) for dataset_index, indices in self.batches[i]]}
+        return self._collate(*self.batches[i])
+
+    def _collate(self, dataset_index, indices):
+        batch = self.collator(self.datasets[dataset_index], indices, self.epoch)
+        return {**batch, "dataset_index": dataset_index, "indices": list(indices)}
 
 
 @dataclass
@@ -318,7 +384,8 @@ class TaskCollator:
     Contrastive kinds give ``query`` (short max length) and ``passage`` = [positives | negatives
     of row 0 | negatives of row 1 | ...] (long max length); ``cosent`` gives ``pair`` =
     [texts | text_pairs] and ``labels``. Which positive and which negatives a record uses is drawn
-    from (seed, epoch, record index), so it does not depend on process, worker or resume point.
+    from (seed, epoch, record index), so it does not depend on process, worker or resume point;
+    under CBB each process takes its own part of the same shuffled negatives.
     """
 
     tokenizer: object
@@ -326,6 +393,7 @@ class TaskCollator:
     negatives_per_kind: dict  # {"retri_contrast": n, "cls_contrast": n}
     seed: int = 0
     query_prefix: str = ""
+    negative_part: tuple = (0, 1)  # (part, parts): CBB gives process r part r of each record's negatives
 
     def __call__(self, dataset: TaskDataset, indices, epoch):
         records = [dataset.records[i] for i in indices]
@@ -335,13 +403,14 @@ class TaskCollator:
                     "labels": torch.tensor([r["label"] for r in records])}
         num_negatives = self.negatives_per_kind.get(dataset.kind, 0)
         positives, negatives = [], []
+        part = self.negative_part[0] * num_negatives
         for index, record in zip(indices, records):
             rng = np.random.default_rng([self.seed, epoch, index])
             positives.append(record["text_pos"][rng.integers(len(record["text_pos"]))])
-            if num_negatives:
+            if num_negatives:  # part p of a shuffled pool (cycling when the pool is short): parts differ
                 pool = record["text_neg"]
-                replace = len(pool) < num_negatives
-                negatives.extend(pool[j] for j in rng.choice(len(pool), num_negatives, replace=replace))
+                order = rng.permutation(len(pool))
+                negatives.extend(pool[order[(part + j) % len(pool)]] for j in range(num_negatives))
         return {
             "kind": dataset.kind,
             "task": dataset.name,

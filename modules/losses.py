@@ -90,16 +90,23 @@ class InfoNCE(nn.Module):
 
     Gathering keeps the layout [all positives | all hard negatives], so query i of process r is
     labelled with its own positive at row r*B + i (a published trainer paired anchors with the
-    wrong rows here). References: van den Oord et al. 2018 (arXiv 1807.03748); Piccolo2
-    (arXiv 2405.06932), Sec. 3.
+    wrong rows here).
+
+    ``shared_queries=True`` is Conan's cross-GPU batch balance (CBB): every process holds the same
+    B queries and positives but its own hard negatives, and only the negatives are gathered, so
+    C_i is the B positives and all N x B x n negatives; every process computes the same loss.
+    References: van den Oord et al. 2018 (arXiv 1807.03748); Piccolo2 (arXiv 2405.06932), Sec. 3;
+    Conan-Embedding (arXiv 2408.15710), Sec. 3.3.
     """
 
-    def __init__(self, temperature=0.01, in_batch_negatives=True, gather_across_processes=True, chunk_size=1024):
+    def __init__(self, temperature=0.01, in_batch_negatives=True, gather_across_processes=True, chunk_size=1024,
+                 shared_queries=False):
         super().__init__()
         self.temperature = temperature
         self.in_batch_negatives = in_batch_negatives
         self.gather_across_processes = gather_across_processes
         self.chunk_size = chunk_size  # query rows scored at once (memory only; the result is the same)
+        self.shared_queries = shared_queries
 
     def forward(self, query, positive, negatives=None):
         """query, positive: [B, D]; negatives: [B, K, D] or None."""
@@ -116,7 +123,10 @@ class InfoNCE(nn.Module):
             return info_nce(scores, labels)
 
         gather = self.gather_across_processes and _distributed()
-        all_positives, offset = gather_with_grad(positive) if gather else (positive, 0)
+        if self.shared_queries:  # CBB: every process holds the same queries and positives, only negatives differ
+            all_positives, offset = positive, 0
+        else:
+            all_positives, offset = gather_with_grad(positive) if gather else (positive, 0)
         candidates = [all_positives]
         if negatives is not None:
             flat_negatives = negatives.reshape(-1, negatives.size(-1))

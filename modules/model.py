@@ -145,6 +145,11 @@ class EmbeddingModel(nn.Module):
             )
         modules.append(Normalize())
         SentenceTransformer(modules=modules, prompts=self.prompts or None, device="cpu").save(str(path))
+        # sentence-transformers 6 keeps the length only as the tokenizer's model_max_length; written here
+        # too so that our loader and older sentence-transformers read it (e.g. after --extend_pe)
+        transformer_config = path / "sentence_bert_config.json"
+        config = json.loads(transformer_config.read_text())
+        transformer_config.write_text(json.dumps({**config, "max_seq_length": self.max_seq_length}, indent=4))
 
 
 def _read_sentence_transformers_layout(path: Path) -> dict:

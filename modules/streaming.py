@@ -25,6 +25,7 @@ are part of the saved position, so nothing is lost.
 
 import glob as globbing
 import gzip
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +202,7 @@ class SourceStream:
         self.stride = world_size if len(self.blocks) < world_size else 1
         state = state or {"epoch": 0, "block": 0, "chunk_position": None, "taken": 0, "held_back": []}
         self.epoch, self.block = state["epoch"], state["block"]
-        self.held_back = [tuple(pair) for pair in state["held_back"]]
+        self.held_back = deque(tuple(pair) for pair in state["held_back"])
         self._open(state["chunk_position"], state["taken"])
 
     def state(self) -> dict:
@@ -241,7 +242,7 @@ class SourceStream:
 
     def next_pair(self):
         if self.held_back:
-            return self.held_back.pop(0)
+            return self.held_back.popleft()
         empty_blocks = 0
         while self.taken >= len(self.chunk) and not self._next_chunk():
             empty_blocks += 1
@@ -275,15 +276,15 @@ def take_unique_pairs(stream: SourceStream, count):
             continue
         seen.update((query, positive))
         pairs.append((query, positive))
-    stream.held_back = deferred + stream.held_back
+    stream.held_back.extendleft(reversed(deferred))
     return pairs
 
 
 class PretrainBatches(torch.utils.data.IterableDataset):
     """This rank's endless sequence of tokenized pair batches, each with the loader state after it.
 
-    Iterate it in one process or one DataLoader worker (more workers would each replay the whole
-    stream). ``batch["loader_state"]`` is what a checkpoint saves to resume after that batch.
+    Iterate it in the training process or in DataLoader workers (each tokenizes every W-th batch).
+    ``batch["loader_state"]`` is what a checkpoint saves to resume after that batch.
     """
 
     def __init__(self, sources, batch_size, tokenizer, max_length, seed, rank=0, world_size=1,
@@ -301,10 +302,16 @@ class PretrainBatches(torch.utils.data.IterableDataset):
                                 state) for i, (source, state) in enumerate(zip(self.sources, self.state["sources"]))]
         weights = [source.weight for source in self.sources]
         step = self.state["step"]
+        # With W DataLoader workers, every worker reads the whole stream (reading is ~50x cheaper than
+        # tokenizing) and tokenizes every W-th batch; the DataLoader takes workers in turn, so order holds.
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         while True:
             source_index = choose_source(self.seed, step, weights)
             pairs = take_unique_pairs(streams[source_index], self.batch_size)
             step += 1
+            if (step - 1 - self.state["step"]) % num_workers != worker_id:
+                continue
             yield {
                 "source": source_index,
                 "query": self._tokenize([self.query_prefix + q for q, _ in pairs], "query"),

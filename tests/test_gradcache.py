@@ -1,11 +1,13 @@
-"""GradCache gives the plain loss's gradient: with and without MRL, with dropout replayed, and in 2 DDP processes."""
+"""GradCache gives the plain loss's gradient: with and without MRL, with dropout replayed, in 2 DDP / FSDP2 processes."""
 
+import contextlib
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from modules.gradcache import cached_loss_backward, length_sorted_mini_batches
@@ -79,21 +81,43 @@ def test_dropout_masks_are_replayed(tiny_bert):
                               reference["backbone.embeddings.word_embeddings.weight"], atol=1e-6)
 
 
-def ddp_worker(rank, init_file, model_path, case, out_dir):
+def wrap(model, wrapper):
+    """The model under DDP or FSDP2, and the context that stops its gradient synchronisation."""
+    if wrapper == "ddp":
+        ddp_model = DistributedDataParallel(model)
+        return ddp_model, ddp_model.no_sync
+    for layer in model.backbone.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+
+    @contextlib.contextmanager
+    def no_sync():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return model, no_sync
+
+
+def distributed_worker(rank, init_file, model_path, case, wrapper, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = EmbeddingModel.from_pretrained(model_path).eval()
-    ddp_model = DistributedDataParallel(model)
+    wrapped, no_sync = wrap(model, wrapper)
     queries, passages = tokenize(model, range(rank * 6, rank * 6 + 6))
-    loss = cached_loss_backward(ddp_model, [queries, passages], make_loss(case), mini_batch_size=4,
-                                no_sync=ddp_model.no_sync)
+    loss = cached_loss_backward(wrapped, [queries, passages], make_loss(case), mini_batch_size=4, no_sync=no_sync)
     dist.all_reduce(loss)
-    torch.save({"loss": loss / 2, "grads": grads_of(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()  # FSDP2: sharded
+             for name, p in model.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss / 2, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["plain", "symmetric_mrl"])
-def test_two_ddp_processes_equal_one_process_on_the_whole_batch(tiny_bert, tmp_path, case):
-    mp.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tiny_bert), case, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("case,wrapper", [("plain", "ddp"), ("symmetric_mrl", "ddp"), ("symmetric_mrl", "fsdp2")])
+def test_two_processes_equal_one_process_on_the_whole_batch(tiny_bert, tmp_path, case, wrapper):
+    mp.spawn(distributed_worker, args=(str(tmp_path / "init"), str(tiny_bert), case, wrapper, str(tmp_path)),
+             nprocs=2, join=True)
     model = EmbeddingModel.from_pretrained(tiny_bert).eval()
     queries, passages = tokenize(model, range(12))
     plain = make_loss(case)(model(**queries), model(**passages))

@@ -142,3 +142,16 @@ def test_meta_list_and_record_errors_name_the_place(corpus, tmp_path):
     stream = SourceStream(PairSource("broken", [tmp_path / "broken.jsonl"], 1.0, source="m.txt:1"), 0, 0, 0, 1, 4, 1 << 20)
     with pytest.raises(DataError, match=r"broken.jsonl at byte \d+: column 'text_pos' must be a string"):
         [stream.next_pair() for _ in range(2)]
+
+
+def test_dataloader_workers_keep_the_batch_order(corpus):
+    """Two workers, each tokenizing every other batch, give the in-process sequence (and its resume states)."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    sources = [PairSource("a", [corpus / "a.jsonl"], 1.0), PairSource("c", [corpus / "c.parquet"], 1.0)]
+    in_process = stream_batches(sources, tokenizer, count=9)
+    batches = PretrainBatches(sources, 8, tokenizer, {"query": 16, "passage": 16}, seed=3, chunk_size=10, block_bytes=700)
+    loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
+    for expected in in_process:
+        got = next(loader)
+        assert torch.equal(got["query"]["input_ids"], expected["query"]["input_ids"])
+        assert got["loader_state"] == expected["loader_state"]

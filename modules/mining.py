@@ -1,0 +1,156 @@
+"""Hard negatives: offline mining with faiss, and Conan's dynamic hard-negative mining (DHNM) state.
+
+Offline (tools/mine_hard_negatives.py): embed a corpus, search it with each query, and keep a ranked
+candidate list per query with its own positives (and the query itself) removed. Negatives are
+sampled from ranks [range_start, range_end) (default 10-210): the top ranks are skipped because
+they hold many unlabelled positives (false negatives).
+
+DHNM (Conan-Embedding, arXiv 2408.15710, Sec. 3.2): each example keeps its ranked candidates, the
+ranks of its current negatives, their mean score S0 when they were chosen and a replacement count
+i. Every ``interval`` steps the examples being checked are re-scored with the current model; when
+
+    ratio * S < S0  and  |S| < max_abs        (Conan: ratio 1.15, max_abs 0.8)
+
+the negatives have become easy, and the i-th replacement takes the candidates ranked
+[(i-1)*n + skip, i*n + skip) (n negatives a sample, skip 10) and records their score as the new S0.
+"""
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------- offline mining
+
+
+def build_index(embeddings: np.ndarray, kind="flat", nlist=None, nprobe=16, hnsw_m=32):
+    """A faiss inner-product index over L2-normalised float32 embeddings (so scores are cosines).
+
+    ``flat`` is exact (fine up to ~1M vectors); ``ivf`` (IVF-Flat, nlist default 4*sqrt(N)) and
+    ``hnsw`` are approximate and scale to many millions.
+    """
+    import faiss
+
+    dim = embeddings.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        nlist = nlist or max(1, int(4 * np.sqrt(len(embeddings))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(embeddings)
+        index.nprobe = nprobe
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown index {kind!r}; choose flat, ivf or hnsw")
+    index.add(embeddings)
+    return index
+
+
+def ranked_candidates(scores, ids, corpus, excluded, keep):
+    """Corpus texts in score order without the excluded texts (positives, the query), at most ``keep``."""
+    ranked, ranked_scores = [], []
+    for score, corpus_id in zip(scores, ids):
+        if corpus_id < 0:  # faiss pads with -1 when it finds fewer than asked
+            break
+        text = corpus[corpus_id]
+        if text in excluded:
+            continue
+        ranked.append(text)
+        ranked_scores.append(float(score))
+        if len(ranked) == keep:
+            break
+    return ranked, ranked_scores
+
+
+def sample_negative_ranks(num_candidates, num_negatives, range_start, range_end, rng):
+    """``num_negatives`` distinct ranks drawn from [range_start, min(range_end, num_candidates)), sorted."""
+    available = range(range_start, min(range_end, num_candidates))
+    if len(available) < num_negatives:
+        return None
+    return sorted(rng.choice(available, num_negatives, replace=False).tolist())
+
+
+# --------------------------------------------------------------------------- DHNM
+
+
+def replacement_window(replacement, num_negatives, skip=10):
+    """Ranks of the candidates the ``replacement``-th replacement (1, 2, ...) takes: [(i-1)*n+skip, i*n+skip)."""
+    start = (replacement - 1) * num_negatives + skip
+    return list(range(start, start + num_negatives))
+
+
+def needs_replacement(score, initial_score, ratio=1.15, max_abs=0.8):
+    """Conan's rule, elementwise: the negatives became easy when ratio*S < S0 and |S| < max_abs."""
+    return (ratio * score < initial_score) & (score.abs() < max_abs)
+
+
+class MiningState:
+    """DHNM state of every retrieval dataset whose records carry mined candidates.
+
+    Per dataset: the ranks of each record's current negatives [records, n], their score S0 when
+    chosen, and the replacement count i. The records' ``text_neg`` always mirror the ranks, so the
+    collator needs nothing new. ``state_dict`` / ``load_state_dict`` let
+    ``accelerator.register_for_checkpointing`` save it with every checkpoint.
+    """
+
+    def __init__(self, datasets):
+        self.datasets = {}
+        for index, dataset in enumerate(datasets):
+            if dataset.kind == "retri_contrast" and "candidates" in dataset.records[0]:
+                self.datasets[index] = dataset
+        self.ranks = {i: torch.tensor([r["neg_ranks"] for r in d.records]) for i, d in self.datasets.items()}
+        self.initial_scores = {i: torch.tensor([float(np.mean(r["neg_scores"])) for r in d.records])
+                               for i, d in self.datasets.items()}
+        self.replacements = {i: torch.zeros(len(d.records), dtype=torch.long) for i, d in self.datasets.items()}
+
+    def __contains__(self, dataset_index):
+        return dataset_index in self.datasets
+
+    def replace(self, dataset_index, record_index, ranks, score):
+        """Give a record the candidates at ``ranks`` as its negatives, with their score as the new S0."""
+        self.ranks[dataset_index][record_index] = torch.tensor(ranks)
+        self.initial_scores[dataset_index][record_index] = score
+        self.replacements[dataset_index][record_index] += 1
+        record = self.datasets[dataset_index].records[record_index]
+        record["text_neg"] = [record["candidates"][rank] for rank in ranks]
+
+    def state_dict(self):
+        return {"ranks": self.ranks, "initial_scores": self.initial_scores, "replacements": self.replacements}
+
+    def load_state_dict(self, state):
+        self.ranks, self.initial_scores = state["ranks"], state["initial_scores"]
+        self.replacements = state["replacements"]
+        for dataset_index, dataset in self.datasets.items():
+            for record, ranks in zip(dataset.records, self.ranks[dataset_index].tolist()):
+                record["text_neg"] = [record["candidates"][rank] for rank in ranks]
+
+
+@torch.no_grad()
+def dhnm_check(model, tokenizer, state, dataset_index, record_indices, max_length, query_prefix="",
+               ratio=1.15, max_abs=0.8, skip=10):
+    """Re-score the negatives of ``record_indices`` with the current model; return the replacements due.
+
+    Returns [(record index, new ranks, new S0)]. Every process embeds the same number of texts
+    (queries, current negatives, and the next window of every checked record, whether due or
+    not), so sharded models (FSDP, ZeRO-3) can run it collectively; the cost is about one
+    forward over a training batch with 2n negatives, below one training step.
+    """
+    from modules.evaluation import embed_texts
+
+    records = [state.datasets[dataset_index].records[i] for i in record_indices]
+    num_negatives = state.ranks[dataset_index].size(1)
+    replacements = state.replacements[dataset_index][record_indices]
+    windows = []
+    for record, count in zip(records, replacements.tolist()):
+        window = replacement_window(count + 1, num_negatives, skip)
+        windows.append(window if window[-1] < len(record["candidates"]) else None)  # None: list exhausted
+    next_negatives = [record["candidates"][rank] if window else text
+                      for record, window in zip(records, windows)
+                      for rank, text in zip(window or [0] * num_negatives, record["text_neg"])]
+    queries = embed_texts(model, tokenizer, [query_prefix + r["text"] for r in records], max_length["query"])
+    current = embed_texts(model, tokenizer, [t for r in records for t in r["text_neg"]], max_length["passage"])
+    following = embed_texts(model, tokenizer, next_negatives, max_length["passage"])
+    score_now = torch.einsum("bd,bnd->bn", queries, current.view(len(records), num_negatives, -1)).mean(1)
+    score_next = torch.einsum("bd,bnd->bn", queries, following.view(len(records), num_negatives, -1)).mean(1)
+    due = needs_replacement(score_now, state.initial_scores[dataset_index][record_indices], ratio, max_abs)
+    return [(index, window, float(score)) for index, window, score, is_due
+            in zip(record_indices, windows, score_next, due.tolist()) if is_due and window]
