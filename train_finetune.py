@@ -29,8 +29,8 @@ from modules.mining import MiningState, dhnm_check
 from modules.model import EmbeddingModel
 from modules.position import METHODS as PE_METHODS, extend_model_positions, freeze_position_embeddings
 from modules.training import (
-    batch_size_and_tokens, build_optimizer, load_checkpoint, make_accelerator, resolve_checkpoint, save_checkpoint,
-    save_final_model, task_loss, to_device, write_eval_results, write_run_config,
+    add_output_arguments, batch_size_and_tokens, build_optimizer, load_checkpoint, make_accelerator,
+    resolve_checkpoint, save_checkpoint, save_final_model, task_loss, to_device, write_eval_results, write_run_config,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
@@ -96,14 +96,7 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
     g.add_argument("--grad_accum", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", required=True)
-    g.add_argument("--log_every", type=int, default=10)
-    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
-    g.add_argument("--save_total_limit", type=int, default=None)
-    g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
-    g.add_argument("--eval_every", type=int, default=0)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    add_output_arguments(p)
     if add_arguments is not None:
         add_arguments(p)
     args = p.parse_args(argv)

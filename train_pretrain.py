@@ -29,8 +29,8 @@ from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import EmbeddingModel
 from modules.streaming import PretrainBatches, read_pretrain_meta_list
 from modules.training import (
-    build_optimizer, embed, load_checkpoint, make_accelerator, resolve_checkpoint, save_checkpoint, save_final_model,
-    to_device, write_eval_results, write_run_config,
+    add_output_arguments, build_optimizer, embed, load_checkpoint, make_accelerator, resolve_checkpoint,
+    save_checkpoint, save_final_model, to_device, write_eval_results, write_run_config,
 )
 
 
@@ -66,14 +66,7 @@ def parse_args(argv=None):
     g.add_argument("--max_steps", type=int, required=True, help="optimizer steps (the stream has no epochs)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", required=True)
-    g.add_argument("--log_every", type=int, default=10)
-    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
-    g.add_argument("--save_total_limit", type=int, default=None)
-    g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
-    g.add_argument("--eval_every", type=int, default=0)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     if args.mini_batch_size < 0 or args.batch_size < 1:
         p.error("--batch_size must be >= 1 and --mini_batch_size >= 0")

@@ -25,6 +25,8 @@ import contextlib
 
 import torch
 
+from modules.training import length_sorted_sub_batches
+
 
 class RandomState:
     """The CPU and current-accelerator RNG states at construction, replayable later."""
@@ -43,20 +45,6 @@ class RandomState:
             yield
 
 
-def length_sorted_mini_batches(tokens, size):
-    """[(row indices, tokens of those rows trimmed to their longest)] in mini-batches of ``size`` rows."""
-    mask = tokens["attention_mask"]
-    lengths = mask.sum(1)
-    order = torch.argsort(lengths, stable=True)
-    right_padded = bool(mask[:, 0].all())
-    mini_batches = []
-    for rows in order.split(size):
-        width = int(lengths[rows].max())
-        columns = slice(0, width) if right_padded else slice(mask.size(1) - width, None)
-        mini_batches.append((rows, {key: value[rows, columns] for key, value in tokens.items()}))
-    return mini_batches
-
-
 def cached_loss_backward(model, inputs, loss_fn, mini_batch_size, backward=None, no_sync=None):
     """Accumulate into the parameters' ``.grad`` the gradient of ``loss_fn(*[model(x) for x in inputs])``.
 
@@ -73,7 +61,7 @@ def cached_loss_backward(model, inputs, loss_fn, mini_batch_size, backward=None,
     with torch.no_grad():
         for group, tokens in enumerate(inputs):
             rows_in_order, parts = [], []
-            for rows, mini_batch in length_sorted_mini_batches(tokens, mini_batch_size):
+            for rows, mini_batch in length_sorted_sub_batches(tokens, size=mini_batch_size):
                 plan.append((group, rows, mini_batch, RandomState()))
                 parts.append(model(**mini_batch))
                 rows_in_order.append(rows)

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from modules.data import DataError, iter_raw_records
+from modules.streaming import parse_pair
 
 # --------------------------------------------------------------------------- text rules
 
@@ -85,7 +86,7 @@ def iter_pairs(args, report):
     columns = (args.query_column, args.positive_column)
     for where, record in _iter_records(args.inputs, args.skip_bad, report):
         try:
-            query, positive = _pair_texts(record, where, columns)
+            query, positive = parse_pair(record, columns, where)
         except DataError as error:
             if not args.skip_bad:
                 raise
@@ -100,20 +101,6 @@ def _iter_records(paths, skip_bad, report):
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")
         yield from iter_raw_records(path, on_invalid_json)
-
-
-def _pair_texts(record, where, columns):
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    texts = []
-    for column in columns:
-        value = record.get(column)
-        if value is None:
-            raise DataError(f"{where}: missing column {column!r}")
-        if not isinstance(value, str):
-            raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
-        texts.append(value)
-    return texts
 
 
 # --------------------------------------------------------------------------- writing and reporting

@@ -181,6 +181,8 @@ def parse_pair(raw, columns, where):
     texts = []
     for column in columns:
         value = raw.get(column)
+        if value is None:
+            raise DataError(f"{where}: missing column {column!r}")
         if isinstance(value, list) and value and isinstance(value[0], str):
             value = value[0]
         if not isinstance(value, str):

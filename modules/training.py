@@ -28,6 +28,18 @@ def make_accelerator(output_dir, gradient_accumulation_steps=1):
     )
 
 
+def add_output_arguments(parser):
+    """Output, logging, evaluation and checkpoint flags every training script has."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final model)")
+    g.add_argument("--save_total_limit", type=int, default=None)
+    g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
+    g.add_argument("--eval_every", type=int, default=0)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+
+
 def to_device(batch, device):
     """Move every tensor of a (nested) batch dict to ``device``."""
     if isinstance(batch, dict):
@@ -35,25 +47,32 @@ def to_device(batch, device):
     return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
-def embed(model, tokens, length_buckets=1):
-    """``model(**tokens)``, run as up to ``length_buckets`` forwards over rows of similar length.
-
-    Rows are sorted by length and each bucket is trimmed to its own longest row, so little compute
-    goes to padding; the embeddings are the same as one padded forward (padding is masked), only
-    cheaper when lengths vary. Works for right and left padding.
-    """
+def length_sorted_sub_batches(tokens, count=None, size=None):
+    """[(row indices, tokens of those rows)]: rows sorted by length, cut into ``count`` sub-batches
+    (or sub-batches of ``size`` rows), each trimmed to its own longest row. Right or left padding."""
     mask = tokens["attention_mask"]
-    if length_buckets <= 1 or mask.size(0) < 2 * length_buckets:
-        return model(**tokens)
     lengths = mask.sum(1)
     order = torch.argsort(lengths, stable=True)
     right_padded = bool(mask[:, 0].all())
-    outputs = []
-    for rows in order.tensor_split(length_buckets):
+    sub_batches = []
+    for rows in (order.tensor_split(count) if count else order.split(size)):
         width = int(lengths[rows].max())
         columns = slice(0, width) if right_padded else slice(mask.size(1) - width, None)
-        outputs.append(model(**{key: value[rows, columns] for key, value in tokens.items()}))
-    return torch.cat(outputs)[torch.argsort(order)]
+        sub_batches.append((rows, {key: value[rows, columns] for key, value in tokens.items()}))
+    return sub_batches
+
+
+def embed(model, tokens, length_buckets=1):
+    """``model(**tokens)``, run as up to ``length_buckets`` forwards over rows of similar length.
+
+    Each bucket is trimmed to its own longest row, so little compute goes to padding; the
+    embeddings are the same as one padded forward (padding is masked), only cheaper when lengths vary.
+    """
+    if length_buckets <= 1 or tokens["attention_mask"].size(0) < 2 * length_buckets:
+        return model(**tokens)
+    sub_batches = length_sorted_sub_batches(tokens, count=length_buckets)
+    outputs = torch.cat([model(**sub_tokens) for _, sub_tokens in sub_batches])
+    return outputs[torch.argsort(torch.cat([rows for rows, _ in sub_batches]))]
 
 
 def task_loss(model, batch, losses, length_buckets=1):

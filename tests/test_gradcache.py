@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from modules.gradcache import cached_loss_backward, length_sorted_mini_batches
+from modules.gradcache import cached_loss_backward
+from modules.training import length_sorted_sub_batches
 from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import EmbeddingModel
 from tests.conftest import SENTENCES
@@ -65,7 +66,7 @@ def test_dropout_masks_are_replayed(tiny_bert):
         torch.manual_seed(seed)
         embeddings = []
         for tokens in (queries, passages):
-            parts = length_sorted_mini_batches(tokens, 5)
+            parts = length_sorted_sub_batches(tokens, size=5)
             stacked = torch.cat([model(**mini_batch) for _, mini_batch in parts])
             embeddings.append(stacked[torch.argsort(torch.cat([rows for rows, _ in parts]))])
         loss_fn(*embeddings).backward()

@@ -88,7 +88,7 @@ def test_gzip_and_parquet_inputs_give_the_same_output(tmp_path):
     import pyarrow.parquet as pq
 
     records = read_jsonl(SHARED_DATA / "en-stsb/dev.jsonl")[:300]
-    plain = write_jsonl(tmp_path / "pairs.jsonl", records)
+    write_jsonl(tmp_path / "pairs.jsonl", records)
     with gzip.open(tmp_path / "pairs.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "pairs.parquet")
@@ -235,8 +235,8 @@ def test_bad_records_name_file_and_line_or_are_skipped(tmp_path):
         filter_pairs.main([str(path), "--output", str(tmp_path / "out.jsonl")])
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.tmp").exists()
 
-    wrong_type = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "a", "text_pos": ["b", "c"]}])
-    with pytest.raises(DataError, match=re.escape(f"{wrong_type}:1: column 'text_pos' must be a string, got list")):
+    wrong_type = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "a", "text_pos": 7}])
+    with pytest.raises(DataError, match=re.escape(f"{wrong_type}:1: column 'text_pos' must be a string, got int")):
         dedup_pairs.main([str(wrong_type), "--output", str(tmp_path / "out.jsonl")])
 
     import pyarrow as pa

@@ -140,7 +140,7 @@ def test_meta_list_and_record_errors_name_the_place(corpus, tmp_path):
         read_pretrain_meta_list(tmp_path / "bad.txt")
     write_jsonl(tmp_path / "broken.jsonl", [{"text": "q", "text_pos": "p"}, {"text": "q2", "answer": "p2"}])
     stream = SourceStream(PairSource("broken", [tmp_path / "broken.jsonl"], 1.0, source="m.txt:1"), 0, 0, 0, 1, 4, 1 << 20)
-    with pytest.raises(DataError, match=r"broken.jsonl at byte \d+: column 'text_pos' must be a string"):
+    with pytest.raises(DataError, match=r"broken.jsonl at byte \d+: missing column 'text_pos'"):
         [stream.next_pair() for _ in range(2)]
 
 
