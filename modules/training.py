@@ -133,6 +133,7 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every process writes its own RNG state: all must finish before the rename
     if process_state is not None:
         trainer_state = dict(trainer_state, process_states=gather_object([process_state]))
     if accelerator.is_main_process:
