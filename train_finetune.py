@@ -21,7 +21,7 @@ from transformers import get_scheduler
 
 from modules.data import (
     BalancedBatchSampler, DataError, EpochBatches, MetaEntry, TaskBatchSampler, TaskCollator, load_meta_list,
-    load_task_dataset,
+    load_task_dataset, read_query_prefixes,
 )
 from modules.evaluation import sts_spearman
 from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags
@@ -63,6 +63,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
     g.add_argument("--passage_max_len", type=int, default=256)
     g.add_argument("--pair_max_len", type=int, default=128, help="cosent texts")
     g.add_argument("--query_prefix", default="", help="instruction prepended to contrastive queries")
+    g.add_argument("--query_prefix_file", default=None,
+                   help="JSON {dataset name: query prefix}, saved with the model as prompts of those names; "
+                        "other datasets get --query_prefix")
     g.add_argument("--num_workers", type=int, default=1, help="tokenizing dataloader workers")
     g.add_argument("--length_buckets", type=int, default=4,
                    help="split each forward into N length-sorted sub-batches to skip padding (1: off)")
@@ -162,7 +165,12 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     model = build_model(args, accelerator)
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
     negative_part = (accelerator.process_index, accelerator.num_processes) if args.cbb else (0, 1)
-    collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, args.query_prefix, negative_part)
+    # query prefix of a dataset: the model's prompt of that name (--query_prefix_file, train_llm_embed.py's
+    # instructions), else --query_prefix
+    if args.query_prefix_file:
+        model.prompts.update(read_query_prefixes(args.query_prefix_file, [d.name for d in datasets]))
+    query_prefix = {d.name: model.prompts.get(d.name, args.query_prefix) for d in datasets}
+    collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, query_prefix, negative_part)
     losses = {
         "retri_contrast": InfoNCE(args.retri_temperature, in_batch_negatives=not args.retri_hard_negatives_only,
                                   shared_queries=args.cbb),
@@ -270,7 +278,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                               start=time.perf_counter())
             if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
                 check_start = time.perf_counter()
-                updates = dhnm_check(model, tokenizer, mining, *last_mined, max_lengths, args.query_prefix,
+                updates = dhnm_check(model, tokenizer, mining, *last_mined, max_lengths, query_prefix[datasets[last_mined[0]].name],
                                      args.dhnm_ratio, args.dhnm_max_abs, args.dhnm_skip)
                 if accelerator.num_processes > 1 and not args.cbb:  # CBB: every process checked the same records
                     updates = gather_object(updates)

@@ -392,7 +392,7 @@ class TaskCollator:
     max_length: dict  # {"query": int, "passage": int, "pair": int}
     negatives_per_kind: dict  # {"retri_contrast": n, "cls_contrast": n}
     seed: int = 0
-    query_prefix: str = ""
+    query_prefix: str | dict = ""  # one prefix, or {dataset name: prefix} (datasets not named: none)
     negative_part: tuple = (0, 1)  # (part, parts): CBB gives process r part r of each record's negatives
 
     def __call__(self, dataset: TaskDataset, indices, epoch):
@@ -415,10 +415,27 @@ class TaskCollator:
             "kind": dataset.kind,
             "task": dataset.name,
             "num_negatives": num_negatives,
-            "query": self._tokenize([self.query_prefix + r["text"] for r in records], "query"),
+            "query": self._tokenize([self.prefix_for(dataset.name) + r["text"] for r in records], "query"),
             "passage": self._tokenize(positives + negatives, "passage"),
         }
+
+    def prefix_for(self, dataset_name):
+        return self.query_prefix if isinstance(self.query_prefix, str) else self.query_prefix.get(dataset_name, "")
 
     def _tokenize(self, texts, length_key):
         return dict(self.tokenizer(texts, padding=True, truncation=True,
                                    max_length=self.max_length[length_key], return_tensors="pt"))
+
+
+def read_query_prefixes(path, dataset_names, flag="--query_prefix_file"):
+    """{dataset name: text} from a JSON object; every name must be a dataset of the meta list."""
+    try:
+        prefixes = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{flag} {path}: {error}") from None
+    if not isinstance(prefixes, dict) or not all(isinstance(value, str) for value in prefixes.values()):
+        raise DataError(f"{flag} {path}: expected a JSON object {{dataset name: string}}")
+    unknown = sorted(set(prefixes) - set(dataset_names))
+    if unknown:
+        raise DataError(f"{flag} {path}: {unknown} are not datasets of the meta list ({sorted(dataset_names)})")
+    return prefixes

@@ -1,13 +1,13 @@
 """Decoder LLM backbones (Qwen2, Llama, Mistral, InternLM2-like) as embedding models.
 
 The recipe of E5-mistral (Wang et al. 2024, "Improving Text Embeddings with Large Language Models",
-arXiv 2401.00368), which piccolo-gpt and GritLM follow: an EOS token appended to every text, the
-last layer's state at that token as the embedding (left padding puts it in the last column),
-queries prefixed with ``Instruct: {task}\\nQuery: `` and documents left bare, LoRA (Hu et al. 2021,
-arXiv 2106.09685) on q, k, v, o, gate, up and down projections. Longer inputs come from RoPE
-scaling as transformers implements it: ``linear`` (Position Interpolation, Chen et al. 2023, arXiv
-2306.15595), ``dynamic`` (NTK-aware, bloc97 / emozilla 2023) and ``yarn`` (Peng et al. 2023, arXiv
-2309.00071).
+arXiv 2401.00368) and RepLLaMA (Ma et al. 2023, arXiv 2310.08319, tevatron): an EOS token appended to
+every text, the last layer's state at that token as the embedding (left padding puts it in the last
+column), queries prefixed with ``Instruct: {task}\\nQuery: `` and documents left bare (E5-mistral),
+LoRA (Hu et al. 2021, arXiv 2106.09685) on q, k, v, o, gate, up and down projections. Longer inputs
+come from RoPE scaling as transformers implements it: ``linear`` (Position Interpolation, Chen et al.
+2023, arXiv 2306.15595), ``dynamic`` (NTK-aware, bloc97 / emozilla 2023) and ``yarn`` (Peng et al.
+2023, arXiv 2309.00071).
 
 The trained model is saved twice: the LoRA adapter alone (``adapter/``, for peft) and the
 adapter merged into the backbone as a sentence-transformers directory (last-token pooling, the
@@ -15,6 +15,7 @@ instructions as ``prompts``, ``2_Dense`` for a ScalingLayer) that ``SentenceTran
 loads with the same tokenizer (EOS, left padding), so it embeds exactly as the trained model.
 """
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -70,7 +71,8 @@ def append_eos(tokenizer):
     template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(special.items()))
     current = tokenizer.backend_tokenizer.post_processor
     # a processor that adds no tokens (ByteLevel offsets) stays in front; one that does is replaced by ours
-    keep = current is not None and not (prefix or suffix[:-1]) and not isinstance(current, processors.TemplateProcessing)
+    adds_tokens = bool(prefix or suffix[:-1]) or isinstance(current, processors.TemplateProcessing)
+    keep = current is not None and not adds_tokens
     tokenizer.backend_tokenizer.post_processor = processors.Sequence([current, template]) if keep else template
     if _added_special_tokens(tokenizer) != (prefix, suffix):
         raise LLMSetupError(f"could not make {type(tokenizer).__name__} append {tokenizer.eos_token!r}")
@@ -144,7 +146,8 @@ def apply_rope_scaling(config, kind, factor, original_max_positions=None):
 
 def check_lora_targets(backbone, targets):
     """Every --lora_target_modules name must name Linear layers of the backbone."""
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules() if isinstance(module, nn.Linear)}
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                    if isinstance(module, nn.Linear)}
     missing = [target for target in targets if target not in linear_names]
     if missing:
         raise LLMSetupError(f"--lora_target_modules {','.join(missing)}: no Linear layer of this "
@@ -153,9 +156,9 @@ def check_lora_targets(backbone, targets):
 
 
 def parameter_counts(model):
-    """(trainable, total) parameter counts."""
-    parameters = list(model.parameters())
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+    """(trainable, total) parameter counts (whole sizes of ZeRO-3 partitioned parameters)."""
+    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)
 
 
 # --------------------------------------------------------------------------- model
@@ -167,8 +170,6 @@ class LLMEmbeddingModel(EmbeddingModel):
     The ScalingLayer stays float32 whatever the backbone's dtype, and embeddings come out float32
     for the losses (InfoNCE at tau 0.01 needs more than bf16's 8 bits of mantissa).
     """
-
-    trust_remote_code = False
 
     @property
     def _no_split_modules(self):
@@ -226,7 +227,6 @@ class LLMEmbeddingModel(EmbeddingModel):
         tokenizer.model_max_length = max_seq_length
         model = cls(backbone, tokenizer, pooling=pooling, scaling_layer=scaling_layer,
                     max_seq_length=max_seq_length, prompts=st["prompts"])
-        model.trust_remote_code = trust_remote_code
         return model
 
     def save_pretrained(self, path, state_dict=None):
@@ -240,12 +240,13 @@ class LLMEmbeddingModel(EmbeddingModel):
         path = Path(path)
         state_dict = state_dict if state_dict is not None else self.state_dict()
         backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        merged = self._merged_backbone(backbone_state)
-        export = EmbeddingModel(merged, self.tokenizer, self.pooling, self.scaling_layer, self.max_seq_length,
-                                self.prompts)
-        export_state = {f"backbone.{k}": v for k, v in merged.state_dict().items()}
-        export_state.update({k: v for k, v in state_dict.items() if k.startswith("scaling_layer.")})
-        EmbeddingModel.save_pretrained(export, path, state_dict=export_state)
+        with _without_zero3_loading():
+            merged = self._merged_backbone(backbone_state)
+            export = EmbeddingModel(merged, self.tokenizer, self.pooling, self.scaling_layer, self.max_seq_length,
+                                    self.prompts)
+            export_state = {f"backbone.{k}": v for k, v in merged.state_dict().items()}
+            export_state.update({k: v for k, v in state_dict.items() if k.startswith("scaling_layer.")})
+            EmbeddingModel.save_pretrained(export, path, state_dict=export_state)
         self.backbone.save_pretrained(str(path / ADAPTER_DIR), state_dict=backbone_state)
         (path / ADAPTER_DIR / "embedding_config.json").write_text(json.dumps(
             {"pooling": self.pooling, "prompts": self.prompts, "max_seq_length": self.max_seq_length,
@@ -257,12 +258,34 @@ class LLMEmbeddingModel(EmbeddingModel):
         which may be sharded): an empty (meta) copy of the peft model is given these tensors and merged."""
         from peft import get_peft_model
 
-        config = copy.deepcopy(self._base_backbone().config)
-        with torch.device("meta"):
-            skeleton = AutoModel.from_config(config, trust_remote_code=self.trust_remote_code)
+        base = self._base_backbone()
+        with torch.device("meta"):  # the class itself, not from_config: no ZeRO-3 partitioning, no remote-code lookup
+            skeleton = type(base)(copy.deepcopy(base.config))
             skeleton = get_peft_model(skeleton, copy.deepcopy(self.backbone.peft_config["default"]))
         skeleton.load_state_dict(backbone_state, strict=True, assign=True)
         return skeleton.merge_and_unload(safe_merge=True)  # safe: new tensors, the trained ones stay untouched
+
+
+@contextlib.contextmanager
+def _without_zero3_loading():
+    """Plain model loading for a while under DeepSpeed ZeRO-3.
+
+    The export is written by the main process alone, and sentence-transformers reloads the saved model
+    while writing it; transformers would build that model inside ``deepspeed.zero.Init``, whose
+    collective calls the other processes never join.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()  # back to what accelerate set up
 
 
 def _is_peft(module):
