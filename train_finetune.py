@@ -278,8 +278,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                               start=time.perf_counter())
             if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
                 check_start = time.perf_counter()
-                updates = dhnm_check(model, tokenizer, mining, *last_mined, max_lengths, query_prefix[datasets[last_mined[0]].name],
-                                     args.dhnm_ratio, args.dhnm_max_abs, args.dhnm_skip)
+                prefix = query_prefix[datasets[last_mined[0]].name]
+                updates = dhnm_check(model, tokenizer, mining, *last_mined, max_lengths, prefix, args.dhnm_ratio,
+                                     args.dhnm_max_abs, args.dhnm_skip)
                 if accelerator.num_processes > 1 and not args.cbb:  # CBB: every process checked the same records
                     updates = gather_object(updates)
                 for record_index, ranks, score in updates:
