@@ -15,7 +15,6 @@ instructions as ``prompts``, ``2_Dense`` for a ScalingLayer) that ``SentenceTran
 loads with the same tokenizer (EOS, left padding), so it embeds exactly as the trained model.
 """
 
-import contextlib
 import copy
 import json
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .model import EmbeddingModel, _read_sentence_transformers_layout, pool
+from .model import EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, pool, scaling_layer_for
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
@@ -209,12 +208,10 @@ class LLMEmbeddingModel(EmbeddingModel):
                                              trust_remote_code=trust_remote_code, **kwargs)
         tokenizer = append_eos(AutoTokenizer.from_pretrained(st["transformer_path"],
                                                              trust_remote_code=trust_remote_code))
-        scaling_layer = st["dense"]
-        if scaling_layer is not None and scaling_dim not in (None, scaling_layer.out_features):
-            raise LLMSetupError(f"{path}: its 2_Dense maps to {scaling_layer.out_features} dims but "
-                                f"--scaling_dim is {scaling_dim}")
-        if scaling_layer is None and scaling_dim:
-            scaling_layer = nn.Linear(config.hidden_size, scaling_dim, bias=True)
+        try:
+            scaling_layer = scaling_layer_for(st, scaling_dim, config.hidden_size, path)
+        except ValueError as error:  # the command line prints LLMSetupError without a traceback
+            raise LLMSetupError(str(error)) from None
         if gradient_checkpointing:
             backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             backbone.enable_input_require_grads()  # checkpointed blocks see an input that needs grad
@@ -240,7 +237,7 @@ class LLMEmbeddingModel(EmbeddingModel):
         path = Path(path)
         state_dict = state_dict if state_dict is not None else self.state_dict()
         backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        with _without_zero3_loading():
+        with _without_zero3_loading():  # building the merged copy must not partition it either
             merged = self._merged_backbone(backbone_state)
             export = EmbeddingModel(merged, self.tokenizer, self.pooling, self.scaling_layer, self.max_seq_length,
                                     self.prompts)
@@ -264,28 +261,6 @@ class LLMEmbeddingModel(EmbeddingModel):
             skeleton = get_peft_model(skeleton, copy.deepcopy(self.backbone.peft_config["default"]))
         skeleton.load_state_dict(backbone_state, strict=True, assign=True)
         return skeleton.merge_and_unload(safe_merge=True)  # safe: new tensors, the trained ones stay untouched
-
-
-@contextlib.contextmanager
-def _without_zero3_loading():
-    """Plain model loading for a while under DeepSpeed ZeRO-3.
-
-    The export is written by the main process alone, and sentence-transformers reloads the saved model
-    while writing it; transformers would build that model inside ``deepspeed.zero.Init``, whose
-    collective calls the other processes never join.
-    """
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    from accelerate.state import AcceleratorState
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()  # back to what accelerate set up
 
 
 def _is_peft(module):

@@ -5,6 +5,7 @@ Saved and loaded as a sentence-transformers directory (transformer at the root, 
 and mteb read what we write.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -95,13 +96,7 @@ class EmbeddingModel(nn.Module):
         st = _read_sentence_transformers_layout(Path(path))
         backbone = AutoModel.from_pretrained(st["transformer_path"], **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
-        scaling_layer = st["dense"]
-        if scaling_layer is not None and scaling_dim not in (None, scaling_layer.out_features):
-            raise ValueError(
-                f"{path}: its 2_Dense maps to {scaling_layer.out_features} dims but --scaling_dim is {scaling_dim}"
-            )
-        if scaling_layer is None and scaling_dim:
-            scaling_layer = nn.Linear(backbone.config.hidden_size, scaling_dim, bias=True)
+        scaling_layer = scaling_layer_for(st, scaling_dim, backbone.config.hidden_size, path)
         if scaling_layer is not None:
             scaling_layer.to(backbone.dtype)
         return cls(
@@ -128,28 +123,63 @@ class EmbeddingModel(nn.Module):
         self.backbone.save_pretrained(path, state_dict=backbone_state, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
 
-        modules = [
-            Transformer(str(path), max_seq_length=self.max_seq_length),
-            Pooling(self.hidden_size, pooling_mode=self.pooling),
-        ]
-        if self.scaling_layer is not None:
-            modules.append(
-                Dense(
-                    self.hidden_size,
-                    self.output_dim,
-                    bias=True,
-                    activation_function=nn.Identity(),
-                    init_weight=state_dict["scaling_layer.weight"].detach().float().cpu(),
-                    init_bias=state_dict["scaling_layer.bias"].detach().float().cpu(),
+        with _without_zero3_loading():  # sentence-transformers loads the saved model on this process alone
+            modules = [
+                Transformer(str(path), max_seq_length=self.max_seq_length),
+                Pooling(self.hidden_size, pooling_mode=self.pooling),
+            ]
+            if self.scaling_layer is not None:
+                modules.append(
+                    Dense(
+                        self.hidden_size,
+                        self.output_dim,
+                        bias=True,
+                        activation_function=nn.Identity(),
+                        init_weight=state_dict["scaling_layer.weight"].detach().float().cpu(),
+                        init_bias=state_dict["scaling_layer.bias"].detach().float().cpu(),
+                    )
                 )
-            )
-        modules.append(Normalize())
-        SentenceTransformer(modules=modules, prompts=self.prompts or None, device="cpu").save(str(path))
+            modules.append(Normalize())
+            SentenceTransformer(modules=modules, prompts=self.prompts or None, device="cpu").save(str(path))
         # sentence-transformers 6 keeps the length only as the tokenizer's model_max_length; written here
         # too so that our loader and older sentence-transformers read it (e.g. after --extend_pe)
         transformer_config = path / "sentence_bert_config.json"
         config = json.loads(transformer_config.read_text())
         transformer_config.write_text(json.dumps({**config, "max_seq_length": self.max_seq_length}, indent=4))
+
+
+def scaling_layer_for(layout, scaling_dim, hidden_size, path):
+    """The directory's 2_Dense, or a fresh Linear(hidden -> scaling_dim) when it has none; a mismatch is an error."""
+    scaling_layer = layout["dense"]
+    if scaling_layer is not None and scaling_dim not in (None, scaling_layer.out_features):
+        raise ValueError(
+            f"{path}: its 2_Dense maps to {scaling_layer.out_features} dims but --scaling_dim is {scaling_dim}"
+        )
+    if scaling_layer is None and scaling_dim:
+        scaling_layer = nn.Linear(hidden_size, scaling_dim, bias=True)
+    return scaling_layer
+
+
+@contextlib.contextmanager
+def _without_zero3_loading():
+    """Plain model loading for a while under DeepSpeed ZeRO-3.
+
+    The export is written by the main process alone, and sentence-transformers reloads the saved model
+    while writing it; transformers would build that model inside ``deepspeed.zero.Init``, whose
+    collective calls the other processes never join.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()  # back to what accelerate set up
 
 
 def _read_sentence_transformers_layout(path: Path) -> dict:
