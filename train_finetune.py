@@ -30,7 +30,7 @@ from modules.model import EmbeddingModel
 from modules.position import METHODS as PE_METHODS, extend_model_positions, freeze_position_embeddings
 from modules.training import (
     add_output_arguments, batch_size_and_tokens, build_optimizer, load_checkpoint, make_accelerator,
-    resolve_checkpoint, save_checkpoint, save_final_model, task_loss, to_device, write_eval_results, write_run_config,
+    finish_run, resolve_checkpoint, save_checkpoint, task_loss, to_device, write_run_config,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
@@ -306,13 +306,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- final model and scores
     if eval_pairs:
         eval_history[global_step] = evaluate()
-    measured["pairs_per_s"] = measured["pairs"] / measured["seconds"] if measured["seconds"] else None
     if mining is not None:
         measured["dhnm"] = dhnm_log
-    save_final_model(accelerator, model, args.output_dir, measured)
-    if accelerator.is_main_process and eval_pairs:
-        write_eval_results(args.output_dir, args.eval_sts_file, eval_history)
-    accelerator.end_training()
+    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from modules.model import EmbeddingModel
 from modules.streaming import PretrainBatches, read_pretrain_meta_list
 from modules.training import (
     add_output_arguments, build_optimizer, embed, load_checkpoint, make_accelerator, resolve_checkpoint,
-    save_checkpoint, save_final_model, to_device, write_eval_results, write_run_config,
+    finish_run, save_checkpoint, to_device, write_run_config,
 )
 
 
@@ -167,11 +167,7 @@ def main(argv=None):
 
     if eval_pairs:
         eval_history[global_step] = evaluate()
-    measured["pairs_per_s"] = measured["pairs"] / measured["seconds"] if measured["seconds"] else None
-    save_final_model(accelerator, model, args.output_dir, measured)
-    if accelerator.is_main_process and eval_pairs:
-        write_eval_results(args.output_dir, args.eval_sts_file, eval_history)
-    accelerator.end_training()
+    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history)
 
 
 if __name__ == "__main__":

@@ -182,14 +182,19 @@ def load_checkpoint(accelerator, path):
     return state
 
 
-def save_final_model(accelerator, model, output_dir, summary):
-    """Write output_dir/final (a sentence-transformers directory) and train_summary.json."""
+def finish_run(accelerator, model, output_dir, summary, eval_file=None, eval_history=None):
+    """Write output_dir/final (a sentence-transformers directory), train_summary.json (with pairs/s)
+    and, when there was a dev set, eval_results.json; then end the trackers."""
+    summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
     state_dict = accelerator.get_state_dict(model)  # every process takes part (sharded FSDP / ZeRO-3)
     if accelerator.is_main_process:
         final_dir = Path(output_dir) / "final"
         accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)
         (Path(output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
+        if eval_history:
+            _write_eval_results(output_dir, eval_file, eval_history)
+    accelerator.end_training()
 
 
 def write_run_config(output_dir, args, copy_files=()):
@@ -203,7 +208,7 @@ def write_run_config(output_dir, args, copy_files=()):
             shutil.copy(path, output_dir / Path(path).name)
 
 
-def write_eval_results(output_dir, eval_file, history):
+def _write_eval_results(output_dir, eval_file, history):
     """eval_results.json with the dev Spearman at each evaluated step, and a one-line summary."""
     (Path(output_dir) / "eval_results.json").write_text(json.dumps(
         {"eval_file": eval_file, "sts_spearman_by_step": history}, indent=2))
