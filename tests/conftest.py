@@ -90,3 +90,31 @@ def accelerate_cmd(num_processes=1, config_file=None):
     elif not config_file:
         cmd += ["--num_processes", "1"]
     return cmd
+
+
+def hybrid_loss_before_and_after(model, batches, optimizer, passes):
+    """Train ``passes`` times over ``batches`` with the three hybrid losses; their summed loss before and after.
+
+    The loss is measured in eval mode (no dropout), so the two figures compare like with like.
+    """
+    import torch
+
+    from modules.losses import CoSENT, InfoNCE
+    from modules.training import task_loss
+
+    losses = {"retri_contrast": InfoNCE(0.05), "cls_contrast": InfoNCE(0.05, in_batch_negatives=False),
+              "cosent": CoSENT(0.05)}
+
+    def total_loss():
+        model.eval()
+        with torch.no_grad():
+            return sum(task_loss(model, b, losses).item() for b in batches)
+
+    before = total_loss()
+    model.train()
+    for _ in range(passes):
+        for batch in batches:
+            task_loss(model, batch, losses).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return before, total_loss()

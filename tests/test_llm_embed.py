@@ -9,9 +9,7 @@ from safetensors.torch import load_file
 
 from modules.data import DataError, TaskBatchSampler, TaskCollator, load_meta_list
 from modules.llm import DEFAULT_LORA_TARGETS, LLMEmbeddingModel, LLMSetupError, append_eos
-from modules.losses import CoSENT, InfoNCE
-from modules.training import task_loss
-from tests.conftest import REPO, SENTENCES, accelerate_cmd, run_script
+from tests.conftest import REPO, SENTENCES, accelerate_cmd, hybrid_loss_before_and_after, run_script
 
 NEGATIVES = {"retri_contrast": 1, "cls_contrast": 2}
 TEXTS = [s * (1 + i % 3) for i, s in enumerate(SENTENCES[:7])] + ["a dog"]  # varied lengths
@@ -119,23 +117,9 @@ def trained_lora(tiny_decoders, tiny_data):
     collator = TaskCollator(model.tokenizer, {"query": 48, "passage": 16, "pair": 16}, NEGATIVES,
                             query_prefix={"retri": "Instruct: find a caption\nQuery: "})
     batches = [collator(datasets[d], indices, 0) for d, indices in sampler.local_batches(0)]
-    losses = {"retri_contrast": InfoNCE(0.05), "cls_contrast": InfoNCE(0.05, in_batch_negatives=False),
-              "cosent": CoSENT(0.05)}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def total_loss():
-        model.eval()
-        with torch.no_grad():
-            return sum(task_loss(model, b, losses).item() for b in batches)
-
-    before = total_loss()
-    model.train()
-    for _ in range(10):
-        for batch in batches:
-            task_loss(model, batch, losses).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    return model.eval(), start, before, total_loss()
+    before, after = hybrid_loss_before_and_after(model, batches, optimizer, passes=10)
+    return model.eval(), start, before, after
 
 
 def test_lora_trains_only_the_adapter_and_the_scaling_layer(trained_lora):
