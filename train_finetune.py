@@ -28,10 +28,10 @@ from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags
 from modules.mining import MiningState, dhnm_check
 from modules.model import EmbeddingModel
 from modules.position import METHODS as PE_METHODS, extend_model_positions, freeze_position_embeddings
-from modules.training import (
-    add_output_arguments, batch_size_and_tokens, build_optimizer, load_checkpoint, make_accelerator,
-    finish_run, resolve_checkpoint, save_checkpoint, task_loss, to_device, write_run_config,
-)
+from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from modules.forward import batch_size_and_tokens, task_loss, to_device
+from modules.outputs import finish_run, write_run_config
+from modules.training import add_output_arguments, build_optimizer, make_accelerator
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
 

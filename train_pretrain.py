@@ -28,10 +28,10 @@ from modules.gradcache import cached_loss_backward, check_gradcache_supported
 from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import EmbeddingModel
 from modules.streaming import PretrainBatches, read_pretrain_meta_list
-from modules.training import (
-    add_output_arguments, build_optimizer, embed, load_checkpoint, make_accelerator, resolve_checkpoint,
-    finish_run, save_checkpoint, to_device, write_run_config,
-)
+from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from modules.forward import embed, to_device
+from modules.outputs import finish_run, write_run_config
+from modules.training import add_output_arguments, build_optimizer, make_accelerator
 
 
 def parse_args(argv=None):

@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 
-from modules.training import length_sorted_sub_batches
+from modules.forward import length_sorted_sub_batches
 
 
 class RandomState:

@@ -11,7 +11,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from modules.gradcache import cached_loss_backward
-from modules.training import length_sorted_sub_batches
+from modules.forward import length_sorted_sub_batches
 from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import EmbeddingModel
 from tests.conftest import SENTENCES

@@ -84,7 +84,7 @@ def test_two_process_run(tiny_bert, tiny_data, tmp_path, launcher):
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_bert, padding_side):
-    from modules.training import embed
+    from modules.forward import embed
     from tests.conftest import SENTENCES
 
     if padding_side == "right":
