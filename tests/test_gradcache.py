@@ -102,28 +102,75 @@ def wrap(model, wrapper):
     return model, no_sync
 
 
-def distributed_worker(rank, init_file, model_path, case, wrapper, out_dir):
+def rank_rows(rank):
+    return range(rank * 6, rank * 6 + 6)
+
+
+def distributed_worker(rank, init_file, model_path, case, wrappers, out_dir, train=False):
+    """For each wrapper, a fresh model's GradCache gradient on this rank's 6 rows; in train mode the dropout
+    masks come from seed 3 + rank, set just before ``cached_loss_backward``."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    model = EmbeddingModel.from_pretrained(model_path).eval()
-    wrapped, no_sync = wrap(model, wrapper)
-    queries, passages = tokenize(model, range(rank * 6, rank * 6 + 6))
-    loss = cached_loss_backward(wrapped, [queries, passages], make_loss(case), mini_batch_size=4, no_sync=no_sync)
-    dist.all_reduce(loss)
-    grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()  # FSDP2: sharded
-             for name, p in model.named_parameters() if p.grad is not None}
-    torch.save({"loss": loss / 2, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    for wrapper in wrappers:
+        model = EmbeddingModel.from_pretrained(model_path).train(train)
+        wrapped, no_sync = wrap(model, wrapper)
+        queries, passages = tokenize(model, rank_rows(rank))
+        torch.manual_seed(3 + rank)
+        loss = cached_loss_backward(wrapped, [queries, passages], make_loss(case), mini_batch_size=4, no_sync=no_sync)
+        dist.all_reduce(loss)
+        grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()  # FSDP2: sharded
+                 for name, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss / 2, "grads": grads}, os.path.join(out_dir, f"{wrapper}_rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case,wrapper", [("plain", "ddp"), ("symmetric_mrl", "ddp"), ("symmetric_mrl", "fsdp2")])
 def test_two_processes_equal_one_process_on_the_whole_batch(tiny_bert, tmp_path, case, wrapper):
-    mp.spawn(distributed_worker, args=(str(tmp_path / "init"), str(tiny_bert), case, wrapper, str(tmp_path)),
+    mp.spawn(distributed_worker, args=(str(tmp_path / "init"), str(tiny_bert), case, [wrapper], str(tmp_path)),
              nprocs=2, join=True)
     model = EmbeddingModel.from_pretrained(tiny_bert).eval()
     queries, passages = tokenize(model, range(12))
     plain = make_loss(case)(model(**queries), model(**passages))
     plain.backward()
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+        result = torch.load(tmp_path / f"{wrapper}_rank{rank}.pt")
         assert torch.allclose(result["loss"], plain.detach(), atol=1e-6)
         assert_same_grads(result["grads"], grads_of(model))
+
+
+def test_two_processes_in_train_mode_replay_each_ranks_dropout(tiny_bert, tmp_path):
+    """Train mode (dropout on) under DDP and FSDP2: one spawn runs both wrappers, rank r seeded with 3 + r.
+
+    The single-process reference draws the same masks: for each rank in order, seed 3 + rank and run, with a
+    graph, that rank's length-sorted mini-batches in ``cached_loss_backward``'s order (queries', then
+    passages'); the ranks' embeddings, concatenated in rank order, give the whole batch's loss.
+    """
+    case = "symmetric_mrl"
+    mp.spawn(distributed_worker, args=(str(tmp_path / "init"), str(tiny_bert), case, ["ddp", "fsdp2"], str(tmp_path),
+                                       True), nprocs=2, join=True)
+    model = EmbeddingModel.from_pretrained(tiny_bert).train()
+
+    def reference(seeds):
+        model.zero_grad()
+        embeddings = ([], [])
+        for rank, seed in enumerate(seeds):
+            torch.manual_seed(seed)
+            for group, tokens in enumerate(tokenize(model, rank_rows(rank))):
+                parts = length_sorted_sub_batches(tokens, size=4)
+                stacked = torch.cat([model(**mini_batch) for _, mini_batch in parts])
+                embeddings[group].append(stacked[torch.argsort(torch.cat([rows for rows, _ in parts]))])
+        loss = make_loss(case)(*(torch.cat(group) for group in embeddings))
+        loss.backward()
+        return loss.detach(), grads_of(model)
+
+    loss, grads = reference(seeds=(3, 4))
+    for wrapper in ("ddp", "fsdp2"):
+        for rank in range(2):
+            result = torch.load(tmp_path / f"{wrapper}_rank{rank}.pt")
+            assert torch.allclose(result["loss"], loss, atol=1e-6), (wrapper, rank, result["loss"], loss)
+            assert_same_grads(result["grads"], grads)
+    # the check can fail: other masks (the ranks' seeds swapped, or one seed for both) change the gradient
+    name = "backbone.embeddings.word_embeddings.weight"
+    for seeds in ((4, 3), (3, 3)):
+        other_loss, other_grads = reference(seeds)
+        assert not torch.allclose(other_grads[name], grads[name], atol=1e-6), seeds
+        assert not torch.allclose(other_loss, loss, atol=1e-6), seeds

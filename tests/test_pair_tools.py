@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA, minilm_path, write_jsonl
+from tests.conftest import REPO, minilm_path, shared_data, write_jsonl
 from modules.data import DataError
 
 
@@ -24,7 +24,6 @@ def load_tool(name):
 
 
 filter_pairs, dedup_pairs, score_pairs = (load_tool(name) for name in ("filter_pairs", "dedup_pairs", "score_pairs"))
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 
 
 def read_jsonl(path):
@@ -59,13 +58,12 @@ def expected_filtering(records, query_column, positive_column, rules):
     return reasons
 
 
-@needs_shared_data
 @pytest.mark.parametrize("path, language, script, ratio, query_max, positive_min", [
     ("zh-atec/dev.jsonl", "zh", "CJK", 0.9, 30, 6),
     ("en-stsb/dev.jsonl", "en", "LATIN", 1.0, 100, 20),
 ])
 def test_filter_real_pairs_matches_rules_recomputed(tmp_path, path, language, script, ratio, query_max, positive_min):
-    source = SHARED_DATA / path
+    source = shared_data(path)
     report = filter_pairs.main([
         str(source), "--output", str(tmp_path / "kept.jsonl"), "--positive_column", "text_pair",
         "--language", language, "--min_script_ratio", str(ratio),
@@ -82,12 +80,11 @@ def test_filter_real_pairs_matches_rules_recomputed(tmp_path, path, language, sc
     assert json.loads((tmp_path / "kept.jsonl.report.json").read_text())["dropped"] == report["dropped"]
 
 
-@needs_shared_data
 def test_gzip_and_parquet_inputs_give_the_same_output(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = read_jsonl(SHARED_DATA / "en-stsb/dev.jsonl")[:300]
+    records = read_jsonl(shared_data("en-stsb/dev.jsonl"))[:300]
     write_jsonl(tmp_path / "pairs.jsonl", records)
     with gzip.open(tmp_path / "pairs.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
@@ -176,9 +173,8 @@ def test_dedup_key_one_side(tmp_path):
     assert read_jsonl(tmp_path / "query.jsonl") == records[:1]
 
 
-@needs_shared_data
 def test_dedup_real_pairs_exact_count_and_near_duplicates_are_similar(tmp_path):
-    records = read_jsonl(SHARED_DATA / "zh-atec/dev.jsonl")[:4000]
+    records = read_jsonl(shared_data("zh-atec/dev.jsonl"))[:4000]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     normalised = [" ".join(unicodedata.normalize("NFKC", r["text"]).lower().split()) for r in records]
     report = dedup_pairs.main([str(path), "--output", str(tmp_path / "exact.jsonl"), "--positive_column",
@@ -201,14 +197,13 @@ def test_dedup_real_pairs_exact_count_and_near_duplicates_are_similar(tmp_path):
     assert position == len(kept)
 
 
-@needs_shared_data
 def test_score_drops_unrelated_keeps_paraphrase_and_writes_the_direct_cosine(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     paraphrase = {"text": "A man is playing a guitar.", "text_pair": "A man plays the guitar.", "id": "paraphrase"}
     unrelated = {"text": "A man is playing a guitar.", "text_pair": "The central bank raised interest rates again.",
                  "id": "unrelated"}
-    records = [paraphrase, unrelated] + read_jsonl(SHARED_DATA / "en-stsb/dev.jsonl")[:21]
+    records = [paraphrase, unrelated] + read_jsonl(shared_data("en-stsb/dev.jsonl"))[:21]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     report = score_pairs.main([str(path), "--output", str(tmp_path / "scored.jsonl"), "--model", str(minilm_path()),
                                "--positive_column", "text_pair", "--threshold", "0.4", "--batch_size", "4",

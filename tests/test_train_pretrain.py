@@ -11,13 +11,13 @@ from modules.gradcache import cached_loss_backward
 from modules.losses import InBatchInfoNCE
 from modules.model import EmbeddingModel
 from modules.streaming import PairSource, PretrainBatches
-from tests.conftest import SHARED_DATA, accelerate_cmd, run_script, write_jsonl
+from tests.conftest import accelerate_cmd, run_script, shared_data, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def pair_data(tmp_path_factory):
     """Real paraphrase pairs (STS-B train, label >= 3.5) in two sources, and a meta list with weights."""
-    rows = [json.loads(line) for line in (SHARED_DATA / "en-stsb" / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in shared_data("en-stsb/train.jsonl").read_text().splitlines()]
     pairs = [{"text": r["text"], "text_pos": r["text_pair"]} for r in rows if r["label"] >= 3.5]
     root = tmp_path_factory.mktemp("pairs")
     write_jsonl(root / "stsb_a.jsonl", pairs[: len(pairs) // 2])
