@@ -26,7 +26,7 @@ from modules.data import (
 from modules.evaluation import sts_spearman
 from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags
 from modules.mining import MiningState, dhnm_check
-from modules.model import EmbeddingModel
+from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
 from modules.position import METHODS as PE_METHODS, extend_model_positions, freeze_position_embeddings
 from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from modules.forward import batch_size_and_tokens, task_loss, to_device
@@ -43,6 +43,7 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
     g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
     g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
     g.add_argument("--scaling_dim", type=int, default=None, help="add/keep a ScalingLayer hidden->dim (Piccolo2: 1792)")
+    g.add_argument("--torch_dtype", choices=list(DTYPES), default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--extend_pe", action="store_true",
                    help="extend a learned absolute position table (BERT, XLM-R, ...) to --max_length tokens")
@@ -122,7 +123,8 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
 
 def build_encoder(args, accelerator):
     """The model this script trains: an encoder (or any EmbeddingModel directory), position table optionally extended."""
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim)
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim,
+                                           dtype=DTYPES[args.torch_dtype])
     if args.extend_pe:
         trained = extend_model_positions(model, args.max_length, args.pe_extension, args.pe_alpha)
         accelerator.print(f"position table: {trained} trained positions -> {args.max_length} ({args.pe_extension})")
@@ -308,7 +310,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         eval_history[global_step] = evaluate()
     if mining is not None:
         measured["dhnm"] = dhnm_log
-    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history)
+    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history, args.save_dtype)
 
 
 if __name__ == "__main__":

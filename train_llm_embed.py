@@ -17,7 +17,7 @@ import sys
 import train_finetune
 from modules.data import iter_raw_records, read_meta_list, read_query_prefixes
 from modules.llm import (
-    DEFAULT_LORA_TARGETS, DTYPES, ROPE_SCALINGS, LLMEmbeddingModel, LLMSetupError, instruction_prompts,
+    DEFAULT_LORA_TARGETS, ROPE_SCALINGS, LLMEmbeddingModel, LLMSetupError, instruction_prompts,
     parameter_counts,
 )
 
@@ -30,9 +30,6 @@ def add_llm_arguments(parser):
     g.add_argument("--lora_target_modules", default=DEFAULT_LORA_TARGETS,
                    help="comma list of Linear layer names (InternLM2: wqkv,wo,w1,w2,w3)")
     g.add_argument("--full_finetune", action="store_true", help="train every weight instead of a LoRA adapter")
-    g.add_argument("--torch_dtype", choices=list(DTYPES), default="float32",
-                   help="weights' dtype; bf16 compute comes from accelerate's --mixed_precision bf16 "
-                        "(bfloat16 weights halve memory; keep float32 under FSDP, which flattens one dtype)")
     g.add_argument("--attn_implementation", default=None, help="sdpa | eager | flash_attention_2 (default: sdpa)")
     g.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
     g.add_argument("--rope_scaling", choices=ROPE_SCALINGS, default=None,

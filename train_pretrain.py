@@ -26,7 +26,7 @@ from modules.data import MetaEntry, load_task_dataset
 from modules.evaluation import sts_spearman
 from modules.gradcache import cached_loss_backward, check_gradcache_supported
 from modules.losses import InBatchInfoNCE, matryoshka_from_flags
-from modules.model import EmbeddingModel
+from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
 from modules.streaming import PretrainBatches, read_pretrain_meta_list
 from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from modules.forward import embed, to_device
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
     g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
+    g.add_argument("--torch_dtype", choices=list(DTYPES), default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g = p.add_argument_group("data")
     g.add_argument("--meta_list", required=True, help="lines of '<path> <weight> [columns=QUERY,POSITIVE]'")
@@ -83,7 +84,7 @@ def main(argv=None):
     sources = read_pretrain_meta_list(args.meta_list, args.root_dir)
     eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
 
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling)
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
@@ -167,7 +168,7 @@ def main(argv=None):
 
     if eval_pairs:
         eval_history[global_step] = evaluate()
-    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history)
+    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history, args.save_dtype)
 
 
 if __name__ == "__main__":

@@ -400,7 +400,7 @@ class TaskCollator:
         if dataset.kind == "cosent":
             texts = [r["text"] for r in records] + [r["text_pair"] for r in records]
             return {"kind": "cosent", "task": dataset.name, "pair": self._tokenize(texts, "pair"),
-                    "labels": torch.tensor([r["label"] for r in records])}
+                    "labels": torch.tensor([r["label"] for r in records], dtype=torch.float64)}
         num_negatives = self.negatives_per_kind.get(dataset.kind, 0)
         positives, negatives = [], []
         part = self.negative_part[0] * num_negatives

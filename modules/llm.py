@@ -23,11 +23,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .model import EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, pool, scaling_layer_for
+from .model import DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, scaling_layer_for
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 ADAPTER_DIR = "adapter"
 
 
@@ -166,24 +165,12 @@ def parameter_counts(model):
 class LLMEmbeddingModel(EmbeddingModel):
     """A decoder backbone (optionally with LoRA) -> last-token or mean pooling -> optional ScalingLayer.
 
-    The ScalingLayer stays float32 whatever the backbone's dtype, and embeddings come out float32
-    for the losses (InfoNCE at tau 0.01 needs more than bf16's 8 bits of mantissa).
+    As for every EmbeddingModel, the ScalingLayer stays float32 whatever the backbone's dtype, and
+    embeddings come out float32 for the losses (InfoNCE at tau 0.01 needs more than bf16's 8 bits).
     """
-
-    @property
-    def _no_split_modules(self):
-        """The backbone's decoder-layer classes: what accelerate's FSDP TRANSFORMER_BASED_WRAP wraps."""
-        return getattr(self._base_backbone(), "_no_split_modules", None)
 
     def _base_backbone(self):
         return self.backbone.get_base_model() if _is_peft(self.backbone) else self.backbone
-
-    def forward(self, input_ids, attention_mask, **tokenizer_outputs):
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **tokenizer_outputs)
-        embeddings = pool(outputs.last_hidden_state, attention_mask, self.pooling)
-        if self.scaling_layer is not None:
-            embeddings = self.scaling_layer(embeddings.to(self.scaling_layer.weight.dtype))
-        return embeddings.float()
 
     @classmethod
     def from_pretrained(cls, path, pooling="lasttoken", scaling_dim=None, max_seq_length=None, lora=None,

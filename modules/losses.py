@@ -1,6 +1,7 @@
 """Contrastive and ranking losses on embeddings (the math only; embedding happens in the caller).
 
-Every loss takes raw embeddings, L2-normalises them, and works in one process or many: with
+Every loss takes raw embeddings, casts them to float32 (bf16 embeddings from DeepSpeed or autocast
+included), L2-normalises them, and works in one process or many: with
 ``gather_across_processes`` the candidates of all processes join each query's denominator,
 gathered WITH gradient. Each process returns a loss whose mean over processes equals the loss of
 one process on the concatenated batch; since the all-gather backward sums gradients and DDP
@@ -28,6 +29,13 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         return tensor, 0
     gathered = all_gather(tensor.contiguous())
     return torch.cat(gathered), dist.get_rank() * tensor.size(0)
+
+
+def at_least_fp32(tensor):
+    """``tensor`` in float32 (float64 stays): losses never run in bf16/fp16, whatever the launcher's precision."""
+    if tensor is None:
+        return None
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def info_nce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,10 +117,10 @@ class InfoNCE(nn.Module):
         self.shared_queries = shared_queries
 
     def forward(self, query, positive, negatives=None):
-        """query, positive: [B, D]; negatives: [B, K, D] or None."""
-        query = F.normalize(query, dim=-1)
-        positive = F.normalize(positive, dim=-1)
-        negatives = F.normalize(negatives, dim=-1) if negatives is not None else None
+        """query, positive: [B, D]; negatives: [B, K, D] or None. Computed in >= float32."""
+        query = F.normalize(at_least_fp32(query), dim=-1)
+        positive = F.normalize(at_least_fp32(positive), dim=-1)
+        negatives = F.normalize(at_least_fp32(negatives), dim=-1) if negatives is not None else None
 
         if not self.in_batch_negatives:
             candidates = positive.unsqueeze(1)
@@ -180,8 +188,8 @@ class CoSENT(nn.Module):
         self.gather_across_processes = gather_across_processes
 
     def forward(self, embeddings_a, embeddings_b, labels):
-        scores = F.cosine_similarity(embeddings_a, embeddings_b, dim=-1)
-        labels = labels.to(scores.dtype)
+        scores = F.cosine_similarity(at_least_fp32(embeddings_a), at_least_fp32(embeddings_b), dim=-1)
+        # labels keep their own dtype: only their order matters, and bf16 would merge close labels into ties
         if self.gather_across_processes and _distributed():
             scores = gather_with_grad(scores)[0]
             labels = gather_with_grad(labels)[0]

@@ -15,6 +15,11 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 POOLING_MODES = ("mean", "cls", "lasttoken")
+# --torch_dtype / --save_dtype choices; "auto" (load only) keeps the checkpoint's stored dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+TORCH_DTYPE_HELP = ("dtype of the trained (master) weights, whatever the checkpoint stores; bf16/fp16 compute comes from "
+                    "accelerate's --mixed_precision. bfloat16 halves the memory of a frozen LoRA base; 'auto': the "
+                    "checkpoint's own dtype")
 # How sentence-transformers' Pooling config names each of our modes (new and legacy keys).
 _ST_LEGACY_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
@@ -45,8 +50,9 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str
 class EmbeddingModel(nn.Module):
     """backbone -> pooling -> optional ScalingLayer (Linear hidden -> scaling_dim, with bias).
 
-    ``forward`` returns raw (not normalised) embeddings; the losses normalise. Piccolo2's
-    ScalingLayer is a plain linear map (identity activation) that lifts 1024-d to 1792-d.
+    ``forward`` returns raw (not normalised) embeddings in at least float32; the losses normalise.
+    Piccolo2's ScalingLayer is a plain linear map (identity activation) that lifts 1024-d to 1792-d;
+    it is kept in float32 whatever the backbone's dtype (Piccolo's code hard-codes ``.half()``).
     """
 
     def __init__(self, backbone, tokenizer, pooling="mean", scaling_layer=None, max_seq_length=512, prompts=None):
@@ -63,6 +69,14 @@ class EmbeddingModel(nn.Module):
         self.prompts = dict(prompts or {})
 
     @property
+    def _no_split_modules(self):
+        """The backbone's layer classes: what accelerate's FSDP TRANSFORMER_BASED_WRAP wraps (one unit a layer)."""
+        return getattr(self._base_backbone(), "_no_split_modules", None)
+
+    def _base_backbone(self):
+        return self.backbone
+
+    @property
     def hidden_size(self) -> int:
         return self.backbone.config.hidden_size
 
@@ -74,8 +88,8 @@ class EmbeddingModel(nn.Module):
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **tokenizer_outputs)
         embeddings = pool(outputs.last_hidden_state, attention_mask, self.pooling)
         if self.scaling_layer is not None:
-            embeddings = self.scaling_layer(embeddings)
-        return embeddings
+            embeddings = self.scaling_layer(embeddings.to(self.scaling_layer.weight.dtype))
+        return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
 
     def enable_gradient_checkpointing(self):
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -87,18 +101,20 @@ class EmbeddingModel(nn.Module):
         return embed_texts(self, self.tokenizer, list(texts), max_length or self.max_seq_length, batch_size, normalize)
 
     @classmethod
-    def from_pretrained(cls, path, pooling=None, scaling_dim=None, max_seq_length=None, **model_kwargs):
+    def from_pretrained(cls, path, pooling=None, scaling_dim=None, max_seq_length=None, dtype=torch.float32,
+                        **model_kwargs):
         """Load a transformers checkpoint or a sentence-transformers directory (with its 2_Dense).
 
         ``pooling`` overrides the directory's pooling; ``scaling_dim`` adds a fresh ScalingLayer when
-        the directory has no Dense, and must match the Dense it has otherwise.
+        the directory has no Dense, and must match the Dense it has otherwise. ``dtype`` is the
+        backbone's weights' dtype, float32 by default whatever the checkpoint stores: these are the
+        master weights the optimizer updates (a bf16 master rounds most small updates away);
+        bf16/fp16 compute comes from accelerate's mixed precision.
         """
         st = _read_sentence_transformers_layout(Path(path))
-        backbone = AutoModel.from_pretrained(st["transformer_path"], **model_kwargs)
+        backbone = AutoModel.from_pretrained(st["transformer_path"], dtype=dtype, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
         scaling_layer = scaling_layer_for(st, scaling_dim, backbone.config.hidden_size, path)
-        if scaling_layer is not None:
-            scaling_layer.to(backbone.dtype)
         return cls(
             backbone,
             tokenizer,
@@ -120,12 +136,15 @@ class EmbeddingModel(nn.Module):
         path = Path(path)
         state_dict = state_dict if state_dict is not None else self.state_dict()
         backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
-        self.backbone.save_pretrained(path, state_dict=backbone_state, safe_serialization=True)
+        # the saved dtype is the state dict's (--save_dtype); sentence-transformers reloads the backbone to write
+        # its directory, so it is told that dtype too
+        dtype = next(v.dtype for v in backbone_state.values() if v.is_floating_point())
+        self.backbone.save_pretrained(path, state_dict=backbone_state, safe_serialization=True)  # empties the dict
         self.tokenizer.save_pretrained(path)
 
         with _without_zero3_loading():  # sentence-transformers loads the saved model on this process alone
             modules = [
-                Transformer(str(path), max_seq_length=self.max_seq_length),
+                Transformer(str(path), max_seq_length=self.max_seq_length, model_kwargs={"dtype": dtype}),
                 Pooling(self.hidden_size, pooling_mode=self.pooling),
             ]
             if self.scaling_layer is not None:
@@ -135,8 +154,8 @@ class EmbeddingModel(nn.Module):
                         self.output_dim,
                         bias=True,
                         activation_function=nn.Identity(),
-                        init_weight=state_dict["scaling_layer.weight"].detach().float().cpu(),
-                        init_bias=state_dict["scaling_layer.bias"].detach().float().cpu(),
+                        init_weight=state_dict["scaling_layer.weight"].detach().cpu(),
+                        init_bias=state_dict["scaling_layer.bias"].detach().cpu(),
                     )
                 )
             modules.append(Normalize())

@@ -5,12 +5,27 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 
-def finish_run(accelerator, model, output_dir, summary, eval_file=None, eval_history=None):
-    """Write output_dir/final (a sentence-transformers directory), train_summary.json (with pairs/s)
-    and, when there was a dev set, eval_results.json; then end the trackers."""
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_state_dict(accelerator, model, dtype=torch.float32):
+    """The model's full state dict for export, its floating tensors in ``dtype``; every process calls it.
+
+    Under FSDP / ZeRO-3 the shards are gathered.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if state_dict is None:  # only the main process receives it
+        return None
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+
+
+def finish_run(accelerator, model, output_dir, summary, eval_file=None, eval_history=None, save_dtype="float32"):
+    """Write output_dir/final (a sentence-transformers directory, weights in ``save_dtype``),
+    train_summary.json (with pairs/s) and, when there was a dev set, eval_results.json; then end the trackers."""
     summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
-    state_dict = accelerator.get_state_dict(model)  # every process takes part (sharded FSDP / ZeRO-3)
+    state_dict = export_state_dict(accelerator, model, SAVE_DTYPES[save_dtype])
     if accelerator.is_main_process:
         final_dir = Path(output_dir) / "final"
         accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)

@@ -23,6 +23,8 @@ def add_output_arguments(parser):
     """Output, logging, evaluation and checkpoint flags every training script has."""
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", required=True)
+    g.add_argument("--save_dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the final model's weights (training keeps float32 masters)")
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final model)")
     g.add_argument("--save_total_limit", type=int, default=None)

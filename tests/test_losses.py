@@ -102,3 +102,33 @@ def test_matryoshka_rejects_dims_above_embedding_size():
     q, p = leaves((2, 8), (2, 8))
     with pytest.raises(ValueError, match="exceed the embedding size"):
         Matryoshka(InfoNCE(), [4, 16])(q, p)
+
+
+LOW_PRECISION_LOSSES = {
+    "retrieval": lambda: InfoNCE(0.01),
+    "hard_negatives_only": lambda: InfoNCE(0.05, in_batch_negatives=False),
+    "cosent": lambda: CoSENT(0.05),
+    "cosent_mrl": lambda: Matryoshka(CoSENT(0.05), [8, 16]),
+}
+
+
+@pytest.mark.parametrize("name", list(LOW_PRECISION_LOSSES))
+def test_bf16_embeddings_give_the_float32_loss_and_gradient(name):
+    """Under DeepSpeed bf16 the embeddings arrive in bf16; the loss must still be computed in fp32 on them."""
+    generator = torch.Generator().manual_seed(0)
+    rows = 52
+    bf16 = [torch.randn(*shape, generator=generator).bfloat16().requires_grad_()
+            for shape in ((rows, 16), (rows, 16), (rows, 2, 16))]
+    fp32 = [t.detach().float().requires_grad_() for t in bf16]
+    loss_fn = LOW_PRECISION_LOSSES[name]()
+    if name.startswith("cosent"):
+        labels = torch.linspace(4.0, 5.0, rows)  # 52 distinct labels; bf16 keeps only 33 of them
+        assert labels.bfloat16().unique().numel() < rows
+        ours, reference = loss_fn(*bf16[:2], labels), loss_fn(*fp32[:2], labels)
+        bf16, fp32 = bf16[:2], fp32[:2]
+    else:
+        ours, reference = loss_fn(*bf16), loss_fn(*fp32)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-6), (ours, reference)
+    for g_ours, g_reference in zip(torch.autograd.grad(ours, bf16), torch.autograd.grad(reference, fp32)):
+        assert torch.allclose(g_ours.float(), g_reference.bfloat16().float(), rtol=1e-2, atol=1e-6)
