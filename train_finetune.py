@@ -19,18 +19,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from modules.cli import run_cli
 from modules.data import (
     BalancedBatchSampler, DataError, EpochBatches, MetaEntry, TaskBatchSampler, TaskCollator, load_meta_list,
     load_task_dataset, read_query_prefixes,
 )
 from modules.evaluation import sts_spearman
+from modules.forward import batch_size_and_tokens, task_loss, to_device
 from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags
 from modules.mining import MiningState, dhnm_check
 from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
-from modules.position import METHODS as PE_METHODS, extend_model_positions, freeze_position_embeddings
-from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from modules.forward import batch_size_and_tokens, task_loss, to_device
 from modules.outputs import finish_run, write_run_config
+from modules.position import METHODS as PE_METHODS
+from modules.position import extend_model_positions, freeze_position_embeddings
 from modules.training import add_output_arguments, build_optimizer, make_accelerator
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
@@ -138,7 +140,7 @@ def build_encoder(args, accelerator):
 def main(argv=None, add_arguments=None, build_model=build_encoder, description=__doc__):
     """Fine-tune; train_llm_embed.py reuses this loop with its own flags and model (``build_model(args, accelerator)``)."""
     args = parse_args(argv, add_arguments, description)
-    accelerator = make_accelerator(args.output_dir, args.grad_accum)
+    accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm)
     set_seed(args.seed)  # before anything random is built (Piccolo builds its sampler first)
 
     # ---- data: every record checked now, so bad input fails before step one
@@ -314,4 +316,4 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

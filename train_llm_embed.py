@@ -12,13 +12,12 @@ prompts, RoPE scaling, and a final directory that holds the merged model (senten
 the adapter (adapter/). See modules/llm.py for the method and its sources.
 """
 
-import sys
 
 import train_finetune
+from modules.cli import run_cli
 from modules.data import iter_raw_records, read_meta_list, read_query_prefixes
 from modules.llm import (
-    DEFAULT_LORA_TARGETS, ROPE_SCALINGS, LLMEmbeddingModel, LLMSetupError, instruction_prompts,
-    parameter_counts,
+    DEFAULT_LORA_TARGETS, ROPE_SCALINGS, LLMEmbeddingModel, LLMSetupError, instruction_prompts, parameter_counts,
 )
 
 
@@ -104,7 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LLMSetupError as error:
-        sys.exit(f"train_llm_embed.py: error: {error}")
+    run_cli(main)

@@ -22,15 +22,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from modules.cli import run_cli
 from modules.data import MetaEntry, load_task_dataset
 from modules.evaluation import sts_spearman
+from modules.forward import embed, to_device
 from modules.gradcache import cached_loss_backward, check_gradcache_supported
 from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
-from modules.streaming import PretrainBatches, read_pretrain_meta_list
-from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from modules.forward import embed, to_device
 from modules.outputs import finish_run, write_run_config
+from modules.streaming import PretrainBatches, read_pretrain_meta_list
 from modules.training import add_output_arguments, build_optimizer, make_accelerator
 
 
@@ -76,7 +77,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = make_accelerator(args.output_dir)
+    accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm)
     set_seed(args.seed)
     if args.mini_batch_size:
         check_gradcache_supported(accelerator)
@@ -172,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import UsageError
+
 TASK_KINDS = ("retri_contrast", "cls_contrast", "cosent")
 CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad input data or meta list; the message names the file and line."""
 
 

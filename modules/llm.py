@@ -23,14 +23,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .model import DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, scaling_layer_for
+from .cli import UsageError
+from .model import (
+    DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, scaling_layer_for,
+)
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
 ADAPTER_DIR = "adapter"
 
 
-class LLMSetupError(ValueError):
+class LLMSetupError(UsageError):
     """A bad flag or a model/flag mismatch; the message names the flag."""
 
 
@@ -196,7 +199,7 @@ class LLMEmbeddingModel(EmbeddingModel):
         tokenizer = append_eos(AutoTokenizer.from_pretrained(st["transformer_path"],
                                                              trust_remote_code=trust_remote_code))
         try:
-            scaling_layer = scaling_layer_for(st, scaling_dim, config.hidden_size, path)
+            scaling_layer = scaling_layer_for(st, scaling_dim, config.hidden_size, path, backbone.dtype)
         except ValueError as error:  # the command line prints LLMSetupError without a traceback
             raise LLMSetupError(str(error)) from None
         if gradient_checkpointing:

@@ -114,7 +114,7 @@ class EmbeddingModel(nn.Module):
         st = _read_sentence_transformers_layout(Path(path))
         backbone = AutoModel.from_pretrained(st["transformer_path"], dtype=dtype, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
-        scaling_layer = scaling_layer_for(st, scaling_dim, backbone.config.hidden_size, path)
+        scaling_layer = scaling_layer_for(st, scaling_dim, backbone.config.hidden_size, path, backbone.dtype)
         return cls(
             backbone,
             tokenizer,
@@ -131,7 +131,12 @@ class EmbeddingModel(nn.Module):
         ZeRO-3): pass ``accelerator.get_state_dict(model)``.
         """
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+        from sentence_transformers.sentence_transformer.modules import (
+            Dense,
+            Normalize,
+            Pooling,
+            Transformer,
+        )
 
         path = Path(path)
         state_dict = state_dict if state_dict is not None else self.state_dict()
@@ -167,8 +172,15 @@ class EmbeddingModel(nn.Module):
         transformer_config.write_text(json.dumps({**config, "max_seq_length": self.max_seq_length}, indent=4))
 
 
-def scaling_layer_for(layout, scaling_dim, hidden_size, path):
-    """The directory's 2_Dense, or a fresh Linear(hidden -> scaling_dim) when it has none; a mismatch is an error."""
+def scaling_layer_for(layout, scaling_dim, hidden_size, path, backbone_dtype=torch.float32):
+    """The directory's 2_Dense, or a fresh Linear(hidden -> scaling_dim) when it has none; a mismatch is an error.
+
+    float32, except under DeepSpeed ZeRO-3: there the backbone is built partitioned in the engine's
+    dtype and ZeRO-3 flattens one dtype, so the layer follows the backbone (its fp32 master copy lives
+    in the optimizer, as for every other weight).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     scaling_layer = layout["dense"]
     if scaling_layer is not None and scaling_dim not in (None, scaling_layer.out_features):
         raise ValueError(
@@ -176,6 +188,8 @@ def scaling_layer_for(layout, scaling_dim, hidden_size, path):
         )
     if scaling_layer is None and scaling_dim:
         scaling_layer = nn.Linear(hidden_size, scaling_dim, bias=True)
+    if scaling_layer is not None and is_deepspeed_zero3_enabled():
+        scaling_layer.to(backbone_dtype)
     return scaling_layer
 
 
@@ -187,7 +201,10 @@ def _without_zero3_loading():
     while writing it; transformers would build that model inside ``deepspeed.zero.Init``, whose
     collective calls the other processes never join.
     """
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    from transformers.integrations import (
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
 
     if not is_deepspeed_zero3_enabled():
         yield

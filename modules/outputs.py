@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -13,12 +14,51 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 def export_state_dict(accelerator, model, dtype=torch.float32):
     """The model's full state dict for export, its floating tensors in ``dtype``; every process calls it.
 
-    Under FSDP / ZeRO-3 the shards are gathered.
+    Under FSDP / ZeRO-3 the shards are gathered; under DeepSpeed the trained weights come from the
+    optimizer's fp32 master copy, not from the engine's bf16/fp16 working copy.
     """
-    state_dict = accelerator.get_state_dict(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state_dict = _deepspeed_fp32_state_dict(accelerator, model)
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if state_dict is None:  # only the main process receives it
         return None
     return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+
+
+def _deepspeed_fp32_state_dict(accelerator, model):
+    """Full state dict (CPU) with every trainable parameter from DeepSpeed's fp32 master weights.
+
+    Collective: ZeRO-1/2 all-reduce each parameter's fragments, ZeRO-3 all-gathers its partitions, so
+    every process walks the parameters in the same order; the main process keeps the result. Frozen
+    parameters have no master copy and come from the module (gathered under ZeRO-3); buffers are never
+    cast or partitioned by DeepSpeed.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = accelerator.unwrap_model(model)
+    keep = accelerator.is_main_process
+    state_dict, seen = {}, {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:  # tied weights
+            state_dict[name] = state_dict.get(seen[id(parameter)])
+            continue
+        seen[id(parameter)] = name
+        full = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
+        if full is None and hasattr(parameter, "ds_id"):  # a frozen ZeRO-3 partition
+            with deepspeed.zero.GatheredParameters([parameter]):
+                full = parameter.detach().clone() if keep else None
+        elif full is None:
+            full = parameter.detach()
+        if keep:
+            state_dict[name] = full.to("cpu", copy=True)
+    if not keep:
+        return None
+    keys = module.state_dict().keys()  # ZeRO-3: the right keys around empty partitions
+    state_dict.update({name: buffer.detach().to("cpu", copy=True)
+                       for name, buffer in module.named_buffers(remove_duplicate=False) if name in keys})
+    return {key: state_dict[key] for key in keys}
 
 
 def finish_run(accelerator, model, output_dir, summary, eval_file=None, eval_history=None, save_dtype="float32"):

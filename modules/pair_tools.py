@@ -66,14 +66,6 @@ def add_io_arguments(parser):
                              "instead of stopping at the first")
 
 
-def run_cli(main):
-    """Run a tool's main(); bad input ends it with the error message, not a traceback."""
-    try:
-        main()
-    except DataError as error:
-        sys.exit(f"error: {error}")
-
-
 # --------------------------------------------------------------------------- reading
 
 

@@ -5,18 +5,34 @@ import os
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
+from .cli import UsageError
 
-def make_accelerator(output_dir, gradient_accumulation_steps=1):
-    """The run's Accelerator: tensorboard logs in output_dir; gloo for multi-process runs on CPU."""
+
+def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.0):
+    """The run's Accelerator: tensorboard logs in output_dir; gloo for multi-process runs on CPU.
+
+    Under DeepSpeed, gradients are clipped inside the engine's step (``accelerator.clip_grad_norm_``
+    does nothing there) at the config's ``gradient_clipping``, which accelerate turns from "auto"
+    into 1.0: the config is given ``max_grad_norm`` here, before ``prepare`` builds the engine (0: no
+    clipping, as everywhere else).
+    """
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     launched = "WORLD_SIZE" in os.environ  # by accelerate launch / torchrun: a process group is set up
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,  # the scripts step the scheduler once per optimizer step
         log_with="tensorboard",
         project_dir=output_dir,
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        configured = plugin.deepspeed_config.get("gradient_clipping", "auto")
+        if configured != "auto" and float(configured) != max_grad_norm:
+            raise UsageError(f"--max_grad_norm {max_grad_norm} but the DeepSpeed config sets gradient_clipping "
+                             f"{configured}: set it to \"auto\" (the flag decides) or pass the same value")
+        plugin.deepspeed_config["gradient_clipping"] = float(max_grad_norm)
+    return accelerator
 
 
 def add_output_arguments(parser):

@@ -60,26 +60,58 @@ def test_resume_latest_ignores_an_unfinished_checkpoint(tiny_bert, tiny_data, tm
     assert config["args"]["max_steps"] == 5 and (out / "meta.txt").exists()
 
 
+def two_process_cmd(launcher, mixed_precision="no"):
+    return accelerate_cmd(config_file=REPO / "launch" / f"{launcher}.yaml") + [
+        "--num_processes", "2", "--mixed_precision", mixed_precision, "--main_process_port", "0"]
+
+
+# DeepSpeed runs on CPU without ACCELERATE_USE_CPU (which would silently drop it); DDP needs it
+CPU_ENV = {"ddp": {"ACCELERATE_USE_CPU": "1"}}
+
+
 @pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero1", "deepspeed_zero3_llm"])
 def test_two_process_run(tiny_bert, tiny_data, tmp_path, launcher):
-    """2 CPU processes (gloo) under DDP, DeepSpeed ZeRO-1 and ZeRO-3: trains, logs, saves a loadable model."""
+    """2 CPU processes (gloo) under DDP, and DeepSpeed ZeRO-1 and ZeRO-3 in bf16: trains, logs, saves a
+    loadable model; under DeepSpeed final/ holds the fp32 master weights, not the engine's bf16 copy."""
     from sentence_transformers import SentenceTransformer
 
-    cmd = accelerate_cmd(config_file=REPO / "launch" / f"{launcher}.yaml") + [
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
-    extra = ["--gradient_checkpointing", "--mrl_dims", "8,16,32"] if launcher == "ddp" else []
-    result = run_script(cmd + common_args(tiny_bert, tiny_data, tmp_path, "--max_steps", "4", "--save_every", "2",
-                                          "--eval_sts_file", str(tiny_data / "sts.jsonl"), *extra),
-                        # DeepSpeed runs on CPU without ACCELERATE_USE_CPU (which would silently drop it)
-                        env_extra={"ACCELERATE_USE_CPU": "1"} if launcher == "ddp" else None)
+    deepspeed = launcher.startswith("deepspeed")
+    extra = ["--gradient_checkpointing", "--mrl_dims", "8,16,32"] if launcher == "ddp" else ["--scaling_dim", "24"]
+    result = run_script(two_process_cmd(launcher, "bf16" if deepspeed else "no")
+                        + common_args(tiny_bert, tiny_data, tmp_path, "--max_steps", "4", "--save_every", "2",
+                                      "--eval_sts_file", str(tiny_data / "sts.jsonl"), *extra),
+                        env_extra=CPU_ENV.get(launcher))
     assert "dev Spearman: step 0" in result.stdout
     checkpoint_files = [p.name for p in (tmp_path / "checkpoint-4").rglob("*")]
     assert "trainer_state.json" in checkpoint_files and "random_states_1.pkl" in checkpoint_files
-    if launcher.startswith("deepspeed"):  # DeepSpeed's own engine wrote the optimizer shards
-        assert any(name.startswith("zero_pp_rank_1") for name in checkpoint_files), checkpoint_files
+    if deepspeed:  # DeepSpeed's own engine wrote the optimizer shards
+        assert any("zero_pp_rank_1" in name for name in checkpoint_files), checkpoint_files
     assert list((tmp_path / "finetune").glob("events.out.tfevents*"))  # tensorboard logs
     model = SentenceTransformer(str(tmp_path / "final"), device="cpu")
-    assert model.encode(["hello world"]).shape == (1, 32)
+    assert model.encode(["hello world"]).shape == (1, 24 if deepspeed else 32)
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    start = EmbeddingModel.from_pretrained(tiny_bert).backbone.state_dict()
+    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight"):
+        trained = weights[name]
+        assert trained.dtype == torch.float32 and not torch.equal(trained, start[name])
+        if deepspeed:  # master weights carry more than bf16's 8 bits: most differ from their bf16 rounding
+            assert (trained != trained.bfloat16().float()).float().mean() > 0.9, name
+
+
+def test_deepspeed_clips_at_max_grad_norm_like_ddp(tiny_bert, tiny_data, tmp_path):
+    """--max_grad_norm reaches DeepSpeed's engine (its config said "auto", which became 1.0): at a norm of
+    1e-9, DeepSpeed ZeRO-1 and DDP end at the same weights."""
+    finals = {}
+    for launcher in ("ddp", "deepspeed_zero1"):
+        run_script(two_process_cmd(launcher) + common_args(tiny_bert, tiny_data, tmp_path / launcher, "--max_steps",
+                                                            "3", "--max_grad_norm", "1e-9", "--warmup_ratio", "0"),
+                   env_extra=CPU_ENV.get(launcher))
+        finals[launcher] = load_file(tmp_path / launcher / "final" / "model.safetensors")
+    start = EmbeddingModel.from_pretrained(tiny_bert).backbone.state_dict()
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(finals["ddp"][name], start[name])
+    for key, value in finals["ddp"].items():
+        assert torch.allclose(value, finals["deepspeed_zero1"][key], atol=1e-7, rtol=1e-5), key
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

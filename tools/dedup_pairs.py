@@ -17,8 +17,10 @@ import hashlib
 
 from datasketch import MinHash, MinHashLSH
 
-from modules.pair_tools import (PairWriter, Report, add_io_arguments, char_shingles, iter_pairs, normalize_text,
-                                run_cli, script_ratio)
+from modules.cli import run_cli
+from modules.pair_tools import (
+    PairWriter, Report, add_io_arguments, char_shingles, iter_pairs, normalize_text, script_ratio,
+)
 
 
 def parse_args(argv=None):

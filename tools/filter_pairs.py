@@ -13,8 +13,11 @@ Kept records are written unchanged; counts per reason go to stdout and <output>.
 
 import argparse
 
-from modules.pair_tools import (PairWriter, Report, add_io_arguments, collapse_whitespace, iter_pairs,
-                                normalize_text, run_cli, script_ratio, top_char_ratio)
+from modules.cli import run_cli
+from modules.pair_tools import (
+    PairWriter, Report, add_io_arguments, collapse_whitespace, iter_pairs, normalize_text, script_ratio,
+    top_char_ratio,
+)
 
 
 def parse_args(argv=None):

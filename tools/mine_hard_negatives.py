@@ -21,11 +21,12 @@ import time
 import numpy as np
 import torch
 
+from modules.cli import run_cli
 from modules.data import iter_raw_records, parse_record
 from modules.evaluation import embed_texts
 from modules.mining import build_index, ranked_candidates, sample_negative_ranks
 from modules.model import EmbeddingModel
-from modules.pair_tools import PairWriter, Report, run_cli
+from modules.pair_tools import PairWriter, Report
 
 
 def parse_args(argv=None):

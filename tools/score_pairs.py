@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
-from modules.pair_tools import PairWriter, Report, add_io_arguments, iter_pairs, run_cli
+from modules.cli import run_cli
+from modules.pair_tools import PairWriter, Report, add_io_arguments, iter_pairs
 
 
 def parse_args(argv=None):
