@@ -22,8 +22,7 @@ from transformers import get_scheduler
 from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from modules.cli import run_cli
 from modules.data import (
-    BalancedBatchSampler, DataError, EpochBatches, MetaEntry, TaskBatchSampler, TaskCollator, load_meta_list,
-    load_task_dataset, read_query_prefixes,
+    EpochBatches, MetaEntry, TaskCollator, build_sampler, load_meta_list, load_task_dataset, read_query_prefixes,
 )
 from modules.evaluation import sts_spearman
 from modules.forward import batch_size_and_tokens, task_loss, to_device
@@ -145,30 +144,23 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
     # ---- data: every record checked now, so bad input fails before step one
     negatives = {"retri_contrast": args.retri_negatives, "cls_contrast": args.cls_negatives}
-    datasets = load_meta_list(args.meta_list, args.root_dir, negatives)
+    # CBB: every process holds its own n of each retrieval record's negatives, so a record needs n x processes
+    negative_parts = accelerator.num_processes if args.cbb else 1
+    datasets = load_meta_list(args.meta_list, args.root_dir,
+                              {**negatives, "retri_contrast": args.retri_negatives * negative_parts})
     default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
                      "cosent": args.cosent_batch_size}
     batch_sizes = [d.batch_size or default_batch[d.kind] for d in datasets]
-    if args.cbb:  # each step: one batch per task kind; retrieval queries shared by all processes
-        sampler = BalancedBatchSampler(datasets, batch_sizes, args.seed, accelerator.num_processes,
-                                       accelerator.process_index)
-    else:
-        sampler = TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], batch_sizes, args.seed,
-                                   accelerator.num_processes, accelerator.process_index)
-    mining = MiningState(datasets) if args.dhnm else None
-    if mining is not None and not mining.datasets:
-        raise DataError(f"--dhnm: no retri_contrast dataset in {args.meta_list} has mined candidates "
-                        "(make them with tools/mine_hard_negatives.py)")
-    for index in mining.datasets if mining else ():
-        if len(datasets[index].records[0]["neg_ranks"]) != args.retri_negatives * (accelerator.num_processes if args.cbb else 1):
-            raise DataError(f"{datasets[index].source}: --dhnm replaces all mined negatives of a record, so "
-                            "--retri_negatives (x processes under --cbb) must equal the number mined")
+    # --cbb: each step one batch per task kind, retrieval queries shared by all processes
+    sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
+                            args.cbb)
+    mining = MiningState.for_datasets(datasets, args.retri_negatives * negative_parts, args.meta_list) if args.dhnm else None
     eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
 
     # ---- model and losses
     model = build_model(args, accelerator)
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
-    negative_part = (accelerator.process_index, accelerator.num_processes) if args.cbb else (0, 1)
+    negative_part = (accelerator.process_index, negative_parts)
     # query prefix of a dataset: the model's prompt of that name (--query_prefix_file, train_llm_embed.py's
     # instructions), else --query_prefix
     if args.query_prefix_file:

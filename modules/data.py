@@ -171,8 +171,9 @@ def _number(record, column, where):
     return float(value)
 
 
-def parse_record(record, kind, where, needs_negatives):
-    """Check one raw record and return it in the normal form of its kind."""
+def parse_record(record, kind, where, negatives_needed=0):
+    """Check one raw record and return it in the normal form of its kind (with at least ``negatives_needed``)."""
+    needs_negatives = negatives_needed > 0
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     for column in REQUIRED_COLUMNS[kind](needs_negatives):
@@ -186,6 +187,10 @@ def parse_record(record, kind, where, needs_negatives):
         parsed["text_neg"] = _text_list(record, "text_neg", where, allow_empty=False)
     if kind == "retri_contrast" and "candidates" in record:
         parsed.update(_mined_candidates(record, where))
+    if needs_negatives and len(parsed["text_neg"]) < negatives_needed:
+        raise DataError(f"{where}: {len(parsed['text_neg'])} negatives in 'text_neg', fewer than the {negatives_needed} "
+                        "each record needs (--retri_negatives / --cls_negatives; for retrieval under --cbb, times the "
+                        "number of processes): repeating negatives would count them twice in the softmax")
     return parsed
 
 
@@ -216,7 +221,8 @@ class TaskDataset:
     records: list
     repeat: int = 1
     batch_size: int | None = None  # per-process batch size; None: the kind's default
-    source: str = ""
+    source: str = ""  # "meta.txt:3"
+    path: Path | None = None
 
     def __len__(self):
         return len(self.records)
@@ -237,11 +243,11 @@ def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict) -> TaskDataset
                 raise DataError(f"{where}: type {record_kind!r} but the dataset is {kind!r} ({entry.source})")
         if kind is None:
             raise DataError(f"{where}: no 'type' column and no type=KIND in the meta list ({entry.source})")
-        records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0) > 0))
+        records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0)))
     if not records:
         raise DataError(f"{entry.path}: empty dataset ({entry.source})")
     return TaskDataset(entry.path.stem if entry.path.is_file() else entry.path.name, kind, records,
-                       entry.repeat, entry.batch_size, entry.source)
+                       entry.repeat, entry.batch_size, entry.source, entry.path)
 
 
 def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[TaskDataset]:
@@ -252,15 +258,27 @@ def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[Ta
 # --------------------------------------------------------------------------- batches
 
 
+def build_sampler(datasets, batch_sizes, seed, num_processes=1, process_index=0, cbb=False):
+    """The run's batch sampler: task-homogeneous batches, or one batch of every kind a step under CBB."""
+    sources = [f"{d.source}: {d.path}" for d in datasets]
+    if cbb:
+        return BalancedBatchSampler(datasets, batch_sizes, seed, num_processes, process_index, sources)
+    return TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], batch_sizes, seed,
+                            num_processes, process_index, sources)
+
+
 @dataclass
 class TaskBatchSampler:
     """Task-homogeneous global batches, identical on every process, sliced per process.
 
     The batches of epoch e are a pure function of (seed, e): each dataset contributes ``repeat``
-    fresh permutations of its indices, each cut into global batches (the remainder of a
-    permutation is dropped, so no batch holds a record twice), and the batch order is shuffled.
-    Process r takes rows [r*b, (r+1)*b) of each global batch, so every process computes the same
-    loss on the same dataset at every step. Resuming needs only (epoch, batch index).
+    fresh permutations of its indices (occurrences 0..repeat-1), each cut into global batches (the
+    remainder of a permutation is dropped, so no batch holds a record twice), and the batch order is
+    shuffled. Process r takes rows [r*b, (r+1)*b) of each global batch, so every process computes the
+    same loss on the same dataset at every step. Resuming needs only (epoch, batch index).
+
+    A local batch is (dataset index, record indices, draw key); the draw key (epoch, occurrence)
+    seeds which positive and negatives each record uses, so the k draws of a repeat-k record differ.
     """
 
     dataset_sizes: list
@@ -269,18 +287,19 @@ class TaskBatchSampler:
     seed: int
     num_processes: int = 1
     process_index: int = 0
+    sources: list = None  # "meta.txt:3: path" of each dataset, for error messages
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         for i, (size, batch_size) in enumerate(zip(self.dataset_sizes, self.batch_sizes)):
             if size < batch_size * self.num_processes:
                 raise DataError(
-                    f"dataset #{i} has {size} records, fewer than one global batch "
-                    f"({batch_size} x {self.num_processes} processes)"
+                    f"{self.sources[i] if self.sources else f'dataset #{i}'} has {size} records, fewer than one "
+                    f"global batch ({batch_size} x {self.num_processes} processes)"
                 )
 
     def global_batches(self, epoch: int) -> list:
-        """[(dataset index, [record indices of the global batch])] for one epoch."""
+        """[(dataset index, [record indices of the global batch], occurrence)] for one epoch."""
         if epoch not in self._cache:
             rng = np.random.default_rng([self.seed, epoch])
             batches = []
@@ -288,21 +307,23 @@ class TaskBatchSampler:
                 zip(self.dataset_sizes, self.repeats, self.batch_sizes)
             ):
                 global_size = batch_size * self.num_processes
-                for _ in range(repeat):
+                for occurrence in range(repeat):
                     order = rng.permutation(size)
                     for start in range(0, size - global_size + 1, global_size):
-                        batches.append((dataset_index, order[start : start + global_size].tolist()))
+                        batches.append((dataset_index, order[start : start + global_size].tolist(), occurrence))
             batch_order = rng.permutation(len(batches))
             self._cache = {epoch: [batches[i] for i in batch_order]}
         return self._cache[epoch]
 
+    def local_batch(self, epoch: int, position: int) -> tuple:
+        """This process's slice of the epoch's ``position``-th global batch: (dataset, indices, (epoch, occurrence))."""
+        dataset_index, indices, occurrence = self.global_batches(epoch)[position]
+        size = len(indices) // self.num_processes
+        return dataset_index, indices[self.process_index * size : (self.process_index + 1) * size], (epoch, occurrence)
+
     def local_batches(self, epoch: int) -> list:
         """This process's slice of every global batch of the epoch."""
-        local = []
-        for dataset_index, indices in self.global_batches(epoch):
-            size = len(indices) // self.num_processes
-            local.append((dataset_index, indices[self.process_index * size : (self.process_index + 1) * size]))
-        return local
+        return [self.local_batch(epoch, position) for position in range(len(self))]
 
     def __len__(self):
         return sum(
@@ -321,7 +342,7 @@ class BalancedBatchSampler:
     position a function of the step count, so resuming still needs only (epoch, batch index).
     """
 
-    def __init__(self, datasets, batch_sizes, seed, num_processes=1, process_index=0):
+    def __init__(self, datasets, batch_sizes, seed, num_processes=1, process_index=0, sources=None):
         kinds = [kind for kind in TASK_KINDS if any(d.kind == kind for d in datasets)]
         if "retri_contrast" not in kinds:
             raise DataError("--cbb needs at least one retri_contrast dataset in the meta list")
@@ -334,21 +355,22 @@ class BalancedBatchSampler:
             self.samplers[kind] = TaskBatchSampler(
                 [len(datasets[i]) for i in members], [datasets[i].repeat for i in members],
                 [batch_sizes[i] for i in members], seed + offset,
-                num_processes if sliced else 1, process_index if sliced else 0)
+                num_processes if sliced else 1, process_index if sliced else 0,
+                [sources[i] for i in members] if sources else None)
 
     def __len__(self):
         return len(self.samplers["retri_contrast"])
 
     def local_batches(self, epoch: int) -> list:
-        """[[(dataset index, local record indices) for each kind] for each step of the epoch]."""
+        """[[(dataset index, local record indices, draw key) for each kind] for each step of the epoch]."""
         steps = []
-        for batch_no, (member, indices) in enumerate(self.samplers["retri_contrast"].local_batches(epoch)):
-            parts = [(self.members["retri_contrast"][member], indices)]
+        for batch_no, (member, indices, draw) in enumerate(self.samplers["retri_contrast"].local_batches(epoch)):
+            parts = [(self.members["retri_contrast"][member], indices, draw)]
             for kind in self.kinds[1:]:
                 sampler = self.samplers[kind]
                 kind_epoch, position = divmod(epoch * len(self) + batch_no, len(sampler))
-                member, kind_indices = sampler.local_batches(kind_epoch)[position]
-                parts.append((self.members[kind][member], kind_indices))
+                member, kind_indices, kind_draw = sampler.local_batch(kind_epoch, position)
+                parts.append((self.members[kind][member], kind_indices, kind_draw))
             steps.append(parts)
         return steps
 
@@ -364,18 +386,17 @@ class EpochBatches(torch.utils.data.Dataset):
         self.batches = sampler.local_batches(epoch)[start:]
         self.datasets = datasets
         self.collator = collator
-        self.epoch = epoch
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
         if isinstance(self.batches[i], list):
-            return {"parts": [self._collate(dataset_index, indices) for dataset_index, indices in self.batches[i]]}
+            return {"parts": [self._collate(*part) for part in self.batches[i]]}
         return self._collate(*self.batches[i])
 
-    def _collate(self, dataset_index, indices):
-        batch = self.collator(self.datasets[dataset_index], indices, self.epoch)
+    def _collate(self, dataset_index, indices, draw):
+        batch = self.collator(self.datasets[dataset_index], indices, draw)
         return {**batch, "dataset_index": dataset_index, "indices": list(indices)}
 
 
@@ -386,8 +407,9 @@ class TaskCollator:
     Contrastive kinds give ``query`` (short max length) and ``passage`` = [positives | negatives
     of row 0 | negatives of row 1 | ...] (long max length); ``cosent`` gives ``pair`` =
     [texts | text_pairs] and ``labels``. Which positive and which negatives a record uses is drawn
-    from (seed, epoch, record index), so it does not depend on process, worker or resume point;
-    under CBB each process takes its own part of the same shuffled negatives.
+    from (seed, draw key, record index), the draw key being the sampler's (epoch, occurrence), so it
+    does not depend on process, worker or resume point, and differs between the draws of a repeated
+    record. Under CBB each process takes its own part of the same shuffled retrieval negatives.
     """
 
     tokenizer: object
@@ -395,9 +417,10 @@ class TaskCollator:
     negatives_per_kind: dict  # {"retri_contrast": n, "cls_contrast": n}
     seed: int = 0
     query_prefix: str | dict = ""  # one prefix, or {dataset name: prefix} (datasets not named: none)
-    negative_part: tuple = (0, 1)  # (part, parts): CBB gives process r part r of each record's negatives
+    negative_part: tuple = (0, 1)  # (part, parts): CBB gives process r part r of each retrieval record's negatives
 
-    def __call__(self, dataset: TaskDataset, indices, epoch):
+    def __call__(self, dataset: TaskDataset, indices, draw):
+        """``draw``: the sampler's draw key (epoch, occurrence), or an epoch."""
         records = [dataset.records[i] for i in indices]
         if dataset.kind == "cosent":
             texts = [r["text"] for r in records] + [r["text_pair"] for r in records]
@@ -405,14 +428,16 @@ class TaskCollator:
                     "labels": torch.tensor([r["label"] for r in records], dtype=torch.float64)}
         num_negatives = self.negatives_per_kind.get(dataset.kind, 0)
         positives, negatives = [], []
-        part = self.negative_part[0] * num_negatives
+        # CBB's processes share the retrieval records and take disjoint parts of their negatives (the pools
+        # were checked at load to hold parts x n); other kinds are sliced by record and use part 0
+        part = self.negative_part[0] * num_negatives if dataset.kind == "retri_contrast" else 0
+        key = list(draw) if isinstance(draw, (tuple, list)) else [draw]
         for index, record in zip(indices, records):
-            rng = np.random.default_rng([self.seed, epoch, index])
+            rng = np.random.default_rng([self.seed, *key, index])
             positives.append(record["text_pos"][rng.integers(len(record["text_pos"]))])
-            if num_negatives:  # part p of a shuffled pool (cycling when the pool is short): parts differ
+            if num_negatives:
                 pool = record["text_neg"]
-                order = rng.permutation(len(pool))
-                negatives.extend(pool[order[(part + j) % len(pool)]] for j in range(num_negatives))
+                negatives.extend(pool[i] for i in rng.permutation(len(pool))[part : part + num_negatives])
         return {
             "kind": dataset.kind,
             "task": dataset.name,

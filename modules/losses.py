@@ -102,7 +102,8 @@ class InfoNCE(nn.Module):
 
     ``shared_queries=True`` is Conan's cross-GPU batch balance (CBB): every process holds the same
     B queries and positives but its own hard negatives, and only the negatives are gathered, so
-    C_i is the B positives and all N x B x n negatives; every process computes the same loss.
+    C_i is the B positives and all N x B x n negatives (hard negatives only: p_i and the N x n
+    negatives of query i from every process); every process computes the same loss.
     References: van den Oord et al. 2018 (arXiv 1807.03748); Piccolo2 (arXiv 2405.06932), Sec. 3;
     Conan-Embedding (arXiv 2408.15710), Sec. 3.3.
     """
@@ -122,15 +123,19 @@ class InfoNCE(nn.Module):
         positive = F.normalize(at_least_fp32(positive), dim=-1)
         negatives = F.normalize(at_least_fp32(negatives), dim=-1) if negatives is not None else None
 
+        gather = self.gather_across_processes and _distributed()
         if not self.in_batch_negatives:
             candidates = positive.unsqueeze(1)
             if negatives is not None:
+                if self.shared_queries and gather:  # CBB: query i's negatives from every process, [B, N*K, D]
+                    rows, per_row, dim = negatives.shape
+                    negatives = gather_with_grad(negatives)[0].view(-1, rows, per_row, dim).transpose(0, 1)
+                    negatives = negatives.reshape(rows, -1, dim)
                 candidates = torch.cat([candidates, negatives], dim=1)
             scores = torch.einsum("bd,bkd->bk", query, candidates) / self.temperature
             labels = torch.zeros(query.size(0), dtype=torch.long, device=query.device)
             return info_nce(scores, labels)
 
-        gather = self.gather_across_processes and _distributed()
         if self.shared_queries:  # CBB: every process holds the same queries and positives, only negatives differ
             all_positives, offset = positive, 0
         else:

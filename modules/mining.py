@@ -18,6 +18,8 @@ the negatives have become easy, and the i-th replacement takes the candidates ra
 import numpy as np
 import torch
 
+from modules.data import DataError
+
 # --------------------------------------------------------------------------- offline mining
 
 
@@ -101,6 +103,21 @@ class MiningState:
         self.initial_scores = {i: torch.tensor([float(np.mean(r["neg_scores"])) for r in d.records])
                                for i, d in self.datasets.items()}
         self.replacements = {i: torch.zeros(len(d.records), dtype=torch.long) for i, d in self.datasets.items()}
+
+    @classmethod
+    def for_datasets(cls, datasets, negatives_per_record, meta_list):
+        """The state of a --dhnm run: every mined dataset's records must hold exactly the negatives a step uses."""
+        state = cls(datasets)
+        if not state.datasets:
+            raise DataError(f"--dhnm: no retri_contrast dataset in {meta_list} has mined candidates "
+                            "(make them with tools/mine_hard_negatives.py)")
+        for dataset in state.datasets.values():
+            counts = {len(record["neg_ranks"]) for record in dataset.records}
+            if counts != {negatives_per_record}:
+                raise DataError(f"{dataset.source}: {dataset.path} has {sorted(counts)} mined negatives a record; "
+                                f"--dhnm replaces all of them, so every record needs exactly {negatives_per_record} "
+                                "(--retri_negatives, times the processes under --cbb)")
+        return state
 
     def __contains__(self, dataset_index):
         return dataset_index in self.datasets

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from modules.data import (
-    DataError, EpochBatches, TaskBatchSampler, TaskCollator, load_meta_list, read_meta_list,
+    DataError, EpochBatches, TaskBatchSampler, TaskCollator, build_sampler, load_meta_list, read_meta_list,
 )
 from tests.conftest import write_jsonl
 
@@ -17,7 +17,7 @@ def make_sampler(process_index=0, num_processes=1, seed=7):
 
 
 def test_every_global_batch_comes_from_one_dataset_and_holds_no_duplicate():
-    for dataset_index, indices in make_sampler(num_processes=2).global_batches(0):
+    for dataset_index, indices, _ in make_sampler(num_processes=2).global_batches(0):
         size = make_sampler().dataset_sizes[dataset_index]
         assert all(0 <= i < size for i in indices)
         assert len(set(indices)) == len(indices)
@@ -26,20 +26,22 @@ def test_every_global_batch_comes_from_one_dataset_and_holds_no_duplicate():
 def test_repeat_counts_are_respected():
     sampler = make_sampler()
     batches = sampler.global_batches(0)
-    per_dataset = Counter(d for d, _ in batches)
+    per_dataset = Counter(d for d, _, _ in batches)
     assert per_dataset == {0: 40 // 4, 1: 2 * (25 // 3), 2: 3 * (12 // 2)}
     assert len(sampler) == len(batches)
-    seen = Counter(i for d, indices in batches if d == 2 for i in indices)
+    seen = Counter(i for d, indices, _ in batches if d == 2 for i in indices)
     assert set(seen.values()) == {3}  # each record of a repeat-3 dataset drawn 3 times
+    occurrences = Counter((i, occurrence) for d, indices, occurrence in batches if d == 2 for i in indices)
+    assert set(occurrences.values()) == {1} and {o for _, o in occurrences} == {0, 1, 2}  # one per permutation
 
 
 def test_processes_agree_and_slice_the_same_global_batch():
     rank0, rank1 = make_sampler(0, 2), make_sampler(1, 2)
     assert rank0.global_batches(3) == rank1.global_batches(3)
-    for (d0, local0), (d1, local1), (d, global_indices) in zip(
+    for (d0, local0, draw0), (d1, local1, draw1), (d, global_indices, occurrence) in zip(
         rank0.local_batches(3), rank1.local_batches(3), rank0.global_batches(3)
     ):
-        assert d0 == d1 == d
+        assert d0 == d1 == d and draw0 == draw1 == (3, occurrence)
         assert local0 + local1 == global_indices
 
 
@@ -61,9 +63,43 @@ def test_resume_starts_at_the_saved_batch(tiny_data, tiny_bert):
     assert resumed == full[5:]
 
 
-def test_too_small_dataset_is_rejected():
-    with pytest.raises(DataError, match="fewer than one global batch"):
-        TaskBatchSampler([5], [1], [4], seed=0, num_processes=2)
+def test_too_small_dataset_is_rejected_naming_its_meta_line_and_file(tiny_data, tmp_path):
+    (tmp_path / "meta.txt").write_text(f"{tiny_data / 'retri.jsonl'} 1 type=retri_contrast\n"
+                                       f"{tiny_data / 'cls.jsonl'} 1\n")
+    datasets = load_meta_list(tmp_path / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
+    message = rf"{tmp_path / 'meta.txt'}:2: {tiny_data / 'cls.jsonl'} has 16 records, fewer than one global batch"
+    for cbb in (False, True):
+        with pytest.raises(DataError, match=message):
+            build_sampler(datasets, [4, 10], seed=0, num_processes=2, cbb=cbb)
+
+
+def test_a_record_with_fewer_negatives_than_needed_is_refused(tmp_path):
+    """Cycling a short pool would put the same negative into one softmax several times (+log k to its logit)."""
+    records = [{"text": "q1", "text_pos": "p1", "text_neg": ["a", "b", "c", "d"]},
+               {"text": "q2", "text_pos": "p2", "text_neg": ["e", "f", "g"]}]
+    meta = meta_for(tmp_path, "d.jsonl 1 type=retri_contrast", records)
+    assert len(load_meta_list(meta, negatives_per_kind={"retri_contrast": 3})[0]) == 2
+    with pytest.raises(DataError, match=r"d.jsonl:2: 3 negatives in 'text_neg', fewer than the 4 each record needs"):
+        load_meta_list(meta, negatives_per_kind={"retri_contrast": 4})
+
+
+def test_repeated_records_draw_fresh_positives_and_negatives(tmp_path, tiny_bert):
+    """A dataset with repeat k: each of a record's k draws in an epoch picks its own positive and negatives."""
+    from transformers import AutoTokenizer
+
+    records = [{"text": f"q{i}", "text_pos": [f"p{i}x{k}" for k in range(20)], "text_neg": [f"n{i}x{k}" for k in range(20)]}
+               for i in range(8)]
+    datasets = load_meta_list(meta_for(tmp_path, "d.jsonl 4 type=retri_contrast", records),
+                              negatives_per_kind={"retri_contrast": 2})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    collator = TaskCollator(tokenizer, {"query": 8, "passage": 8}, {"retri_contrast": 2}, seed=0)
+    draws = {}
+    for batch in EpochBatches(build_sampler(datasets, [2], seed=0), datasets, collator, 0):
+        texts = tokenizer.batch_decode(batch["passage"]["input_ids"], skip_special_tokens=True)
+        for row, index in enumerate(batch["indices"]):
+            draws.setdefault(index, []).append((texts[row], texts[2 + 2 * row], texts[3 + 2 * row]))
+    assert all(len(d) == 4 for d in draws.values())
+    assert all(len(set(d)) == 4 for d in draws.values()), draws  # 20 x 20 x 19 choices: no draw repeats here
 
 
 def test_meta_list_parsing(tiny_data):
@@ -77,15 +113,15 @@ def test_meta_list_parsing(tiny_data):
 def test_collator_layout(tiny_data, tiny_bert):
     from transformers import AutoTokenizer
 
-    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 2, "cls_contrast": 3})
+    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 3})
     collator = TaskCollator(AutoTokenizer.from_pretrained(tiny_bert), {"query": 8, "passage": 12, "pair": 10},
-                            {"retri_contrast": 2, "cls_contrast": 3}, seed=0)
-    retri = collator(datasets[0], [0, 1, 2], epoch=0)
-    assert retri["query"]["input_ids"].shape[0] == 3 and retri["passage"]["input_ids"].shape[0] == 3 + 3 * 2
+                            {"retri_contrast": 1, "cls_contrast": 3}, seed=0)
+    retri = collator(datasets[0], [0, 1, 2], 0)
+    assert retri["query"]["input_ids"].shape[0] == 3 and retri["passage"]["input_ids"].shape[0] == 3 + 3 * 1
     assert retri["query"]["input_ids"].shape[1] <= 8 and retri["passage"]["input_ids"].shape[1] <= 12
-    cls = collator(datasets[1], [0, 1], epoch=0)
+    cls = collator(datasets[1], [0, 1], 0)
     assert cls["passage"]["input_ids"].shape[0] == 2 + 2 * 3
-    sts = collator(datasets[2], [0, 1, 2, 3], epoch=0)
+    sts = collator(datasets[2], [0, 1, 2, 3], 0)
     assert sts["pair"]["input_ids"].shape[0] == 8 and sts["labels"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 

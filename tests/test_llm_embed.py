@@ -116,7 +116,7 @@ def trained_lora(tiny_decoders, tiny_data):
     sampler = TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], [8, 8, 8], seed=0)
     collator = TaskCollator(model.tokenizer, {"query": 48, "passage": 16, "pair": 16}, NEGATIVES,
                             query_prefix={"retri": "Instruct: find a caption\nQuery: "})
-    batches = [collator(datasets[d], indices, 0) for d, indices in sampler.local_batches(0)]
+    batches = [collator(datasets[d], indices, draw) for d, indices, draw in sampler.local_batches(0)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     before, after = hybrid_loss_before_and_after(model, batches, optimizer, passes=10)
     return model.eval(), start, before, after

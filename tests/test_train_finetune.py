@@ -27,7 +27,7 @@ def test_a_few_steps_lower_the_hybrid_loss(tiny_bert, tiny_data):
     datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind=NEGATIVES)
     sampler = TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], [8, 8, 8], seed=0)
     collator = TaskCollator(model.tokenizer, {"query": 16, "passage": 16, "pair": 16}, NEGATIVES)
-    batches = [collator(datasets[d], indices, 0) for d, indices in sampler.local_batches(0)]
+    batches = [collator(datasets[d], indices, draw) for d, indices, draw in sampler.local_batches(0)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     before, after = hybrid_loss_before_and_after(model, batches, optimizer, passes=5)
     assert after < 0.7 * before

@@ -62,10 +62,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     report = Report("mine_hard_negatives")
-    records = [parse_record(raw, "retri_contrast", where, needs_negatives=False)
+    records = [parse_record(raw, "retri_contrast", where)
                for where, raw in iter_raw_records(args.input)]
     if args.corpus:
-        corpus = [parse_record({"text": raw.get(args.corpus_column), "text_pos": "-"}, "retri_contrast", where, False)["text"]
+        corpus = [parse_record({"text": raw.get(args.corpus_column), "text_pos": "-"}, "retri_contrast", where)["text"]
                   for where, raw in iter_raw_records(args.corpus)]
     else:
         corpus = [text for record in records for text in record["text_pos"]]
