@@ -119,6 +119,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
             p.error(f"{', '.join(too_long)} above --max_length {args.max_length}")
     if args.dhnm and args.retri_negatives < 1:
         p.error("--dhnm needs --retri_negatives >= 1 (the mined negatives it replaces)")
+    if args.retri_hard_negatives_only and args.retri_negatives < 1:
+        p.error("--retri_hard_negatives_only needs --retri_negatives >= 1: with no negatives the positive is the "
+                "only candidate, and the loss and its gradient are 0")
     return args
 
 
@@ -177,6 +180,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                     "cosent": args.cbb_beta if args.cbb else args.cosent_weight}
     losses = {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, model.output_dim)
               for kind, loss in losses.items()}
+    if args.mrl_dims:
+        accelerator.print(f"Matryoshka dims: {losses['cosent'].dims}")
 
     # ---- optimizer and schedule (in optimizer steps)
     steps_per_epoch = len(sampler) // args.grad_accum

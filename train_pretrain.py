@@ -90,6 +90,8 @@ def main(argv=None):
         model.enable_gradient_checkpointing()
     loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
                                     args.mrl_dims, args.mrl_weights, model.output_dim)
+    if args.mrl_dims:
+        accelerator.print(f"Matryoshka dims: {loss_fn.dims}")
     tokenizer = model.tokenizer
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)

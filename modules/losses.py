@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
+from .cli import UsageError
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -240,19 +242,35 @@ PICCOLO_MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
 
 
 def matryoshka_dims(requested, output_dim):
-    """Keep the requested nested dims that fit the output size (Piccolo2's default list is 256..1792)."""
-    return sorted({d for d in requested if d <= output_dim})
+    """The requested nested dims that fit the output size, plus the output size itself (Piccolo2's list
+    is 256..1792; the saved model returns the full embedding, so it is always trained)."""
+    return sorted({d for d in requested if d <= output_dim} | {output_dim})
 
 
 def matryoshka_from_flags(loss, dims_flag, weights_flag, output_dim):
-    """``loss`` wrapped in Matryoshka per ``--mrl_dims`` ('' off, 'piccolo', or '64,128') / ``--mrl_weights``."""
+    """``loss`` wrapped in Matryoshka per ``--mrl_dims`` ('' off, 'piccolo', or '64,128,384') / ``--mrl_weights``.
+
+    An explicit list must hold the output size: coordinates above the largest dim would get no
+    gradient, yet the saved model uses them.
+    """
     if not dims_flag:
         return loss
     if dims_flag == "piccolo":
         dims = matryoshka_dims(PICCOLO_MRL_DIMS, output_dim)
     else:
-        dims = [int(d) for d in dims_flag.split(",")]
-    if not dims or max(dims) > output_dim:
-        raise ValueError(f"--mrl_dims {dims_flag}: dims must be <= the output size {output_dim}")
-    weights = [float(w) for w in weights_flag.split(",")] if weights_flag else None
+        try:
+            dims = sorted({int(d) for d in dims_flag.split(",")})
+        except ValueError:
+            raise UsageError(f"--mrl_dims {dims_flag}: expected 'piccolo' or a comma list of integers") from None
+        if dims[0] < 1 or dims[-1] != output_dim:
+            raise UsageError(f"--mrl_dims {dims_flag}: the list must include the output size {output_dim} as its "
+                             "largest dim, and every dim must be >= 1")
+    weights = None
+    if weights_flag:
+        try:
+            weights = [float(w) for w in weights_flag.split(",")]
+        except ValueError:
+            raise UsageError(f"--mrl_weights {weights_flag}: expected a comma list of numbers") from None
+        if len(weights) != len(dims):
+            raise UsageError(f"--mrl_weights: {len(weights)} weights for the Matryoshka dims {dims}")
     return Matryoshka(loss, dims, weights)

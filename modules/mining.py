@@ -11,6 +11,8 @@ i. Every ``interval`` steps the examples being checked are re-scored with the cu
 
     ratio * S < S0  and  |S| < max_abs        (Conan: ratio 1.15, max_abs 0.8)
 
+(for S0 <= 0 the first condition is read as the same relative fall, see ``needs_replacement``)
+
 the negatives have become easy, and the i-th replacement takes the candidates ranked
 [(i-1)*n + skip, i*n + skip) (n negatives a sample, skip 10) and records their score as the new S0.
 """
@@ -81,8 +83,14 @@ def replacement_window(replacement, num_negatives, skip=10):
 
 
 def needs_replacement(score, initial_score, ratio=1.15, max_abs=0.8):
-    """Conan's rule, elementwise: the negatives became easy when ratio*S < S0 and |S| < max_abs."""
-    return (ratio * score < initial_score) & (score.abs() < max_abs)
+    """Conan's rule, elementwise: the negatives became easy when ratio*S < S0 and |S| < max_abs.
+
+    ratio*S < S0 means "S fell below S0 / ratio", i.e. by the fraction (1 - 1/ratio) of S0. Taken
+    literally for S0 <= 0 it would flag negatives whose score rose (got harder) as easy, so the fall
+    is measured on |S0|: S < S0 - (1 - 1/ratio) * |S0|, which is the published rule for S0 > 0.
+    """
+    fell = score < initial_score - (1 - 1 / ratio) * initial_score.abs()
+    return fell & (score.abs() < max_abs)
 
 
 class MiningState:

@@ -132,3 +132,25 @@ def test_bf16_embeddings_give_the_float32_loss_and_gradient(name):
     assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-6), (ours, reference)
     for g_ours, g_reference in zip(torch.autograd.grad(ours, bf16), torch.autograd.grad(reference, fp32)):
         assert torch.allclose(g_ours.float(), g_reference.bfloat16().float(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("flag, output_dim, expected", [
+    ("piccolo", 384, [256, 384]),  # MiniLM: the full 384-d embedding is what the saved model returns
+    ("piccolo", 1000, [256, 512, 768, 1000]),  # --scaling_dim 1000: rows 768-999 must get a gradient
+    ("piccolo", 1792, [256, 512, 768, 1024, 1280, 1536, 1792]),
+    ("8,16,32", 32, [8, 16, 32]),
+])
+def test_matryoshka_dims_always_train_the_output_size(flag, output_dim, expected):
+    from modules.losses import matryoshka_from_flags
+
+    assert matryoshka_from_flags(InfoNCE(), flag, "", output_dim).dims == expected
+
+
+def test_matryoshka_dims_without_the_output_size_are_refused():
+    from modules.cli import UsageError
+    from modules.losses import matryoshka_from_flags
+
+    with pytest.raises(UsageError, match=r"--mrl_dims 8,16: the list must include the output size 32"):
+        matryoshka_from_flags(InfoNCE(), "8,16", "", 32)
+    with pytest.raises(UsageError, match=r"--mrl_weights: 1 weights for the Matryoshka dims \[256, 384\]"):
+        matryoshka_from_flags(InfoNCE(), "piccolo", "1", 384)

@@ -153,3 +153,11 @@ def test_resume_keeps_the_mining_state(tiny_bert, retrieval_data, tmp_path):
         assert torch.equal(full[key][0], resumed[key][0])
     before = torch.load(tmp_path / "full" / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=False)
     assert not torch.equal(before["replacements"][0], full["replacements"][0])  # the state did change after step 3
+
+
+def test_dhnm_rule_for_scores_at_or_below_zero():
+    """ratio * S < S0 reads "S fell below S0 / ratio"; for S0 <= 0 the same fall is S < S0 - (1 - 1/ratio)|S0|,
+    so a negative that got harder (S rose towards 0) is never taken for an easy one."""
+    initial = torch.tensor([0.6, 0.6, -0.1, -0.1, -0.1, 0.0, 0.0])
+    score = torch.tensor([0.55, 0.4, -0.09, -0.11, -0.2, 0.01, -0.01])
+    assert needs_replacement(score, initial).tolist() == [False, True, False, False, True, False, True]

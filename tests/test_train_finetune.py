@@ -33,6 +33,16 @@ def test_a_few_steps_lower_the_hybrid_loss(tiny_bert, tiny_data):
     assert after < 0.7 * before
 
 
+def test_hard_negatives_only_without_negatives_is_refused(tiny_bert, tiny_data, tmp_path, capsys):
+    import train_finetune
+
+    with pytest.raises(SystemExit) as stopped:
+        train_finetune.parse_args(common_args(tiny_bert, tiny_data, tmp_path)[1:] + [
+            "--retri_hard_negatives_only", "--retri_negatives", "0"])
+    assert stopped.value.code == 2
+    assert "--retri_hard_negatives_only needs --retri_negatives >= 1" in capsys.readouterr().err
+
+
 def test_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path):
     """Stopped at step 3 (its checkpoint) and resumed == never stopped, at step 7 (crossing an epoch)."""
     run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "full", "--max_steps", "7", "--save_every", "3")])
@@ -82,6 +92,7 @@ def test_two_process_run(tiny_bert, tiny_data, tmp_path, launcher):
                                       "--eval_sts_file", str(tiny_data / "sts.jsonl"), *extra),
                         env_extra=CPU_ENV.get(launcher))
     assert "dev Spearman: step 0" in result.stdout
+    assert ("Matryoshka dims: [8, 16, 32]" in result.stdout) == (launcher == "ddp")
     checkpoint_files = [p.name for p in (tmp_path / "checkpoint-4").rglob("*")]
     assert "trainer_state.json" in checkpoint_files and "random_states_1.pkl" in checkpoint_files
     if deepspeed:  # DeepSpeed's own engine wrote the optimizer shards
