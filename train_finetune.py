@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
 from modules.cli import run_cli
 from modules.data import (
-    EpochBatches, MetaEntry, TaskCollator, build_sampler, load_meta_list, load_task_dataset, read_query_prefixes,
+    EpochBatches, MetaEntry, TaskCollator, build_sampler, describe_data_order, load_meta_list, load_task_dataset,
+    read_query_prefixes,
 )
 from modules.evaluation import sts_spearman
 from modules.forward import batch_size_and_tokens, task_loss, to_device
@@ -157,13 +158,21 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # --cbb: each step one batch per task kind, retrieval queries shared by all processes
     sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
                             args.cbb)
-    mining = MiningState.for_datasets(datasets, args.retri_negatives * negative_parts, args.meta_list) if args.dhnm else None
+    # what fixes the data order, stored with every checkpoint: a resume under another setup is refused
+    data_order = describe_data_order(datasets, batch_sizes, processes=accelerator.num_processes, seed=args.seed,
+                                     grad_accum=args.grad_accum, cbb=args.cbb)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, data_order, accelerator.num_processes)
+    mining = None
+    if args.dhnm:  # every mined record must hold exactly the negatives a step uses
+        mining = MiningState.for_datasets(datasets, args.retri_negatives * negative_parts, args.meta_list)
     eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
 
     # ---- model and losses
     model = build_model(args, accelerator)
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
-    negative_part = (accelerator.process_index, negative_parts)
+    negative_part = (accelerator.process_index if args.cbb else 0, negative_parts)
     # query prefix of a dataset: the model's prompt of that name (--query_prefix_file, train_llm_embed.py's
     # instructions), else --query_prefix
     if args.query_prefix_file:
@@ -196,7 +205,6 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
     # ---- resume
     global_step, start_epoch, start_batch = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step, start_epoch, start_batch = state["global_step"], state["epoch"], state["batch_in_epoch"]
@@ -296,7 +304,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
             if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
                 eval_history[global_step] = evaluate()
             if args.save_every and global_step % args.save_every == 0:
-                state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}
+                state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1,
+                         "data_order": data_order}
                 save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit)
             if global_step >= total_steps:
                 done = True

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modules.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
 from modules.cli import run_cli
 from modules.data import MetaEntry, load_task_dataset
 from modules.evaluation import sts_spearman
@@ -31,7 +31,7 @@ from modules.gradcache import cached_loss_backward, check_gradcache_supported
 from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
 from modules.outputs import finish_run, write_run_config
-from modules.streaming import PretrainBatches, read_pretrain_meta_list
+from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
 from modules.training import add_output_arguments, build_optimizer, make_accelerator
 
 
@@ -83,6 +83,12 @@ def main(argv=None):
         check_gradcache_supported(accelerator)
 
     sources = read_pretrain_meta_list(args.meta_list, args.root_dir)
+    # what fixes the stream, stored with every checkpoint: a resume under another setup is refused
+    data_order = {"processes": accelerator.num_processes, "seed": args.seed, "batch_size": args.batch_size,
+                  "shuffle_chunk": args.shuffle_chunk, "block_mb": args.block_mb, "sources": describe_sources(sources)}
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, data_order, accelerator.num_processes)
     eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
 
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
@@ -98,7 +104,6 @@ def main(argv=None):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     global_step, loader_state = 0, None
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step, loader_state = state["global_step"], state["process_states"][accelerator.process_index]
@@ -124,7 +129,7 @@ def main(argv=None):
 
     model.train()
     progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
-    window = {"loss": 0.0, "steps": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
+    window = {"loss": torch.zeros(()), "steps": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
     measured = {"steps": 0, "pairs": 0, "seconds": 0.0}  # after the first step (warm-up excluded)
     warm = False
     while global_step < args.max_steps:
@@ -149,7 +154,7 @@ def main(argv=None):
 
         pairs = batch["query"]["input_ids"].size(0) * accelerator.num_processes
         tokens = int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())
-        window.update(loss=window["loss"] + loss.item(), steps=window["steps"] + 1, pairs=window["pairs"] + pairs,
+        window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1, pairs=window["pairs"] + pairs,
                       tokens=window["tokens"] + tokens * accelerator.num_processes)
         if warm:
             measured.update(steps=measured["steps"] + 1, pairs=measured["pairs"] + pairs,
@@ -157,16 +162,18 @@ def main(argv=None):
         warm = True
         if global_step % args.log_every == 0 or global_step == args.max_steps:
             elapsed = time.perf_counter() - window["start"]
-            metrics = {"loss": window["loss"] / window["steps"], "lr": scheduler.get_last_lr()[0],
+            loss_sum = accelerator.reduce(window["loss"].to(accelerator.device), "mean").item()  # every process's part
+            metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0],
                        "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
             accelerator.log(metrics, step=global_step)
             progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-            window.update(loss=0.0, steps=0, pairs=0, tokens=0, start=time.perf_counter())
+            window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, start=time.perf_counter())
         if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
             eval_history[global_step] = evaluate()
         if args.save_every and global_step % args.save_every == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step, {"global_step": global_step},
-                            args.save_total_limit, process_state=loader_state)
+            state = {"global_step": global_step, "data_order": data_order}
+            save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
+                            process_state=loader_state)
     progress.close()
 
     if eval_pairs:

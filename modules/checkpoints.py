@@ -1,11 +1,15 @@
-"""Checkpoints: ``save_state`` written atomically, found again, and loaded."""
+"""Checkpoints: ``save_state`` written atomically, found again, checked against the run, and loaded."""
 
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from accelerate.utils import gather_object
+
+from .cli import UsageError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -31,14 +35,41 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
         trainer_state = dict(trainer_state, process_states=gather_object([process_state]))
     if accelerator.is_main_process:
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        _fsync_tree(partial)  # on disk before the rename makes it look whole
+        replace_directory(partial, final)
         if save_total_limit:
             for old in completed_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def replace_directory(new, target):
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted last, so a
+    kill at any point leaves a complete ``target`` (old or new) or none, never a half-deleted one."""
+    aside = target.with_name(target.name + ".old")
+    if aside.exists() and target.exists():  # left by an interrupted replace; target is complete
+        shutil.rmtree(aside)
+    if target.exists():
+        target.rename(aside)
+    new.rename(target)
+    _fsync(target.parent)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def _fsync_tree(directory):
+    for path in sorted(Path(directory).rglob("*"), reverse=True):  # children before their folders
+        _fsync(path)
+    _fsync(directory)
+
+
+def _fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)  # works for folders too (POSIX)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def completed_checkpoints(output_dir):
@@ -61,16 +92,47 @@ def resolve_checkpoint(resume_from, output_dir):
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from)
     if not (path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
+        raise UsageError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
     return path
+
+
+def check_resumable(path, data_order, num_processes):
+    """Refuse to resume from ``path`` when what fixes the data order changed since it was saved.
+
+    ``data_order`` is what the script stores with every checkpoint (processes, datasets and their
+    sizes, batch sizes, repeats or weights, seed, ...): the checkpoint's data position means nothing
+    under another setup. Every process's RNG state file must be there too (accelerate would skip a
+    missing one silently, and dropout would no longer replay).
+    """
+    path = Path(path)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    saved = state.get("data_order")
+    if saved is None:  # written before the data order was recorded
+        print(f"warning: {path} does not record the data setup it was saved with; resuming unchecked",
+              file=sys.stderr, flush=True)
+        saved = data_order = {}
+    changed = _differences(saved, json.loads(json.dumps(data_order)))  # as it would be saved: tuples become lists
+    if changed:
+        raise UsageError(f"{path} was saved with another data setup; resuming would continue at a wrong data "
+                         f"position. Changed (checkpoint -> this run): {'; '.join(changed)}")
+    missing = [f"random_states_{rank}.pkl" for rank in range(num_processes)
+               if not (path / f"random_states_{rank}.pkl").exists()]
+    if missing:
+        raise UsageError(f"{path}: missing {', '.join(missing)} (each process's random state)")
+    return state
+
+
+def _differences(saved, current, name=""):
+    """["datasets[2].batch_size: 4 -> 2", ...]: where two JSON values differ, down to the changed leaves."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [difference for key in sorted(set(saved) | set(current))
+                for difference in _differences(saved.get(key), current.get(key), f"{name}.{key}" if name else key)]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [difference for i, (old, new) in enumerate(zip(saved, current))
+                for difference in _differences(old, new, f"{name}[{i}]")]
+    return [] if saved == current else [f"{name}: {saved!r} -> {current!r}"]
 
 
 def load_checkpoint(accelerator, path):
     accelerator.load_state(str(path))
-    state = json.loads((Path(path) / TRAINER_STATE).read_text())
-    saved_by = len(state.get("process_states", [])) or accelerator.num_processes
-    if saved_by != accelerator.num_processes:
-        raise ValueError(f"{path} was saved by {saved_by} processes, this run has {accelerator.num_processes}: each "
-                         "process's data position is in the checkpoint, so resume with the same number of processes")
-    return state
-
+    return json.loads((Path(path) / TRAINER_STATE).read_text())

@@ -258,6 +258,13 @@ def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[Ta
 # --------------------------------------------------------------------------- batches
 
 
+def describe_data_order(datasets, batch_sizes, **setup):
+    """What fixes a fine-tuning run's batches (JSON): ``setup`` (processes, seed, ...) and every dataset's
+    file, size, repeat and batch size."""
+    return {**setup, "datasets": [{"path": str(d.path), "records": len(d), "repeat": d.repeat, "batch_size": size}
+                                  for d, size in zip(datasets, batch_sizes)]}
+
+
 def build_sampler(datasets, batch_sizes, seed, num_processes=1, process_index=0, cbb=False):
     """The run's batch sampler: task-homogeneous batches, or one batch of every kind a step under CBB."""
     sources = [f"{d.source}: {d.path}" for d in datasets]
@@ -437,6 +444,9 @@ class TaskCollator:
             positives.append(record["text_pos"][rng.integers(len(record["text_pos"]))])
             if num_negatives:
                 pool = record["text_neg"]
+                if len(pool) < part + num_negatives:  # load_meta_list checks pools against the run's needs
+                    raise DataError(f"{dataset.source}: record {index} has {len(pool)} negatives, part "
+                                    f"{self.negative_part} of {num_negatives} each needs {part + num_negatives}")
                 negatives.extend(pool[i] for i in rng.permutation(len(pool))[part : part + num_negatives])
         return {
             "kind": dataset.kind,

@@ -68,6 +68,12 @@ def read_pretrain_meta_list(meta_file, root_dir=None) -> list:
     return sources
 
 
+def describe_sources(sources):
+    """What fixes the stream of each source (JSON): its files and their sizes, weight and columns."""
+    return [{"files": [str(f) for f in source.files], "bytes": [Path(f).stat().st_size for f in source.files],
+             "weight": source.weight, "columns": list(source.columns)} for source in sources]
+
+
 def _expand(pattern, root, where):
     path = Path(pattern) if Path(pattern).is_absolute() else root / pattern
     if path.is_dir():

@@ -52,20 +52,31 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer, 32-d random BERT with MiniLM's tokenizer, saved as a transformers directory."""
+def save_tiny_bert(path, **config_overrides):
+    """A 2-layer, 32-d random BERT with MiniLM's tokenizer, saved as a transformers directory at ``path``."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tiny_bert")
+                        intermediate_size=64, max_position_embeddings=128, **config_overrides)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, 32-d random BERT with MiniLM's tokenizer, saved as a transformers directory."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory):
+    """The tiny BERT without dropout: runs that draw their dropout masks differently compute the same thing."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert_no_dropout"), hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
 
 
 SENTENCES = [
@@ -103,6 +114,19 @@ def run_script(args, env_extra=None, timeout=600):
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+def assert_same_final_weights(first, second, exact=True):
+    """The final/ weights of two runs are equal (``exact``) or equal within float noise; returns the first's."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = [load_file(Path(run_dir) / "final" / "model.safetensors") for run_dir in (first, second)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        same = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        assert same(weights[0][key], weights[1][key]), (key, (weights[0][key] - weights[1][key]).abs().max())
+    return weights[0]
 
 
 def accelerate_cmd(num_processes=1, config_file=None):

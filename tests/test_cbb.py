@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from modules.data import BalancedBatchSampler, TaskCollator, load_meta_list
 from modules.losses import CoSENT, InfoNCE, Matryoshka
-from tests.conftest import accelerate_cmd, minilm_path, run_script
+from tests.conftest import accelerate_cmd, assert_same_final_weights, minilm_path, run_script
 from tests.test_mining import mine
 
 QUERIES, PARTS, NEGATIVES, PAIRS, DIM_IN, DIM_OUT, BETA = 4, 2, 3, 6, 5, 8, 0.8
@@ -130,14 +130,22 @@ def test_cbb_with_dhnm_on_two_processes(tiny_bert, tiny_data, tmp_path):
     mine(tiny_bert, root, root / "mined.jsonl", "--num_negatives", "4", "--range_start", "1", "--range_end", "8")
     (root / "meta.txt").write_text(f"mined.jsonl 1 type=retri_contrast\n{tiny_data / 'cls.jsonl'} 1\n"
                                    f"{tiny_data / 'sts.jsonl'} 1 type=cosent\n")
-    output = tmp_path / "run"
-    run_script([*accelerate_cmd(2), "train_finetune.py", "--model_name_or_path", str(tiny_bert), "--meta_list",
-                str(root / "meta.txt"), "--output_dir", str(output), "--retri_batch_size", "4", "--cls_batch_size", "2",
-                "--cosent_batch_size", "2", "--retri_negatives", "2", "--cls_negatives", "2", "--query_max_len", "16",
-                "--passage_max_len", "16", "--pair_max_len", "16", "--max_steps", "3", "--save_every", "3", "--cbb",
-                "--dhnm", "--dhnm_interval", "2", "--dhnm_ratio", "1.0", "--dhnm_max_abs", "1.01", "--dhnm_skip", "1",
-                "--log_every", "1"], env_extra={"ACCELERATE_USE_CPU": "1"})
-    summary = json.loads((output / "train_summary.json").read_text())
-    assert summary["dhnm"]["checks"] == 1 and summary["dhnm"]["checked"] == 4  # the shared queries, counted once
-    assert (output / "checkpoint-3" / "custom_checkpoint_0.pkl").exists()
-    assert (output / "final" / "model.safetensors").exists()
+    def run(output, *extra):
+        run_script([*accelerate_cmd(2), "train_finetune.py", "--model_name_or_path", str(tiny_bert), "--meta_list",
+                    str(root / "meta.txt"), "--output_dir", str(output), "--retri_batch_size", "4", "--cls_batch_size",
+                    "2", "--cosent_batch_size", "2", "--retri_negatives", "2", "--cls_negatives", "2", "--query_max_len",
+                    "16", "--passage_max_len", "16", "--pair_max_len", "16", "--max_steps", "4", "--save_every", "2",
+                    "--cbb", "--dhnm", "--dhnm_interval", "2", "--dhnm_ratio", "1.0", "--dhnm_max_abs", "1.01",
+                    "--dhnm_skip", "1", "--log_every", "1", *extra], env_extra={"ACCELERATE_USE_CPU": "1"})
+
+    run(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["dhnm"]["checks"] == 2 and summary["dhnm"]["checked"] == 8  # the shared queries, counted once
+    assert (tmp_path / "run" / "checkpoint-4" / "custom_checkpoint_0.pkl").exists()
+    # stopped at step 2 and resumed == never stopped: weights and mining state
+    run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2"))
+    assert_same_final_weights(tmp_path / "run", tmp_path / "resumed")
+    full, resumed = (torch.load(tmp_path / run_dir / "checkpoint-4" / "custom_checkpoint_0.pkl", weights_only=False)
+                     for run_dir in ("run", "resumed"))
+    for key in ("ranks", "initial_scores", "replacements"):
+        assert torch.equal(full[key][0], resumed[key][0]), key

@@ -11,7 +11,7 @@ from modules.data import TaskDataset
 from modules.evaluation import embed_texts
 from modules.mining import MiningState, dhnm_check, needs_replacement
 from modules.model import EmbeddingModel
-from tests.conftest import SENTENCES, run_script, write_jsonl
+from tests.conftest import SENTENCES, assert_same_final_weights, run_script, write_jsonl
 from tools import mine_hard_negatives
 
 QUERIES = SENTENCES[:6]
@@ -151,6 +151,7 @@ def test_resume_keeps_the_mining_state(tiny_bert, retrieval_data, tmp_path):
     assert full["replacements"][0].sum() > 0
     for key in ("ranks", "initial_scores", "replacements"):
         assert torch.equal(full[key][0], resumed[key][0])
+    assert_same_final_weights(tmp_path / "full", tmp_path / "resumed")
     before = torch.load(tmp_path / "full" / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=False)
     assert not torch.equal(before["replacements"][0], full["replacements"][0])  # the state did change after step 3
 

@@ -55,3 +55,21 @@ def test_lasttoken_pooling_picks_the_last_real_token_with_either_padding_side():
     assert torch.equal(pool(hidden, left, "lasttoken"), torch.stack([hidden[0, 4], hidden[1, 4]]))
     mean = pool(hidden, right, "mean")
     assert torch.allclose(mean[0], hidden[0, :3].mean(0))
+
+
+@pytest.mark.parametrize("fsdp_version", [1, 2])
+def test_fsdp_transformer_wrap_puts_every_layer_in_its_own_unit(tiny_bert, fsdp_version):
+    """launch/fsdp.yaml names no layer class: accelerate takes the root module's _no_split_modules, so without
+    one an encoder is a single FSDP unit (nothing sharded below the root)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    plugin.set_auto_wrap_policy(model)
+    if fsdp_version == 2:
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+        wrapped = [name for name, module in model.named_modules() if name and policy is not None and policy(module)]
+    else:
+        wrapped = [name for name, module in model.named_modules() if name and plugin.auto_wrap_policy(module, False, 0)]
+    assert {"backbone.encoder.layer.0", "backbone.encoder.layer.1"} <= set(wrapped), wrapped

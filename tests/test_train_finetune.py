@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from modules.data import TaskBatchSampler, TaskCollator, load_meta_list
 from modules.model import EmbeddingModel
-from tests.conftest import REPO, accelerate_cmd, hybrid_loss_before_and_after, run_script
+from tests.conftest import REPO, accelerate_cmd, assert_same_final_weights, hybrid_loss_before_and_after, run_script
 
 NEGATIVES = {"retri_contrast": 1, "cls_contrast": 2}
 
@@ -44,30 +44,46 @@ def test_hard_negatives_only_without_negatives_is_refused(tiny_bert, tiny_data, 
 
 
 def test_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path):
-    """Stopped at step 3 (its checkpoint) and resumed == never stopped, at step 7 (crossing an epoch)."""
-    run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "full", "--max_steps", "7", "--save_every", "3")])
-    checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
-    resumed = run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "resumed", "--max_steps", "7",
-                                                 "--resume_from_checkpoint", str(checkpoint))])
+    """Stopped at step 3 (its checkpoint) and resumed == never stopped, at step 10, across an epoch's end."""
+    eight = ["--retri_batch_size", "8", "--cls_batch_size", "8", "--cosent_batch_size", "8"]  # epochs of 8 batches
+    run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "full", "--max_steps", "10",
+                                             "--save_every", "3", *eight)])
+    states = [json.loads((tmp_path / "full" / f"checkpoint-{n}" / "trainer_state.json").read_text()) for n in (3, 9)]
+    assert [(s["global_step"], s["epoch"], s["batch_in_epoch"]) for s in states] == [(3, 0, 3), (9, 1, 1)]
+    resumed = run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / "resumed", "--max_steps", "10",
+                                                       "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3"),
+                                                       *eight)])
     assert "resumed from" in resumed.stdout + resumed.stderr
-    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    again = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    full = assert_same_final_weights(tmp_path / "full", tmp_path / "resumed")
     start = EmbeddingModel.from_pretrained(tiny_bert).backbone.state_dict()
     assert any(not torch.equal(full[k], start[k]) for k in full if k in start)  # it trained
-    for key in full:
-        assert torch.equal(full[key], again[key]), key
 
 
 def test_resume_latest_ignores_an_unfinished_checkpoint(tiny_bert, tiny_data, tmp_path):
     out = tmp_path / "run"
     run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "4", "--save_every", "2")])
-    (out / "checkpoint-6.tmp").mkdir()  # a save that crashed midway
+    (out / "checkpoint-6").mkdir()  # a save that crashed midway: no trainer state (named as a finished one)
+    (out / "checkpoint-6" / "model.safetensors").write_text("")
     result = run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "5",
                                                 "--resume_from_checkpoint", "latest")])
     assert "resumed from" in result.stdout + result.stderr and "checkpoint-4" in result.stdout + result.stderr
     config = json.loads((out / "run_config.json").read_text())
     assert config["args"]["max_steps"] == 5 and (out / "meta.txt").exists()
+
+
+def test_two_processes_reach_the_weights_of_one_process_on_the_same_global_batch(tiny_bert_no_dropout, tiny_data,
+                                                                                 tmp_path):
+    """DDP over 2 processes (4 rows each, negatives and CoSENT pairs gathered) == 1 process with batches of 8."""
+    steps = ["--max_steps", "4", "--lr", "1e-3"]
+    run_script([sys.executable, *common_args(tiny_bert_no_dropout, tiny_data, tmp_path / "one", *steps,
+                                             "--retri_batch_size", "8", "--cls_batch_size", "8",
+                                             "--cosent_batch_size", "8")])
+    run_script([*two_process_cmd("ddp"), *common_args(tiny_bert_no_dropout, tiny_data, tmp_path / "two", *steps)],
+               env_extra=CPU_ENV["ddp"])
+    trained = assert_same_final_weights(tmp_path / "one", tmp_path / "two", exact=False)
+    start = EmbeddingModel.from_pretrained(tiny_bert_no_dropout).backbone.state_dict()
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert (trained[name] - start[name]).abs().max() > 1e-3  # it trained, well above the tolerance
 
 
 def two_process_cmd(launcher, mixed_precision="no"):

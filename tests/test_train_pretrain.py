@@ -1,6 +1,8 @@
 """train_pretrain.py: loss falls, exact resume mid-stream, 2 DDP processes with GradCache, DeepSpeed refused."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ from modules.gradcache import cached_loss_backward
 from modules.losses import InBatchInfoNCE
 from modules.model import EmbeddingModel
 from modules.streaming import PairSource, PretrainBatches
-from tests.conftest import accelerate_cmd, run_script, shared_data, write_jsonl
+from tests.conftest import REPO, accelerate_cmd, run_script, shared_data, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +75,42 @@ def test_resume_mid_stream_reaches_the_same_weights(tiny_bert, pair_data, tmp_pa
     assert not torch.equal(full["embeddings.word_embeddings.weight"], start["embeddings.word_embeddings.weight"])
 
 
-def test_two_processes_with_gradcache(tiny_bert, pair_data, tmp_path):
+def logged_scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_two_processes_with_gradcache(tiny_bert_no_dropout, pair_data, tmp_path):
+    """2 DDP processes with GradCache: each process saves its stream position, the logged loss is the mean
+    of both processes' losses (the whole global batch's loss), and resuming with 1 process is refused."""
+    from modules.losses import matryoshka_from_flags
+    from modules.streaming import read_pretrain_meta_list
+
     output = tmp_path / "ddp"
-    run_script([*accelerate_cmd(2), *script_args(tiny_bert, pair_data, output, "--max_steps", "3", "--save_every", "2",
-                                                 "--symmetric", "--mrl_dims", "16,32")],
+    run_script([*accelerate_cmd(2), *script_args(tiny_bert_no_dropout, pair_data, output, "--max_steps", "3",
+                                                 "--save_every", "2", "--symmetric", "--mrl_dims", "16,32")],
                env_extra={"ACCELERATE_USE_CPU": "1"})
     state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
     positions = state["process_states"]
     assert len(positions) == 2 and positions[0]["step"] == positions[1]["step"] == 2
     assert (output / "final" / "model.safetensors").exists()
-    with pytest.raises(AssertionError, match="saved by 2 processes"):
-        run_script([sys.executable, *script_args(tiny_bert, pair_data, output, "--max_steps", "4",
-                                                 "--resume_from_checkpoint", "latest")])
+
+    model = EmbeddingModel.from_pretrained(tiny_bert_no_dropout)  # step 1's loss: the start weights, no dropout
+    sources = read_pretrain_meta_list(pair_data / "meta.txt")
+    first = [next(iter(PretrainBatches(sources, 8, model.tokenizer, {"query": 24, "passage": 24}, 5, rank, 2, 64,
+                                       1 << 20))) for rank in (0, 1)]
+    loss_fn = matryoshka_from_flags(InBatchInfoNCE(0.05, symmetric=True), "16,32", "", 32)
+    with torch.no_grad():
+        whole = loss_fn(*(torch.cat([model(**batch[side]) for batch in first]) for side in ("query", "passage")))
+    assert logged_scalars(output / "pretrain", "loss")[1] == pytest.approx(whole.item(), abs=1e-5)
+
+    result = subprocess.run([sys.executable, *script_args(tiny_bert_no_dropout, pair_data, output, "--max_steps", "4",
+                                                          "--resume_from_checkpoint", "latest")],
+                            cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 2 and "processes: 2 -> 1" in result.stderr, result.stderr[-2000:]
 
 
 def test_gradcache_under_deepspeed_is_refused(tiny_bert, pair_data, tmp_path):
