@@ -27,7 +27,7 @@ from modules.data import (
 )
 from modules.evaluation import sts_spearman
 from modules.forward import batch_size_and_tokens, task_loss, to_device
-from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags
+from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags, relative_task_weights
 from modules.mining import MiningState, dhnm_check
 from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
 from modules.outputs import finish_run, write_run_config
@@ -76,7 +76,8 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
     g.add_argument("--retri_temperature", type=float, default=0.01)
     g.add_argument("--cls_temperature", type=float, default=0.05)
     g.add_argument("--cosent_temperature", type=float, default=0.05)
-    g.add_argument("--retri_weight", type=float, default=1.0)
+    g.add_argument("--retri_weight", type=float, default=1.0,
+                   help="loss weights are relative: each is divided by the largest among the run's task kinds")
     g.add_argument("--cls_weight", type=float, default=0.2)
     g.add_argument("--cosent_weight", type=float, default=0.04)
     g.add_argument("--retri_hard_negatives_only", action="store_true", help="no in-batch negatives for retrieval")
@@ -185,8 +186,11 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         "cls_contrast": InfoNCE(args.cls_temperature, in_batch_negatives=False),
         "cosent": CoSENT(args.cosent_temperature),
     }
-    loss_weights = {"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight,
-                    "cosent": args.cbb_beta if args.cbb else args.cosent_weight}
+    loss_weights = relative_task_weights({"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight,
+                                          "cosent": args.cbb_beta if args.cbb else args.cosent_weight},
+                                         {d.kind for d in datasets})
+    accelerator.print("loss weights (relative to the largest): "
+                      + ", ".join(f"{kind} {weight:.3g}" for kind, weight in loss_weights.items()))
     losses = {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, model.output_dim)
               for kind, loss in losses.items()}
     if args.mrl_dims:

@@ -1,4 +1,8 @@
-"""Quick in-training evaluation: embed texts and score STS-style pairs (Spearman of cosine)."""
+"""Quick evaluation: embed texts, score STS-style pairs (Spearman of cosine) and retrieval (nDCG@10)."""
+
+import json
+import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,3 +37,48 @@ def sts_spearman(model, tokenizer, pairs, max_length, batch_size=64):
     first, second = embeddings[: len(pairs)], embeddings[len(pairs) :]
     scores = (first * second).sum(-1).numpy()
     return 100 * spearmanr(scores, [p["label"] for p in pairs]).statistic
+
+
+def read_retrieval_folder(folder):
+    """(queries {id: text}, corpus {id: text}, qrels {query id: {doc id: grade}}) from a BEIR-layout folder:
+    corpus.jsonl and queries.jsonl ({"id", "text"}, a corpus "title" is prepended when the text lacks it)
+    and qrels.tsv (query-id, corpus-id, score; with a header). Only judged queries are kept."""
+    folder = Path(folder)
+
+    def read(name):
+        return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    corpus = {}
+    for document in read("corpus.jsonl"):
+        title, text = document.get("title") or "", document["text"]
+        corpus[str(document["id"])] = text if not title or text.startswith(title) else f"{title} {text}"
+    qrels = {}
+    for line in (folder / "qrels.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        query_id, doc_id, grade = line.split("\t")
+        if float(grade) > 0:
+            qrels.setdefault(query_id, {})[doc_id] = float(grade)
+    queries = {str(q["id"]): q["text"] for q in read("queries.jsonl") if str(q["id"]) in qrels}
+    return queries, corpus, qrels
+
+
+def ndcg_at_k(scores, relevant, k=10):
+    """Mean nDCG@k (x100), graded gains: ``scores`` [queries, docs]; ``relevant[i]`` = {doc index: grade}."""
+    top = scores.topk(min(k, scores.size(1)), dim=1).indices.tolist()
+    total = 0.0
+    for ranked, grades in zip(top, relevant):
+        dcg = sum(grades.get(doc, 0.0) / math.log2(rank + 2) for rank, doc in enumerate(ranked))
+        ideal = sum(g / math.log2(rank + 2) for rank, g in enumerate(sorted(grades.values(), reverse=True)[:k]))
+        total += dcg / ideal
+    return 100 * total / len(relevant)
+
+
+def retrieval_ndcg(model, tokenizer, queries, corpus, qrels, query_max_len=64, passage_max_len=256, k=10,
+                   query_prefix=""):
+    """nDCG@k (x100) of ranking the whole corpus by cosine for each judged query."""
+    doc_ids = list(corpus)
+    documents = embed_texts(model, tokenizer, [corpus[d] for d in doc_ids], passage_max_len)
+    query_ids = list(queries)
+    query_embeddings = embed_texts(model, tokenizer, [query_prefix + queries[q] for q in query_ids], query_max_len)
+    position = {d: i for i, d in enumerate(doc_ids)}
+    relevant = [{position[d]: g for d, g in qrels[q].items() if d in position} for q in query_ids]
+    return ndcg_at_k(query_embeddings @ documents.T, relevant, k)

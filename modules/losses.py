@@ -238,6 +238,25 @@ def _is_embedding(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
 
 
+def relative_task_weights(weights, kinds):
+    """Each task kind's loss weight divided by the largest among the ``kinds`` the run trains.
+
+    Piccolo2's weights (retrieval 1, classification 0.2, CoSENT 0.04) are relative between tasks. A
+    batch holds one task, and Adam's update does not depend on the loss's scale, so the absolute scale
+    only decides how often gradient clipping (norm 1.0) acts: a CoSENT-only run at weight 0.04 was
+    almost never clipped where sentence-transformers' run at weight 1 always is, and ended about a
+    point lower. Dividing by the largest makes a single-task run train at weight 1 and keeps the ratios
+    of a mixed run.
+    """
+    used = {kind: weights[kind] for kind in kinds}
+    bad = [kind for kind, weight in used.items() if not weight > 0]
+    if bad:
+        raise UsageError(f"loss weights must be > 0; {', '.join(f'{k} has {used[k]}' for k in bad)} "
+                         "(leave a task out of the meta list instead)")
+    largest = max(used.values())
+    return {kind: weight / largest for kind, weight in used.items()}
+
+
 PICCOLO_MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
 
 

@@ -154,3 +154,15 @@ def test_matryoshka_dims_without_the_output_size_are_refused():
         matryoshka_from_flags(InfoNCE(), "8,16", "", 32)
     with pytest.raises(UsageError, match=r"--mrl_weights: 1 weights for the Matryoshka dims \[256, 384\]"):
         matryoshka_from_flags(InfoNCE(), "piccolo", "1", 384)
+
+
+def test_task_weights_are_relative_to_the_largest_present():
+    from modules.cli import UsageError
+    from modules.losses import relative_task_weights
+
+    weights = {"retri_contrast": 1.0, "cls_contrast": 0.2, "cosent": 0.04}
+    assert relative_task_weights(weights, {"cosent"}) == {"cosent": 1.0}
+    assert relative_task_weights(weights, {"cls_contrast", "cosent"}) == pytest.approx({"cls_contrast": 1.0, "cosent": 0.2})
+    assert relative_task_weights(weights, set(weights)) == weights
+    with pytest.raises(UsageError, match="cosent has 0.0"):
+        relative_task_weights({**weights, "cosent": 0.0}, set(weights))

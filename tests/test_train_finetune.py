@@ -168,3 +168,15 @@ def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_bert, paddin
     assert torch.allclose(plain, bucketed, atol=1e-5)
     for g1, g2 in zip(plain_grads, [p.grad for p in model.parameters() if p.grad is not None]):
         assert torch.allclose(g1, g2, atol=1e-4)
+
+
+def test_a_single_task_run_does_not_depend_on_its_absolute_loss_weight(tiny_bert, tiny_data, tmp_path):
+    """CoSENT alone at weight 0.04 (Piccolo's relative weight) trains exactly as at weight 1: the scale would
+    otherwise only change how often gradient clipping acts (the tiny model's gradient norms are ~25: clipped
+    at 5 with weight 1, not with 0.04)."""
+    (tmp_path / "meta.txt").write_text(f"{tiny_data / 'sts.jsonl'} 1 type=cosent\n")
+    for weight in ("0.04", "1.0"):
+        run_script([sys.executable, *common_args(tiny_bert, tiny_data, tmp_path / weight, "--meta_list",
+                                                 str(tmp_path / "meta.txt"), "--max_steps", "3", "--cosent_weight",
+                                                 weight, "--max_grad_norm", "5")])
+    assert_same_final_weights(tmp_path / "0.04", tmp_path / "1.0")
