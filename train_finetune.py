@@ -22,8 +22,8 @@ from transformers import get_scheduler
 from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
 from modules.cli import run_cli
 from modules.data import (
-    EpochBatches, MetaEntry, TaskCollator, build_sampler, describe_data_order, load_meta_list, load_task_dataset,
-    read_query_prefixes,
+    EpochBatches, MetaEntry, TaskCollator, build_sampler, describe_batches, describe_data_order, load_meta_list,
+    load_task_dataset, read_query_prefixes,
 )
 from modules.evaluation import sts_spearman
 from modules.forward import batch_size_and_tokens, task_loss, to_device
@@ -159,6 +159,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # --cbb: each step one batch per task kind, retrieval queries shared by all processes
     sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
                             args.cbb)
+    accelerator.print("\n".join(describe_batches(datasets, sampler)))
     # what fixes the data order, stored with every checkpoint: a resume under another setup is refused
     data_order = describe_data_order(datasets, batch_sizes, processes=accelerator.num_processes, seed=args.seed,
                                      grad_accum=args.grad_accum, cbb=args.cbb)

@@ -37,6 +37,7 @@ class MetaEntry:
     repeat: int
     kind: str | None = None
     batch_size: int | None = None
+    weight: float | None = None  # share of an epoch's batches, relative to the other lines' weights
     source: str = ""  # "meta.txt:3", for error messages
 
 
@@ -63,10 +64,13 @@ def iter_meta_lines(meta_file, root_dir, expected):
         raise DataError(f"meta list {meta_file} lists no datasets")
 
 
+META_LINE = "<path> <repeat> [type=KIND] [batch_size=N] [weight=W]"
+
+
 def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
-    """Parse ``<path> <repeat> [type=KIND] [batch_size=N]`` lines."""
+    """Parse ``<path> <repeat> [type=KIND] [batch_size=N] [weight=W]`` lines (weight on every line or none)."""
     entries = []
-    for where, root, fields in iter_meta_lines(meta_file, root_dir, "<path> <repeat> [type=KIND] [batch_size=N]"):
+    for where, root, fields in iter_meta_lines(meta_file, root_dir, META_LINE):
         path = Path(fields[0]) if Path(fields[0]).is_absolute() else root / fields[0]
         if not path.exists():
             raise DataError(f"{where}: dataset path {path} does not exist")
@@ -79,10 +83,27 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
                 entry.kind = value
             elif key == "batch_size":
                 entry.batch_size = _positive_int(value, where, "batch_size")
+            elif key == "weight":
+                entry.weight = _positive_float(value, where, "weight")
             else:
-                raise DataError(f"{where}: unknown option {option!r}; expected type=KIND or batch_size=N")
+                raise DataError(f"{where}: unknown option {option!r}; expected type=KIND, batch_size=N or weight=W")
         entries.append(entry)
+    weighted = [e.weight is not None for e in entries]
+    if any(weighted) and not all(weighted):
+        unweighted = entries[weighted.index(False)]
+        raise DataError(f"{unweighted.source}: no weight=W, but other lines of {meta_file} have one: give every "
+                        "dataset a weight (shares of the epoch's batches) or none (shares follow sizes x repeats)")
     return entries
+
+
+def _positive_float(text, where, name):
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: {name} must be a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise DataError(f"{where}: {name} must be a positive number, got {value}")
+    return value
 
 
 def _positive_int(text, where, name):
@@ -223,6 +244,7 @@ class TaskDataset:
     batch_size: int | None = None  # per-process batch size; None: the kind's default
     source: str = ""  # "meta.txt:3"
     path: Path | None = None
+    weight: float | None = None  # share of an epoch's batches (relative); None: follows size x repeat
 
     def __len__(self):
         return len(self.records)
@@ -247,7 +269,7 @@ def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict) -> TaskDataset
     if not records:
         raise DataError(f"{entry.path}: empty dataset ({entry.source})")
     return TaskDataset(entry.path.stem if entry.path.is_file() else entry.path.name, kind, records,
-                       entry.repeat, entry.batch_size, entry.source, entry.path)
+                       entry.repeat, entry.batch_size, entry.source, entry.path, entry.weight)
 
 
 def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[TaskDataset]:
@@ -261,8 +283,24 @@ def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[Ta
 def describe_data_order(datasets, batch_sizes, **setup):
     """What fixes a fine-tuning run's batches (JSON): ``setup`` (processes, seed, ...) and every dataset's
     file, size, repeat and batch size."""
-    return {**setup, "datasets": [{"path": str(d.path), "records": len(d), "repeat": d.repeat, "batch_size": size}
-                                  for d, size in zip(datasets, batch_sizes)]}
+    return {**setup, "datasets": [{"path": str(d.path), "records": len(d), "repeat": d.repeat, "batch_size": size,
+                                   "weight": d.weight} for d, size in zip(datasets, batch_sizes)]}
+
+
+def describe_batches(datasets, sampler):
+    """One line per dataset: kind, records, batches an epoch and share of the steps (printed at start-up)."""
+    if isinstance(sampler, BalancedBatchSampler):  # every step holds one batch of every kind
+        counts, within = {}, {}
+        for kind, kind_sampler in sampler.samplers.items():
+            for member, count in zip(sampler.members[kind], kind_sampler.batch_counts()):
+                counts[member], within[member] = count, f"of the {kind} batches (one every step)"
+        total = {i: sum(sampler.samplers[d.kind].batch_counts()) for i, d in enumerate(datasets)}
+    else:
+        counts = dict(enumerate(sampler.batch_counts()))
+        total = {i: sum(counts.values()) for i in counts}
+        within = {i: "of the steps" for i in counts}
+    return [f"{d.name} ({d.kind}, {d.source}): {len(d)} records, {counts[i]} batches an epoch, "
+            f"{100 * counts[i] / total[i]:.1f}% {within[i]}" for i, d in enumerate(datasets)]
 
 
 def build_sampler(datasets, batch_sizes, seed, num_processes=1, process_index=0, cbb=False):
@@ -270,8 +308,9 @@ def build_sampler(datasets, batch_sizes, seed, num_processes=1, process_index=0,
     sources = [f"{d.source}: {d.path}" for d in datasets]
     if cbb:
         return BalancedBatchSampler(datasets, batch_sizes, seed, num_processes, process_index, sources)
+    weights = [d.weight for d in datasets] if datasets[0].weight is not None else None
     return TaskBatchSampler([len(d) for d in datasets], [d.repeat for d in datasets], batch_sizes, seed,
-                            num_processes, process_index, sources)
+                            num_processes, process_index, sources, weights)
 
 
 @dataclass
@@ -284,8 +323,13 @@ class TaskBatchSampler:
     shuffled. Process r takes rows [r*b, (r+1)*b) of each global batch, so every process computes the
     same loss on the same dataset at every step. Resuming needs only (epoch, batch index).
 
-    A local batch is (dataset index, record indices, draw key); the draw key (epoch, occurrence)
-    seeds which positive and negatives each record uses, so the k draws of a repeat-k record differ.
+    With ``weights`` an epoch has the same number of batches, shared out in proportion to the
+    weights (largest remainder) instead of to size x repeat: dataset i then walks through its own
+    stream of permutations (permutation p from (seed, i, p)), continuing from epoch to epoch, so a
+    down-weighted dataset is not restarted at every epoch and an up-weighted one cycles.
+
+    A local batch is (dataset index, record indices, draw key); the draw key seeds which positive and
+    negatives each record uses, so the draws of a record repeated within or across epochs differ.
     """
 
     dataset_sizes: list
@@ -295,6 +339,7 @@ class TaskBatchSampler:
     num_processes: int = 1
     process_index: int = 0
     sources: list = None  # "meta.txt:3: path" of each dataset, for error messages
+    weights: list = None  # sampling weights (all datasets) or None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -305,38 +350,64 @@ class TaskBatchSampler:
                     f"global batch ({batch_size} x {self.num_processes} processes)"
                 )
 
+    def batches_per_permutation(self, i):
+        return self.dataset_sizes[i] // (self.batch_sizes[i] * self.num_processes)
+
+    def batch_counts(self) -> list:
+        """Global batches of each dataset in one epoch."""
+        if self.weights is None:
+            return [repeat * self.batches_per_permutation(i) for i, repeat in enumerate(self.repeats)]
+        total, weight_sum = len(self), sum(self.weights)
+        exact = [total * w / weight_sum for w in self.weights]
+        counts = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+        for i in by_remainder[: total - sum(counts)]:
+            counts[i] += 1
+        return counts
+
     def global_batches(self, epoch: int) -> list:
-        """[(dataset index, [record indices of the global batch], occurrence)] for one epoch."""
+        """[(dataset index, [record indices of the global batch], draw key)] for one epoch."""
         if epoch not in self._cache:
             rng = np.random.default_rng([self.seed, epoch])
             batches = []
-            for dataset_index, (size, repeat, batch_size) in enumerate(
-                zip(self.dataset_sizes, self.repeats, self.batch_sizes)
-            ):
-                global_size = batch_size * self.num_processes
-                for occurrence in range(repeat):
-                    order = rng.permutation(size)
-                    for start in range(0, size - global_size + 1, global_size):
-                        batches.append((dataset_index, order[start : start + global_size].tolist(), occurrence))
+            for i, count in enumerate(self.batch_counts()):
+                global_size = self.batch_sizes[i] * self.num_processes
+                if self.weights is None:  # ``repeat`` fresh permutations of this epoch: occurrences 0..repeat-1
+                    permutations = [(rng.permutation(self.dataset_sizes[i]), (epoch, occurrence))
+                                    for occurrence in range(self.repeats[i])]
+                    cuts = [(order, draw, b) for order, draw in permutations
+                            for b in range(self.batches_per_permutation(i))]
+                else:
+                    cuts = self._weighted_cuts(i, epoch, count)
+                batches.extend((i, order[b * global_size : (b + 1) * global_size].tolist(), draw)
+                               for order, draw, b in cuts)
             batch_order = rng.permutation(len(batches))
-            self._cache = {epoch: [batches[i] for i in batch_order]}
+            self._cache = {epoch: [batches[b] for b in batch_order]}
         return self._cache[epoch]
 
+    def _weighted_cuts(self, i, epoch, count):
+        """Dataset i's ``count`` batches of the epoch from its own stream of permutations, continued across
+        epochs: [(permutation, draw key, batch within it)]."""
+        cuts, orders = [], {}
+        for position in range(epoch * count, (epoch + 1) * count):
+            permutation, b = divmod(position, self.batches_per_permutation(i))
+            if permutation not in orders:
+                orders[permutation] = np.random.default_rng([self.seed, i, permutation]).permutation(self.dataset_sizes[i])
+            cuts.append((orders[permutation], (permutation,), b))
+        return cuts
+
     def local_batch(self, epoch: int, position: int) -> tuple:
-        """This process's slice of the epoch's ``position``-th global batch: (dataset, indices, (epoch, occurrence))."""
-        dataset_index, indices, occurrence = self.global_batches(epoch)[position]
+        """This process's slice of the epoch's ``position``-th global batch: (dataset, indices, draw key)."""
+        dataset_index, indices, draw = self.global_batches(epoch)[position]
         size = len(indices) // self.num_processes
-        return dataset_index, indices[self.process_index * size : (self.process_index + 1) * size], (epoch, occurrence)
+        return dataset_index, indices[self.process_index * size : (self.process_index + 1) * size], draw
 
     def local_batches(self, epoch: int) -> list:
         """This process's slice of every global batch of the epoch."""
         return [self.local_batch(epoch, position) for position in range(len(self))]
 
     def __len__(self):
-        return sum(
-            repeat * (size // (batch_size * self.num_processes))
-            for size, repeat, batch_size in zip(self.dataset_sizes, self.repeats, self.batch_sizes)
-        )
+        return sum(repeat * self.batches_per_permutation(i) for i, repeat in enumerate(self.repeats))
 
 
 class BalancedBatchSampler:
@@ -363,7 +434,8 @@ class BalancedBatchSampler:
                 [len(datasets[i]) for i in members], [datasets[i].repeat for i in members],
                 [batch_sizes[i] for i in members], seed + offset,
                 num_processes if sliced else 1, process_index if sliced else 0,
-                [sources[i] for i in members] if sources else None)
+                [sources[i] for i in members] if sources else None,
+                [datasets[i].weight for i in members] if datasets[0].weight is not None else None)
 
     def __len__(self):
         return len(self.samplers["retri_contrast"])

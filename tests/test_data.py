@@ -31,17 +31,18 @@ def test_repeat_counts_are_respected():
     assert len(sampler) == len(batches)
     seen = Counter(i for d, indices, _ in batches if d == 2 for i in indices)
     assert set(seen.values()) == {3}  # each record of a repeat-3 dataset drawn 3 times
-    occurrences = Counter((i, occurrence) for d, indices, occurrence in batches if d == 2 for i in indices)
-    assert set(occurrences.values()) == {1} and {o for _, o in occurrences} == {0, 1, 2}  # one per permutation
+    occurrences = Counter((i, draw) for d, indices, draw in batches if d == 2 for i in indices)
+    assert set(occurrences.values()) == {1}  # a record's draws in one epoch carry distinct keys
+    assert {draw for _, draw in occurrences} == {(0, 0), (0, 1), (0, 2)}  # (epoch, occurrence)
 
 
 def test_processes_agree_and_slice_the_same_global_batch():
     rank0, rank1 = make_sampler(0, 2), make_sampler(1, 2)
     assert rank0.global_batches(3) == rank1.global_batches(3)
-    for (d0, local0, draw0), (d1, local1, draw1), (d, global_indices, occurrence) in zip(
+    for (d0, local0, draw0), (d1, local1, draw1), (d, global_indices, draw) in zip(
         rank0.local_batches(3), rank1.local_batches(3), rank0.global_batches(3)
     ):
-        assert d0 == d1 == d and draw0 == draw1 == (3, occurrence)
+        assert d0 == d1 == d and draw0 == draw1 == draw and draw[0] == 3
         assert local0 + local1 == global_indices
 
 
@@ -61,6 +62,43 @@ def test_resume_starts_at_the_saved_batch(tiny_data, tiny_bert):
     full = [json.dumps({k: str(v) for k, v in b.items()}) for b in EpochBatches(sampler, datasets, collator, 1)]
     resumed = [json.dumps({k: str(v) for k, v in b.items()}) for b in EpochBatches(sampler, datasets, collator, 1, start=5)]
     assert resumed == full[5:]
+
+
+def weighted_sampler(weights, seed=7, process_index=0, num_processes=1):
+    return TaskBatchSampler(dataset_sizes=[40, 25, 12], repeats=[1, 2, 3], batch_sizes=[4, 3, 2], seed=seed,
+                            num_processes=num_processes, process_index=process_index, weights=weights)
+
+
+def test_weights_set_each_datasets_share_of_an_epoch():
+    sampler = weighted_sampler([1.0, 1.0, 2.0])
+    assert len(sampler) == len(make_sampler()) == 10 + 16 + 18  # the epoch keeps the repeats' length
+    assert sampler.batch_counts() == [11, 11, 22]
+    for epoch in range(3):
+        batches = sampler.global_batches(epoch)
+        assert Counter(d for d, _, _ in batches) == {0: 11, 1: 11, 2: 22}
+        assert batches == weighted_sampler([1.0, 1.0, 2.0]).global_batches(epoch)  # a function of (seed, epoch)
+    assert weighted_sampler([1.0, 1.0, 2.0], seed=8).global_batches(0) != sampler.global_batches(0)
+    # a down-weighted dataset continues its own permutation across epochs instead of restarting
+    seen = [i for epoch in range(4) for d, indices, _ in weighted_sampler([10.0, 1.0, 1.0]).global_batches(epoch)
+            if d == 1 for i in indices]
+    assert len(seen) == 4 * weighted_sampler([10.0, 1.0, 1.0]).batch_counts()[1] * 3
+    assert len(set(seen[: 8 * 3])) == 24  # the first 8 batches: one permutation of the 25 records, no repeats
+
+
+def test_weighted_batches_are_sliced_alike_on_every_process_and_draw_fresh_keys():
+    rank0, rank1 = weighted_sampler([3.0, 1.0, 1.0], 7, 0, 2), weighted_sampler([3.0, 1.0, 1.0], 7, 1, 2)
+    for (d0, local0, draw0), (d1, local1, draw1) in zip(rank0.local_batches(2), rank1.local_batches(2)):
+        assert d0 == d1 and draw0 == draw1 and not set(local0) & set(local1)
+    draws = Counter((d, i, draw) for epoch in range(3) for d, indices, draw in rank0.global_batches(epoch)
+                    for i in indices)
+    assert set(draws.values()) == {1}  # no record is drawn twice with the same key
+
+
+def test_weights_on_some_lines_only_are_refused(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [GOOD_STS] * 4)
+    (tmp_path / "meta.txt").write_text("a.jsonl 1 type=cosent weight=2\na.jsonl 1 type=cosent\n")
+    with pytest.raises(DataError, match=r"meta.txt:2: no weight=W, but other lines of .* have one"):
+        read_meta_list(tmp_path / "meta.txt")
 
 
 def test_too_small_dataset_is_rejected_naming_its_meta_line_and_file(tiny_data, tmp_path):
@@ -166,7 +204,9 @@ def test_bad_records_name_file_and_line(tmp_path, records, raw, kind, message):
     ("d.jsonl two", r"meta.txt:1: repeat must be a positive integer, got 'two'"),
     ("d.jsonl 0", r"meta.txt:1: repeat must be a positive integer, got 0"),
     ("d.jsonl 1 type=sts", r"meta.txt:1: unknown type 'sts'"),
-    ("d.jsonl 1 weight=2", r"meta.txt:1: unknown option 'weight=2'"),
+    ("d.jsonl 1 weight=0", r"meta.txt:1: weight must be a positive number, got 0.0"),
+    ("d.jsonl 1 weight=x", r"meta.txt:1: weight must be a positive number, got 'x'"),
+    ("d.jsonl 1 size=2", r"meta.txt:1: unknown option 'size=2'"),
     ("# only a comment", r"lists no datasets"),
 ])
 def test_bad_meta_lists_name_the_line(tmp_path, line, message):
@@ -194,3 +234,16 @@ def test_parquet_and_datasets_directory_read_like_jsonl(tmp_path):
     (tmp_path / "meta.txt").write_text("bad.parquet 1 type=cosent\n")
     with pytest.raises(DataError, match=r"bad.parquet row 1: missing column 'label'"):
         load_meta_list(tmp_path / "meta.txt")
+
+
+def test_start_up_lines_give_each_datasets_share(tiny_data, tmp_path):
+    from modules.data import BalancedBatchSampler, describe_batches
+
+    datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
+    lines = describe_batches(datasets, build_sampler(datasets, [4, 4, 4], seed=0))
+    assert lines[0].startswith("retri (retri_contrast, ") and lines[0].endswith(
+        ": 16 records, 8 batches an epoch, 50.0% of the steps")
+    assert lines[2].endswith("sts (cosent, " + str(tiny_data / "meta.txt") + ":5): 16 records, 4 batches an epoch, "
+                             "25.0% of the steps")
+    cbb = describe_batches(datasets, BalancedBatchSampler(datasets, [4, 4, 4], seed=0))
+    assert cbb[1].endswith("4 batches an epoch, 100.0% of the cls_contrast batches (one every step)")
