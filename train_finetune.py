@@ -45,6 +45,8 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
     g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
     g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
     g.add_argument("--scaling_dim", type=int, default=None, help="add/keep a ScalingLayer hidden->dim (Piccolo2: 1792)")
+    g.add_argument("--scaling_lr", type=float, default=None,
+                   help="learning rate of the ScalingLayer (default: --lr); a new one starts semi-orthogonal")
     g.add_argument("--torch_dtype", choices=list(DTYPES), default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--extend_pe", action="store_true",
@@ -201,7 +203,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     steps_per_epoch = len(sampler) // args.grad_accum
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps * args.grad_accum / len(sampler))
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.scaling_lr)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     tokenizer = accelerator.unwrap_model(model).tokenizer

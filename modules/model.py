@@ -173,7 +173,8 @@ class EmbeddingModel(nn.Module):
 
 
 def scaling_layer_for(layout, scaling_dim, hidden_size, path, backbone_dtype=torch.float32):
-    """The directory's 2_Dense, or a fresh Linear(hidden -> scaling_dim) when it has none; a mismatch is an error.
+    """The directory's 2_Dense, or a fresh Linear(hidden -> scaling_dim) when it has none (semi-orthogonal,
+    zero bias: cosines preserved when scaling_dim >= hidden); a mismatch is an error.
 
     float32, except under DeepSpeed ZeRO-3: there the backbone is built partitioned in the engine's
     dtype and ZeRO-3 flattens one dtype, so the layer follows the backbone (its fp32 master copy lives
@@ -188,6 +189,10 @@ def scaling_layer_for(layout, scaling_dim, hidden_size, path, backbone_dtype=tor
         )
     if scaling_layer is None and scaling_dim:
         scaling_layer = nn.Linear(hidden_size, scaling_dim, bias=True)
+        # semi-orthogonal (W^T W = I when lifting, as Piccolo2's 1024 -> 1792) with zero bias: every cosine
+        # similarity is the backbone's at step 0, so a new layer does not undo the start model
+        nn.init.orthogonal_(scaling_layer.weight)
+        nn.init.zeros_(scaling_layer.bias)
     if scaling_layer is not None and is_deepspeed_zero3_enabled():
         scaling_layer.to(backbone_dtype)
     return scaling_layer

@@ -49,16 +49,18 @@ def add_output_arguments(parser):
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
 
 
-def build_optimizer(model, lr, weight_decay):
-    """AdamW with no weight decay on biases and norm weights (the usual BERT recipe).
+def build_optimizer(model, lr, weight_decay, scaling_lr=None):
+    """AdamW with no weight decay on biases and norm weights (the usual BERT recipe); the ScalingLayer's
+    parameters train at ``scaling_lr`` when given (a new layer may want more than the backbone's lr).
 
     The fused kernel is several times faster per step than the default on CPU and GPU.
     """
-    decay, no_decay = [], []
+    groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if parameter.dim() < 2 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
-
+        scaling = scaling_lr is not None and name.startswith("scaling_layer.")
+        key = (scaling, parameter.dim() < 2)
+        groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key[1] else weight_decay,
+                                "lr": scaling_lr if scaling else lr})["params"].append(parameter)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, fused=True)
