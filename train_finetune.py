@@ -33,7 +33,7 @@ from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
 from modules.outputs import finish_run, write_run_config
 from modules.position import METHODS as PE_METHODS
 from modules.position import extend_model_positions, freeze_position_embeddings
-from modules.training import add_output_arguments, build_optimizer, make_accelerator
+from modules.training import add_output_arguments, build_optimizer, check_output_arguments, make_accelerator
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
 
@@ -109,6 +109,7 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
     if add_arguments is not None:
         add_arguments(p)
     args = p.parse_args(argv)
+    check_output_arguments(p, args)
     if args.cls_negatives < 1:
         p.error("--cls_negatives must be >= 1: cls_contrast has no in-batch negatives")
     if args.extend_pe != (args.max_length is not None):
@@ -325,7 +326,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         eval_history[global_step] = evaluate()
     if mining is not None:
         measured["dhnm"] = dhnm_log
-    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history, args.save_dtype)
+    finish_run(accelerator, model, args, measured, eval_history)
 
 
 if __name__ == "__main__":

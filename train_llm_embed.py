@@ -75,6 +75,9 @@ def build_llm_model(args, accelerator):
                             "a rotary decoder is extended with --rope_scaling")
     if args.rope_scaling is None and (args.rope_factor or args.rope_original_max_positions):
         raise LLMSetupError("--rope_factor / --rope_original_max_positions need --rope_scaling")
+    if args.wise_ft_alpha < 1 and not args.full_finetune:
+        raise LLMSetupError("--wise_ft_alpha averages full weights with the start model; with LoRA, scale the adapter "
+                            "instead (or use --full_finetune)")
     if args.lora_r < 1 or not 0 <= args.lora_dropout < 1:
         raise LLMSetupError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {args.lora_r} and "
                             f"{args.lora_dropout}")

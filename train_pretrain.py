@@ -32,7 +32,7 @@ from modules.losses import InBatchInfoNCE, matryoshka_from_flags
 from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
 from modules.outputs import finish_run, write_run_config
 from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
-from modules.training import add_output_arguments, build_optimizer, make_accelerator
+from modules.training import add_output_arguments, build_optimizer, check_output_arguments, make_accelerator
 
 
 def parse_args(argv=None):
@@ -70,6 +70,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=42)
     add_output_arguments(p)
     args = p.parse_args(argv)
+    check_output_arguments(p, args)
     if args.mini_batch_size < 0 or args.batch_size < 1:
         p.error("--batch_size must be >= 1 and --mini_batch_size >= 0")
     return args
@@ -178,7 +179,7 @@ def main(argv=None):
 
     if eval_pairs:
         eval_history[global_step] = evaluate()
-    finish_run(accelerator, model, args.output_dir, measured, args.eval_sts_file, eval_history, args.save_dtype)
+    finish_run(accelerator, model, args, measured, eval_history)
 
 
 if __name__ == "__main__":

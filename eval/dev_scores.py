@@ -41,7 +41,7 @@ def score_model(path, sts_sets, retrieval_sets, max_length=128):
     scores = {}
     for name, file in sts_sets.items():
         pairs = load_task_dataset(MetaEntry(Path(file), 1, kind="cosent"), {}).records
-        scores[name] = round(sts_spearman(model, model.tokenizer, pairs, max_length), 2)
+        scores[name] = round(float(sts_spearman(model, model.tokenizer, pairs, max_length)), 2)
     for name, folder in retrieval_sets.items():
         scores[name] = round(retrieval_ndcg(model, model.tokenizer, *read_retrieval_folder(folder),
                                             query_prefix=model.prompts.get("query", "")), 2)

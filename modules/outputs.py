@@ -8,22 +8,20 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
+from .averaging import interpolate_with_start, start_state_dict
+
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export_state_dict(accelerator, model, dtype=torch.float32):
-    """The model's full state dict for export, its floating tensors in ``dtype``; every process calls it.
+def export_state_dict(accelerator, model):
+    """The model's full state dict for export (the main process's; None elsewhere); every process calls it.
 
     Under FSDP / ZeRO-3 the shards are gathered; under DeepSpeed the trained weights come from the
     optimizer's fp32 master copy, not from the engine's bf16/fp16 working copy.
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        state_dict = _deepspeed_fp32_state_dict(accelerator, model)
-    else:
-        state_dict = accelerator.get_state_dict(model)
-    if state_dict is None:  # only the main process receives it
-        return None
-    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+        return _deepspeed_fp32_state_dict(accelerator, model)
+    return accelerator.get_state_dict(model)
 
 
 def _deepspeed_fp32_state_dict(accelerator, model):
@@ -61,18 +59,26 @@ def _deepspeed_fp32_state_dict(accelerator, model):
     return {key: state_dict[key] for key in keys}
 
 
-def finish_run(accelerator, model, output_dir, summary, eval_file=None, eval_history=None, save_dtype="float32"):
-    """Write output_dir/final (a sentence-transformers directory, weights in ``save_dtype``),
-    train_summary.json (with pairs/s) and, when there was a dev set, eval_results.json; then end the trackers."""
+def finish_run(accelerator, model, args, summary, eval_history=None):
+    """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, averaged with
+    the start model when ``--wise_ft_alpha`` < 1), train_summary.json (with pairs/s) and, when there was a dev
+    set, eval_results.json; then end the trackers."""
     summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
-    state_dict = export_state_dict(accelerator, model, SAVE_DTYPES[save_dtype])
+    state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        final_dir = Path(output_dir) / "final"
+        if args.wise_ft_alpha < 1:
+            state_dict, kept = interpolate_with_start(state_dict, start_state_dict(args.model_name_or_path),
+                                                      args.wise_ft_alpha)
+            print(f"final/ = {args.wise_ft_alpha} x trained + {1 - args.wise_ft_alpha:.3g} x start weights (WiSE-FT)"
+                  + (f"; as trained: {', '.join(kept)}" if kept else ""))
+        dtype = SAVE_DTYPES[args.save_dtype]
+        state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+        final_dir = Path(args.output_dir) / "final"
         accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)
-        (Path(output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
         if eval_history:
-            _write_eval_results(output_dir, eval_file, eval_history)
+            _write_eval_results(args.output_dir, args.eval_sts_file, eval_history)
     accelerator.end_training()
 
 

@@ -41,12 +41,20 @@ def add_output_arguments(parser):
     g.add_argument("--output_dir", required=True)
     g.add_argument("--save_dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the final model's weights (training keeps float32 masters)")
+    g.add_argument("--wise_ft_alpha", type=float, default=1.0,
+                   help="final/ = alpha x trained + (1 - alpha) x start weights (WiSE-FT; 1: the trained weights)")
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final model)")
     g.add_argument("--save_total_limit", type=int, default=None)
     g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
     g.add_argument("--eval_every", type=int, default=0)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+
+
+def check_output_arguments(parser, args):
+    """Refuse output flags that make no sense (exit 2 with the flag named)."""
+    if not 0 < args.wise_ft_alpha <= 1:
+        parser.error(f"--wise_ft_alpha must be in (0, 1] (1: the trained weights alone), got {args.wise_ft_alpha}")
 
 
 def build_optimizer(model, lr, weight_decay, scaling_lr=None):
