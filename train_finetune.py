@@ -8,56 +8,46 @@ retri_contrast (InfoNCE with in-batch + hard negatives), cls_contrast (InfoNCE o
 negatives only) or cosent (CoSENT). All hyperparameters are below; edit freely for ablations.
 """
 
-import argparse
 import math
-import time
-from pathlib import Path
 
-import torch
-from accelerate.utils import gather_object, set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_scheduler
-
-from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
-from modules.cli import run_cli
-from modules.data import (
-    EpochBatches, MetaEntry, TaskCollator, build_sampler, describe_batches, describe_data_order, load_meta_list,
-    load_task_dataset, read_query_prefixes,
+from modules.cli import ArgumentParser, run_cli
+from modules.flags import (
+    DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
 )
-from modules.evaluation import sts_spearman
-from modules.forward import batch_size_and_tokens, task_loss, to_device
-from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags, relative_task_weights
-from modules.mining import MiningState, dhnm_check
-from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
-from modules.outputs import finish_run, write_run_config
-from modules.position import METHODS as PE_METHODS
-from modules.position import extend_model_positions, freeze_position_embeddings
-from modules.training import add_output_arguments, build_optimizer, check_output_arguments, make_accelerator
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent")
 
 
-def parse_args(argv=None, add_arguments=None, description=__doc__):
-    """The fine-tuning flags; ``add_arguments(parser)`` adds a calling script's own (train_llm_embed.py)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False):
+    """The fine-tuning flags; ``add_arguments(parser)`` adds a calling script's own, and ``decoder`` drops the
+    encoders' position-table flags and pools the last token by default (train_llm_embed.py)."""
+    p = ArgumentParser(description=description)
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
-    g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
-    g.add_argument("--scaling_dim", type=int, default=None, help="add/keep a ScalingLayer hidden->dim (Piccolo2: 1792)")
+    if decoder:
+        g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default="lasttoken")
+    else:
+        g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None,
+                       help="default: the model's own, else mean")
+    g.add_argument("--scaling_dim", type=int, default=None,
+                   help="add/keep a ScalingLayer hidden->dim (Piccolo2: 1792; default: none)")
     g.add_argument("--scaling_lr", type=float, default=None,
                    help="learning rate of the ScalingLayer (default: --lr); a new one starts semi-orthogonal")
-    g.add_argument("--torch_dtype", choices=list(DTYPES), default="float32", help=TORCH_DTYPE_HELP)
+    g.add_argument("--torch_dtype", choices=DTYPE_NAMES, default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--extend_pe", action="store_true",
-                   help="extend a learned absolute position table (BERT, XLM-R, ...) to --max_length tokens")
-    g.add_argument("--max_length", type=int, default=None, help="with --extend_pe: positions after extension (<= n^2)")
-    g.add_argument("--pe_extension", choices=PE_METHODS, default="hierarchical",
-                   help="hierarchical decomposition (short inputs unchanged) or tile (p_{k mod n}, ablation)")
-    g.add_argument("--pe_alpha", type=float, default=0.4, help="alpha of the hierarchical decomposition")
-    g.add_argument("--freeze_position_embeddings", action="store_true", help="keep the position table fixed")
+    if decoder:  # a rotary decoder is extended with --rope_scaling instead
+        p.set_defaults(extend_pe=False, max_length=None, freeze_position_embeddings=False)
+    else:
+        g.add_argument("--extend_pe", action="store_true",
+                       help="extend a learned absolute position table (BERT, XLM-R, ...) to --max_length tokens")
+        g.add_argument("--max_length", type=int, default=None,
+                       help="with --extend_pe: positions after extension (<= n^2)")
+        g.add_argument("--pe_extension", choices=PE_METHODS, default="hierarchical",
+                       help="hierarchical decomposition (short inputs unchanged) or tile (p_{k mod n}, ablation)")
+        g.add_argument("--pe_alpha", type=float, default=0.4, help="alpha of the hierarchical decomposition")
+        g.add_argument("--freeze_position_embeddings", action="store_true", help="keep the position table fixed")
     g = p.add_argument_group("data")
-    g.add_argument("--meta_list", required=True, help="lines of '<path> <repeat> [type=KIND] [batch_size=N]'")
+    g.add_argument("--meta_list", required=True, help=f"lines of '{META_LINE}'")
     g.add_argument("--root_dir", default=None, help="base of relative meta-list paths (default: the meta list's dir)")
     g.add_argument("--retri_batch_size", type=int, default=32, help="per process")
     g.add_argument("--cls_batch_size", type=int, default=32, help="per process")
@@ -110,6 +100,8 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
         add_arguments(p)
     args = p.parse_args(argv)
     check_output_arguments(p, args)
+    if args.scaling_dim is not None and args.scaling_dim < 1:
+        p.error(f"--scaling_dim must be >= 1, got {args.scaling_dim}")
     if args.cls_negatives < 1:
         p.error("--cls_negatives must be >= 1: cls_contrast has no in-batch negatives")
     if args.extend_pe != (args.max_length is not None):
@@ -132,6 +124,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__):
 
 def build_encoder(args, accelerator):
     """The model this script trains: an encoder (or any EmbeddingModel directory), position table optionally extended."""
+    from modules.model import DTYPES, EmbeddingModel
+    from modules.position import extend_model_positions, freeze_position_embeddings
+
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim,
                                            dtype=DTYPES[args.torch_dtype])
     if args.extend_pe:
@@ -144,10 +139,27 @@ def build_encoder(args, accelerator):
     return model
 
 
-def main(argv=None, add_arguments=None, build_model=build_encoder, description=__doc__):
+def main(argv=None, add_arguments=None, build_model=build_encoder, description=__doc__, decoder=False):
     """Fine-tune; train_llm_embed.py reuses this loop with its own flags and model (``build_model(args, accelerator)``)."""
-    args = parse_args(argv, add_arguments, description)
-    accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm)
+    args = parse_args(argv, add_arguments, description, decoder)
+    # imported after the flags are parsed, so that --help and flag errors answer at once
+    import torch
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from modules.data import EpochBatches, TaskCollator, build_sampler, describe_data_order, load_meta_list
+    from modules.data import read_query_prefixes
+    from modules.evaluation import load_sts_pairs, sts_spearman
+    from modules.forward import batch_size_and_tokens, task_loss, to_device
+    from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags, relative_task_weights
+    from modules.mining import MiningState, dhnm_round
+    from modules.outputs import finish_run, write_run_config
+    from modules.progress import Progress, Stopwatch
+    from modules.run_summary import finetune_setup, startup_lines
+    from modules.training import build_optimizer, make_accelerator, make_scheduler
+
+    accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm, args.report_to)
     set_seed(args.seed)  # before anything random is built (Piccolo builds its sampler first)
 
     # ---- data: every record checked now, so bad input fails before step one
@@ -162,17 +174,23 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # --cbb: each step one batch per task kind, retrieval queries shared by all processes
     sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
                             args.cbb)
-    accelerator.print("\n".join(describe_batches(datasets, sampler)))
     # what fixes the data order, stored with every checkpoint: a resume under another setup is refused
     data_order = describe_data_order(datasets, batch_sizes, processes=accelerator.num_processes, seed=args.seed,
                                      grad_accum=args.grad_accum, cbb=args.cbb)
+    # the schedule in optimizer steps, also checked on resume
+    steps_per_epoch = len(sampler) // args.grad_accum
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps * args.grad_accum / len(sampler))
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    schedule = {"total_steps": total_steps, "warmup_steps": warmup_steps, "lr": args.lr, "scaling_lr": args.scaling_lr,
+                "lr_scheduler": args.lr_scheduler}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
-        check_resumable(checkpoint, data_order, accelerator.num_processes)
+        check_resumable(checkpoint, data_order, accelerator.num_processes, schedule)
     mining = None
     if args.dhnm:  # every mined record must hold exactly the negatives a step uses
         mining = MiningState.for_datasets(datasets, args.retri_negatives * negative_parts, args.meta_list)
-    eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
+    eval_pairs = load_sts_pairs(args.eval_sts_file) if args.eval_sts_file else None
 
     # ---- model and losses
     model = build_model(args, accelerator)
@@ -200,16 +218,15 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     if args.mrl_dims:
         accelerator.print(f"Matryoshka dims: {losses['cosent'].dims}")
 
-    # ---- optimizer and schedule (in optimizer steps)
-    steps_per_epoch = len(sampler) // args.grad_accum
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps * args.grad_accum / len(sampler))
+    # ---- optimizer and schedule
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.scaling_lr)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+    scheduler = make_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     tokenizer = accelerator.unwrap_model(model).tokenizer
     if mining is not None:
         accelerator.register_for_checkpointing(mining)  # saved and restored with save_state / load_state
+    setup = finetune_setup(args, accelerator, datasets, batch_sizes, sampler, total_steps, warmup_steps, loss_weights)
+    accelerator.print("\n".join(startup_lines(setup, args)))
 
     # ---- resume
     global_step, start_epoch, start_batch = 0, 0, 0
@@ -234,13 +251,13 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
     # ---- train
     model.train()
-    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = Progress(total_steps, global_step, accelerator.is_local_main_process)
     window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS)), "pairs": 0, "tokens": 0,
-              "start": time.perf_counter()}
+              "seconds": 0.0}
     done = global_step >= total_steps
-    measured = {"steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}  # training steps only, after the first
+    measured = {"timed_steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}  # training steps after the first
     dhnm_log, last_mined = {"checks": 0, "checked": 0, "replaced": 0, "seconds": 0.0}, None
-    warm, step_start = False, time.perf_counter()
+    warm, step_clock = False, Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     for epoch in range(start_epoch, num_epochs):
         if done:
             break
@@ -261,64 +278,55 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
+            step_pairs, step_tokens = 0, 0
             for part, loss in zip(parts, part_losses):
                 pairs, tokens = batch_size_and_tokens(part)
                 window["loss"][KINDS.index(part["kind"])] += loss.detach().float().cpu()
                 window["count"][KINDS.index(part["kind"])] += 1
-                window["pairs"] += pairs * accelerator.num_processes
-                window["tokens"] += tokens * accelerator.num_processes
-                if warm:
-                    measured["pairs"] += pairs * accelerator.num_processes
-                    measured["tokens"] += tokens * accelerator.num_processes
+                step_pairs += pairs * accelerator.num_processes
+                step_tokens += tokens * accelerator.num_processes
                 if mining is not None and part["dataset_index"] in mining:
                     last_mined = (part["dataset_index"], part["indices"])
+            window.update(pairs=window["pairs"] + step_pairs, tokens=window["tokens"] + step_tokens)
+            if warm:
+                measured.update(pairs=measured["pairs"] + step_pairs, tokens=measured["tokens"] + step_tokens)
             if not accelerator.sync_gradients:
                 continue
 
             scheduler.step()
             global_step += 1
+            seconds = step_clock.stop()
+            window["seconds"] += seconds
             if warm:
-                measured["seconds"] += time.perf_counter() - step_start
-                measured["steps"] += 1
+                measured.update(seconds=measured["seconds"] + seconds, timed_steps=measured["timed_steps"] + 1)
             warm = True
-            progress.update(1)
+            progress.update()
             if global_step % args.log_every == 0 or global_step == total_steps:
-                elapsed = time.perf_counter() - window["start"]
                 task_losses = accelerator.reduce(window["loss"].to(accelerator.device), "mean").cpu()
                 metrics = {f"loss/{k}": (task_losses[i] / window["count"][i]).item()
                            for i, k in enumerate(KINDS) if window["count"][i]}
-                metrics.update({"lr": scheduler.get_last_lr()[0], "pairs_per_s": window["pairs"] / elapsed,
-                                "tokens_per_s": window["tokens"] / elapsed, "epoch": epoch})
+                metrics.update({"lr": scheduler.get_last_lr()[0], "pairs_per_s": window["pairs"] / window["seconds"],
+                                "tokens_per_s": window["tokens"] / window["seconds"], "epoch": epoch})
                 accelerator.log(metrics, step=global_step)
-                progress.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in metrics.items() if k != "epoch"})
+                progress.log(global_step, metrics)
                 window.update(loss=torch.zeros(len(KINDS)), count=torch.zeros(len(KINDS)), pairs=0, tokens=0,
-                              start=time.perf_counter())
+                              seconds=0.0)
             if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
-                check_start = time.perf_counter()
-                prefix = query_prefix[datasets[last_mined[0]].name]
-                updates = dhnm_check(model, tokenizer, mining, *last_mined, max_lengths, prefix, args.dhnm_ratio,
-                                     args.dhnm_max_abs, args.dhnm_skip)
-                if accelerator.num_processes > 1 and not args.cbb:  # CBB: every process checked the same records
-                    updates = gather_object(updates)
-                for record_index, ranks, score in updates:
-                    mining.replace(last_mined[0], record_index, ranks, score)
-                checked = len(last_mined[1]) * (1 if args.cbb else accelerator.num_processes)
-                dhnm_log.update(checks=dhnm_log["checks"] + 1, checked=dhnm_log["checked"] + checked,
-                                replaced=dhnm_log["replaced"] + len(updates),
-                                seconds=dhnm_log["seconds"] + time.perf_counter() - check_start)
-                accelerator.log({"dhnm/checked": checked, "dhnm/replaced": len(updates),
-                                 "dhnm/check_seconds": time.perf_counter() - check_start}, step=global_step)
-                accelerator.print(f"step {global_step}: DHNM checked {checked} examples, replaced {len(updates)}")
+                counts = dhnm_round(accelerator, model, tokenizer, mining, last_mined, max_lengths,
+                                    query_prefix[datasets[last_mined[0]].name], args, dhnm_log)
+                accelerator.log(counts, step=global_step)
+                accelerator.print(f"step {global_step}: DHNM checked {counts['dhnm/checked']} examples, "
+                                  f"replaced {counts['dhnm/replaced']}")
             if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
                 eval_history[global_step] = evaluate()
             if args.save_every and global_step % args.save_every == 0:
                 state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1,
-                         "data_order": data_order}
+                         "data_order": data_order, "schedule": schedule}
                 save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit)
             if global_step >= total_steps:
                 done = True
                 break
-            step_start = time.perf_counter()
+            step_clock.start()
     progress.close()
 
     # ---- final model and scores
@@ -326,7 +334,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         eval_history[global_step] = evaluate()
     if mining is not None:
         measured["dhnm"] = dhnm_log
-    finish_run(accelerator, model, args, measured, eval_history)
+    finish_run(accelerator, model, args, {**setup, "steps": global_step, **measured}, eval_history)
 
 
 if __name__ == "__main__":

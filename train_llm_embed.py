@@ -5,8 +5,8 @@
         --instruction_template 'Instruct: {task}\\nQuery: ' --task_instructions tasks.json \\
         --default_task 'Given a query, retrieve relevant passages' --gradient_checkpointing --lr 1e-4
 
-The loop, data, losses, MRL, checkpoints and resume are train_finetune.py's (every flag of it works
-here); this script adds the decoder: EOS appended by the tokenizer, left padding, last-token pooling,
+The loop, data, losses, MRL, checkpoints and resume are train_finetune.py's (its flags work here, but
+for the encoders' position-table flags: a rotary decoder takes --rope_scaling); this script adds the decoder: EOS appended by the tokenizer, left padding, last-token pooling,
 LoRA through peft (or --full_finetune), per-dataset query instructions saved as sentence-transformers
 prompts, RoPE scaling, and a final directory that holds the merged model (sentence-transformers) and
 the adapter (adapter/). See modules/llm.py for the method and its sources.
@@ -15,10 +15,7 @@ the adapter (adapter/). See modules/llm.py for the method and its sources.
 
 import train_finetune
 from modules.cli import run_cli
-from modules.data import iter_raw_records, read_meta_list, read_query_prefixes
-from modules.llm import (
-    DEFAULT_LORA_TARGETS, ROPE_SCALINGS, LLMEmbeddingModel, LLMSetupError, instruction_prompts, parameter_counts,
-)
+from modules.flags import DEFAULT_LORA_TARGETS, ROPE_SCALINGS
 
 
 def add_llm_arguments(parser):
@@ -46,6 +43,9 @@ def add_llm_arguments(parser):
 
 def llm_prompts(args):
     """The query prompts of this run: {"query": default, <dataset>: its instruction} (empty without a template)."""
+    from modules.data import iter_raw_records, read_meta_list, read_query_prefixes
+    from modules.llm import LLMSetupError, instruction_prompts
+
     if args.instruction_template is None:
         if args.task_instructions or args.default_task:
             raise LLMSetupError("--task_instructions / --default_task need --instruction_template")
@@ -56,7 +56,7 @@ def llm_prompts(args):
         raise LLMSetupError("give queries --instruction_template (with --task_instructions / --default_task) or "
                             "--query_prefix / --query_prefix_file, not both")
     # datasets by name (the name load_task_dataset gives) and kind: only contrastive queries get instructions
-    kinds = {e.path.stem if e.path.is_file() else e.path.name: e.kind or next(iter_raw_records(e.path))[1].get("type")
+    kinds = {e.name: e.kind or next(iter_raw_records(e.path))[1].get("type")
              for e in read_meta_list(args.meta_list, args.root_dir)}
     names = [name for name, kind in kinds.items() if kind != "cosent"]
     tasks = read_query_prefixes(args.task_instructions, kinds, "--task_instructions") if args.task_instructions else {}
@@ -70,9 +70,8 @@ def llm_prompts(args):
 
 def build_llm_model(args, accelerator):
     """The decoder embedding model of train_finetune.main, built from this script's flags."""
-    if args.extend_pe or args.freeze_position_embeddings:
-        raise LLMSetupError("--extend_pe / --freeze_position_embeddings are for learned position tables; "
-                            "a rotary decoder is extended with --rope_scaling")
+    from modules.llm import LLMEmbeddingModel, LLMSetupError, parameter_counts
+
     if args.rope_scaling is None and (args.rope_factor or args.rope_original_max_positions):
         raise LLMSetupError("--rope_factor / --rope_original_max_positions need --rope_scaling")
     if args.wise_ft_alpha < 1 and not args.full_finetune:
@@ -90,7 +89,7 @@ def build_llm_model(args, accelerator):
                           target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
                           task_type="FEATURE_EXTRACTION")
     model = LLMEmbeddingModel.from_pretrained(
-        args.model_name_or_path, pooling=args.pooling or "lasttoken", scaling_dim=args.scaling_dim,
+        args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim,
         max_seq_length=max(args.query_max_len, args.passage_max_len, args.pair_max_len), lora=lora,
         rope=(args.rope_scaling, args.rope_factor, args.rope_original_max_positions) if args.rope_scaling else None,
         dtype=args.torch_dtype, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
@@ -102,7 +101,7 @@ def build_llm_model(args, accelerator):
 
 
 def main(argv=None):
-    train_finetune.main(argv, add_llm_arguments, build_llm_model, __doc__)
+    train_finetune.main(argv, add_llm_arguments, build_llm_model, __doc__, decoder=True)
 
 
 if __name__ == "__main__":

@@ -12,38 +12,23 @@ process's position in every source, so resuming continues with exactly the batch
 have come next. All hyperparameters are below; edit freely for ablations.
 """
 
-import argparse
-import time
-from pathlib import Path
+import math
 
-import torch
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_scheduler
-
-from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
-from modules.cli import run_cli
-from modules.data import MetaEntry, load_task_dataset
-from modules.evaluation import sts_spearman
-from modules.forward import embed, to_device
-from modules.gradcache import cached_loss_backward, check_gradcache_supported
-from modules.losses import InBatchInfoNCE, matryoshka_from_flags
-from modules.model import DTYPES, TORCH_DTYPE_HELP, EmbeddingModel
-from modules.outputs import finish_run, write_run_config
-from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
-from modules.training import add_output_arguments, build_optimizer, check_output_arguments, make_accelerator
+from modules.cli import ArgumentParser, run_cli
+from modules.flags import (
+    DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", required=True, help="transformers or sentence-transformers directory")
     g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
-    g.add_argument("--torch_dtype", choices=list(DTYPES), default="float32", help=TORCH_DTYPE_HELP)
+    g.add_argument("--torch_dtype", choices=DTYPE_NAMES, default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g = p.add_argument_group("data")
-    g.add_argument("--meta_list", required=True, help="lines of '<path> <weight> [columns=QUERY,POSITIVE]'")
+    g.add_argument("--meta_list", required=True, help=f"lines of '{PRETRAIN_META_LINE}'")
     g.add_argument("--root_dir", default=None, help="base of relative meta-list paths (default: the meta list's dir)")
     g.add_argument("--batch_size", type=int, default=256, help="pairs per process per step (global = x processes)")
     g.add_argument("--query_max_len", type=int, default=64)
@@ -64,7 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=2e-5)
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--lr_scheduler", default="linear", help="any transformers scheduler name")
-    g.add_argument("--warmup_steps", type=int, default=500)
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="warmup steps as a share of --max_steps")
+    g.add_argument("--warmup_steps", type=int, default=None, help="warmup steps (overrides --warmup_ratio)")
     g.add_argument("--max_steps", type=int, required=True, help="optimizer steps (the stream has no epochs)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=42)
@@ -73,24 +59,49 @@ def parse_args(argv=None):
     check_output_arguments(p, args)
     if args.mini_batch_size < 0 or args.batch_size < 1:
         p.error("--batch_size must be >= 1 and --mini_batch_size >= 0")
+    if args.max_steps < 1:
+        p.error(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.warmup_steps is None:
+        args.warmup_steps = math.ceil(args.warmup_ratio * args.max_steps)
+    if not 0 <= args.warmup_steps <= args.max_steps:
+        p.error(f"--warmup_steps {args.warmup_steps} must be in [0, --max_steps {args.max_steps}]")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm)
+    # imported after the flags are parsed, so that --help and flag errors answer at once
+    import torch
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from modules.evaluation import load_sts_pairs, sts_spearman
+    from modules.forward import embed, to_device
+    from modules.gradcache import cached_loss_backward, check_gradcache_supported
+    from modules.losses import InBatchInfoNCE, matryoshka_from_flags
+    from modules.model import DTYPES, EmbeddingModel
+    from modules.outputs import finish_run, write_run_config
+    from modules.progress import Progress, Stopwatch
+    from modules.run_summary import pretrain_setup, startup_lines
+    from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
+    from modules.training import build_optimizer, make_accelerator, make_scheduler
+
+    accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm, report_to=args.report_to)
     set_seed(args.seed)
     if args.mini_batch_size:
         check_gradcache_supported(accelerator)
 
     sources = read_pretrain_meta_list(args.meta_list, args.root_dir)
-    # what fixes the stream, stored with every checkpoint: a resume under another setup is refused
+    # what fixes the stream and the schedule, stored with every checkpoint: a resume under another setup is refused
     data_order = {"processes": accelerator.num_processes, "seed": args.seed, "batch_size": args.batch_size,
                   "shuffle_chunk": args.shuffle_chunk, "block_mb": args.block_mb, "sources": describe_sources(sources)}
+    schedule = {"max_steps": args.max_steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
+                "lr_scheduler": args.lr_scheduler}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
-        check_resumable(checkpoint, data_order, accelerator.num_processes)
-    eval_pairs = load_task_dataset(MetaEntry(Path(args.eval_sts_file), 1, kind="cosent"), {}).records if args.eval_sts_file else None
+        check_resumable(checkpoint, data_order, accelerator.num_processes, schedule)
+    eval_pairs = load_sts_pairs(args.eval_sts_file) if args.eval_sts_file else None
 
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
     if args.gradient_checkpointing:
@@ -101,13 +112,16 @@ def main(argv=None):
         accelerator.print(f"Matryoshka dims: {loss_fn.dims}")
     tokenizer = model.tokenizer
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)
+    scheduler = make_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    setup = pretrain_setup(args, accelerator, sources)
+    accelerator.print("\n".join(startup_lines(setup, args)))
 
-    global_step, loader_state = 0, None
+    global_step, loader_state, source_batches = 0, None, [0] * len(sources)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step, loader_state = state["global_step"], state["process_states"][accelerator.process_index]
+        source_batches = state.get("source_batches", source_batches)  # counted since this resume if not saved
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     if accelerator.is_main_process:
         write_run_config(args.output_dir, args, [args.meta_list])
@@ -129,14 +143,15 @@ def main(argv=None):
     eval_history = {0: evaluate()} if eval_pairs and checkpoint is None else {}
 
     model.train()
-    progress = tqdm(total=args.max_steps, initial=global_step, disable=not accelerator.is_local_main_process)
-    window = {"loss": torch.zeros(()), "steps": 0, "pairs": 0, "tokens": 0, "start": time.perf_counter()}
-    measured = {"steps": 0, "pairs": 0, "seconds": 0.0}  # after the first step (warm-up excluded)
-    warm = False
+    progress = Progress(args.max_steps, global_step, accelerator.is_local_main_process)
+    window = {"loss": torch.zeros(()), "steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}
+    measured = {"timed_steps": 0, "pairs": 0, "seconds": 0.0}  # training steps after the first
+    warm, step_clock = False, Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     while global_step < args.max_steps:
-        step_start = time.perf_counter()
+        step_clock.start()
         batch = next(loader)
         loader_state = batch.pop("loader_state")
+        source_batches[batch.pop("source")] += 1
         batch = to_device(batch, accelerator.device)
         if args.mini_batch_size:
             loss = cached_loss_backward(model, [batch["query"], batch["passage"]], loss_fn, args.mini_batch_size,
@@ -151,35 +166,43 @@ def main(argv=None):
         scheduler.step()
         optimizer.zero_grad()
         global_step += 1
-        progress.update(1)
+        seconds = step_clock.stop()
+        progress.update()
 
         pairs = batch["query"]["input_ids"].size(0) * accelerator.num_processes
         tokens = int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())
-        window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1, pairs=window["pairs"] + pairs,
-                      tokens=window["tokens"] + tokens * accelerator.num_processes)
+        window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1,
+                      pairs=window["pairs"] + pairs, tokens=window["tokens"] + tokens * accelerator.num_processes,
+                      seconds=window["seconds"] + seconds)
         if warm:
-            measured.update(steps=measured["steps"] + 1, pairs=measured["pairs"] + pairs,
-                            seconds=measured["seconds"] + time.perf_counter() - step_start)
+            measured.update(timed_steps=measured["timed_steps"] + 1, pairs=measured["pairs"] + pairs,
+                            seconds=measured["seconds"] + seconds)
         warm = True
         if global_step % args.log_every == 0 or global_step == args.max_steps:
-            elapsed = time.perf_counter() - window["start"]
             loss_sum = accelerator.reduce(window["loss"].to(accelerator.device), "mean").item()  # every process's part
             metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0],
-                       "pairs_per_s": window["pairs"] / elapsed, "tokens_per_s": window["tokens"] / elapsed}
-            accelerator.log(metrics, step=global_step)
-            progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-            window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, start=time.perf_counter())
+                       "pairs_per_s": window["pairs"] / window["seconds"],
+                       "tokens_per_s": window["tokens"] / window["seconds"]}
+            accelerator.log({**metrics, **{f"batches/{s.name}": n for s, n in zip(sources, source_batches)}},
+                            step=global_step)
+            progress.log(global_step, metrics)
+            window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, seconds=0.0)
         if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
             eval_history[global_step] = evaluate()
         if args.save_every and global_step % args.save_every == 0:
-            state = {"global_step": global_step, "data_order": data_order}
+            state = {"global_step": global_step, "data_order": data_order, "schedule": schedule,
+                     "source_batches": source_batches}
             save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
                             process_state=loader_state)
     progress.close()
 
     if eval_pairs:
         eval_history[global_step] = evaluate()
-    finish_run(accelerator, model, args, measured, eval_history)
+    by_source = {source.name: count for source, count in zip(sources, source_batches)}
+    accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
+                                                        for name, count in by_source.items()))
+    finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured},
+               eval_history)
 
 
 if __name__ == "__main__":

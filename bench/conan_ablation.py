@@ -105,7 +105,7 @@ def main():
                 if "dhnm" in summary:
                     dhnm = summary["dhnm"]
                     replaced[variant].append(dhnm["replaced"])
-                    check_ratios.append((dhnm["seconds"] / dhnm["checks"]) / (summary["seconds"] / summary["steps"]))
+                    check_ratios.append((dhnm["seconds"] / dhnm["checks"]) / (summary["seconds"] / summary["timed_steps"]))
                 print(f"seed {seed} {variant:8s} {scores[variant][-1]} dhnm replaced {replaced[variant][-1:]}", flush=True)
     start = score_model(minilm_path(), STS_SETS, RETRIEVAL_SETS, 64)
     result = {"model": "all-MiniLM-L6-v2", "steps": args.steps, "dhnm_interval": args.dhnm_interval, "seeds": seeds,

@@ -38,6 +38,7 @@ from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from local_tasks import LocalDataError, as_local_tasks
+from modules.model_card import update_cmteb_section
 
 BENCHMARK = "MTEB(cmn, v1)"
 # C-MTEB's task types, in the order the summary lists them; other types follow alphabetically.
@@ -581,6 +582,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     summary = build_summary(args, model, encoder, tasks, dims, results)
     print(write_reports(summary, output_dir))
     print(f"Results in {output_dir}")
+    if update_cmteb_section(args.model, summary):  # the model directory's card is one a training run wrote
+        print(f"C-MTEB section of {Path(args.model) / 'README.md'} updated")
     return summary
 
 

@@ -96,13 +96,16 @@ def resolve_checkpoint(resume_from, output_dir):
     return path
 
 
-def check_resumable(path, data_order, num_processes):
-    """Refuse to resume from ``path`` when what fixes the data order changed since it was saved.
+def check_resumable(path, data_order, num_processes, schedule=None):
+    """Refuse to resume from ``path`` when what fixes the data order or the learning-rate schedule changed
+    since it was saved.
 
     ``data_order`` is what the script stores with every checkpoint (processes, datasets and their
     sizes, batch sizes, repeats or weights, seed, ...): the checkpoint's data position means nothing
-    under another setup. Every process's RNG state file must be there too (accelerate would skip a
-    missing one silently, and dropout would no longer replay).
+    under another setup. ``schedule`` (steps, warmup, lr, scheduler) too: the restored scheduler keeps
+    its saved base learning rates and step count, so a new --max_steps or --lr would make the
+    learning rate jump rather than follow a new schedule. Every process's RNG state file must be
+    there too (accelerate would skip a missing one silently, and dropout would no longer replay).
     """
     path = Path(path)
     state = json.loads((path / TRAINER_STATE).read_text())
@@ -115,6 +118,13 @@ def check_resumable(path, data_order, num_processes):
     if changed:
         raise UsageError(f"{path} was saved with another data setup; resuming would continue at a wrong data "
                          f"position. Changed (checkpoint -> this run): {'; '.join(changed)}")
+    if schedule is not None and "schedule" in state:
+        changed = _differences(state["schedule"], json.loads(json.dumps(schedule)))
+        if changed:
+            raise UsageError(f"{path} was saved with another learning-rate schedule; the restored scheduler would "
+                             f"not follow the new one. Changed (checkpoint -> this run): {'; '.join(changed)}. "
+                             "To train on from these weights under a new schedule, export the checkpoint "
+                             "(tools/export_checkpoint.py) and start a new run from it")
     missing = [f"random_states_{rank}.pkl" for rank in range(num_processes)
                if not (path / f"random_states_{rank}.pkl").exists()]
     if missing:

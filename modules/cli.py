@@ -1,11 +1,21 @@
-"""Command-line entry: bad input ends a script with one line naming the file, line or option, and exit status 2."""
+"""Command-line entry: bad input ends a script with one line naming the file, line or option, and exit status 2.
 
+Imports nothing heavy: scripts parse their flags before importing torch, so ``--help`` and flag errors
+answer at once.
+"""
+
+import argparse
+import copy
 import sys
 from pathlib import Path
 
 
 class UsageError(ValueError):
     """Bad input (a flag, a flag combination, a file, a checkpoint); the message names it."""
+
+
+class DataError(UsageError):
+    """Bad input data or meta list; the message names the file and line."""
 
 
 def run_cli(main):
@@ -15,3 +25,27 @@ def run_cli(main):
     except UsageError as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default after its help (unless the help gives it)."""
+
+    def _format_action(self, action):
+        help = action.help or ""
+        if not ("default" in help or action.required or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            action = copy.copy(action)
+            shown = "none" if action.default is None else "%(default)r" if isinstance(action.default, str) \
+                else "%(default)s"
+            action.help = f"{help} (default: {shown})".lstrip()
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in ``--help``, and a flag error as one line (``<prog>: error: ...``), exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

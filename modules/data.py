@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import UsageError
+from .cli import DataError
+from .flags import META_LINE
 
 TASK_KINDS = ("retri_contrast", "cls_contrast", "cosent")
 CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")
-
-
-class DataError(UsageError):
-    """Bad input data or meta list; the message names the file and line."""
 
 
 # --------------------------------------------------------------------------- meta lists
@@ -39,6 +36,7 @@ class MetaEntry:
     batch_size: int | None = None
     weight: float | None = None  # share of an epoch's batches, relative to the other lines' weights
     source: str = ""  # "meta.txt:3", for error messages
+    name: str | None = None  # name=NAME, else derived by assign_dataset_names
 
 
 def iter_meta_lines(meta_file, root_dir, expected):
@@ -64,11 +62,31 @@ def iter_meta_lines(meta_file, root_dir, expected):
         raise DataError(f"meta list {meta_file} lists no datasets")
 
 
-META_LINE = "<path> <repeat> [type=KIND] [batch_size=N] [weight=W]"
+def assign_dataset_names(entries):
+    """Give every entry without ``name=`` a name: its file stem (or folder name), or ``folder/stem`` where
+    stems repeat (two ``train.jsonl`` become ``en-stsb/train`` and ``en-sick/train``); refuse two equal names.
+
+    Names key query prefixes and prompts saved with the model, so they must be unique.
+    """
+    def stem(path):
+        return _strip_suffix(path.name) if path.is_file() else path.name
+
+    unnamed = [e for e in entries if e.name is None]
+    stems = [stem(e.path) for e in unnamed]
+    for entry, own in zip(unnamed, stems):
+        entry.name = f"{entry.path.parent.name}/{own}" if stems.count(own) > 1 else own
+    first = {}
+    for entry in entries:
+        if entry.name in first:
+            raise DataError(f"{entry.source}: dataset name {entry.name!r} is also the name of {first[entry.name]}; "
+                            "give one of them name=NAME")
+        first[entry.name] = entry.source
+    return entries
 
 
 def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
-    """Parse ``<path> <repeat> [type=KIND] [batch_size=N] [weight=W]`` lines (weight on every line or none)."""
+    """Parse ``<path> <repeat> [type=KIND] [batch_size=N] [weight=W] [name=NAME]`` lines (weight on every
+    line or none); every entry gets a unique name."""
     entries = []
     for where, root, fields in iter_meta_lines(meta_file, root_dir, META_LINE):
         path = Path(fields[0]) if Path(fields[0]).is_absolute() else root / fields[0]
@@ -85,15 +103,25 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
                 entry.batch_size = _positive_int(value, where, "batch_size")
             elif key == "weight":
                 entry.weight = _positive_float(value, where, "weight")
+            elif key == "name" and value:
+                entry.name = value
             else:
-                raise DataError(f"{where}: unknown option {option!r}; expected type=KIND, batch_size=N or weight=W")
+                raise DataError(f"{where}: unknown option {option!r}; expected type=KIND, batch_size=N, weight=W "
+                                "or name=NAME")
         entries.append(entry)
     weighted = [e.weight is not None for e in entries]
     if any(weighted) and not all(weighted):
         unweighted = entries[weighted.index(False)]
         raise DataError(f"{unweighted.source}: no weight=W, but other lines of {meta_file} have one: give every "
                         "dataset a weight (shares of the epoch's batches) or none (shares follow sizes x repeats)")
-    return entries
+    return assign_dataset_names(entries)
+
+
+def _strip_suffix(file_name):
+    for suffix in (".jsonl.gz", ".jsonl", ".json", ".parquet"):
+        if file_name.endswith(suffix):
+            return file_name.removesuffix(suffix)
+    return Path(file_name).stem
 
 
 def _positive_float(text, where, name):
@@ -125,6 +153,8 @@ def iter_raw_records(path: Path, on_invalid_json=None):
     An invalid JSON line raises DataError, or is passed to ``on_invalid_json(error)`` and skipped.
     """
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
     if path.is_dir():
         import datasets
 
@@ -167,7 +197,8 @@ def parse_json_line(line, where):
         raise DataError(f"{where}: invalid JSON ({error.msg})") from None
 
 
-def _text(record, column, where):
+def text_column(record, column, where):
+    """A record's string column; anything else is a DataError naming the file and line."""
     value = record.get(column)
     if not isinstance(value, str):
         raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
@@ -192,8 +223,11 @@ def _number(record, column, where):
     return float(value)
 
 
-def parse_record(record, kind, where, negatives_needed=0):
-    """Check one raw record and return it in the normal form of its kind (with at least ``negatives_needed``)."""
+def parse_record(record, kind, where, negatives_needed=0, corpus_root=None):
+    """Check one raw record and return it in the normal form of its kind (with at least ``negatives_needed``).
+
+    A mined record's ``corpus`` path is relative to ``corpus_root`` (the folder of the record's file).
+    """
     needs_negatives = negatives_needed > 0
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
@@ -201,13 +235,13 @@ def parse_record(record, kind, where, negatives_needed=0):
         if column not in record or record[column] is None:
             raise DataError(f"{where}: missing column {column!r} for type {kind}")
     if kind == "cosent":
-        return {"text": _text(record, "text", where), "text_pair": _text(record, "text_pair", where),
+        return {"text": text_column(record, "text", where), "text_pair": text_column(record, "text_pair", where),
                 "label": _number(record, "label", where)}
-    parsed = {"text": _text(record, "text", where), "text_pos": _text_list(record, "text_pos", where, False)}
+    parsed = {"text": text_column(record, "text", where), "text_pos": _text_list(record, "text_pos", where, False)}
     if needs_negatives:
         parsed["text_neg"] = _text_list(record, "text_neg", where, allow_empty=False)
-    if kind == "retri_contrast" and "candidates" in record:
-        parsed.update(_mined_candidates(record, where))
+    if kind == "retri_contrast" and ("candidates" in record or "candidate_ids" in record):
+        parsed.update(_mined_candidates(record, where, Path(corpus_root or ".")))
     if needs_negatives and len(parsed["text_neg"]) < negatives_needed:
         raise DataError(f"{where}: {len(parsed['text_neg'])} negatives in 'text_neg', fewer than the {negatives_needed} "
                         "each record needs (--retri_negatives / --cls_negatives; for retrieval under --cbb, times the "
@@ -215,12 +249,18 @@ def parse_record(record, kind, where, negatives_needed=0):
     return parsed
 
 
-def _mined_candidates(record, where):
-    """The ranked list tools/mine_hard_negatives.py writes, which dynamic hard-negative mining draws from."""
-    candidates = _text_list(record, "candidates", where, allow_empty=False)
+def _mined_candidates(record, where, corpus_root):
+    """The ranked list tools/mine_hard_negatives.py writes, which dynamic hard-negative mining draws from:
+    corpus ids (``candidate_ids``, texts read from the ``corpus`` file) or, in older files, the texts (``candidates``)."""
+    if "candidates" in record:
+        candidates = _text_list(record, "candidates", where, allow_empty=False)
+    else:
+        from .corpus import corpus_candidates  # corpus.py reads its files with this module's readers
+
+        candidates = corpus_candidates(record, where, corpus_root)
     ranks, scores = record.get("neg_ranks"), record.get("neg_scores")
     if not (isinstance(ranks, list) and ranks and all(isinstance(r, int) and 0 <= r < len(candidates) for r in ranks)):
-        raise DataError(f"{where}: 'neg_ranks' must list ranks into 'candidates' (0..{len(candidates) - 1})")
+        raise DataError(f"{where}: 'neg_ranks' must list ranks into the candidates (0..{len(candidates) - 1})")
     if not (isinstance(scores, list) and len(scores) == len(ranks)
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores)):
         raise DataError(f"{where}: 'neg_scores' must hold one number per entry of 'neg_ranks'")
@@ -265,11 +305,11 @@ def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict) -> TaskDataset
                 raise DataError(f"{where}: type {record_kind!r} but the dataset is {kind!r} ({entry.source})")
         if kind is None:
             raise DataError(f"{where}: no 'type' column and no type=KIND in the meta list ({entry.source})")
-        records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0)))
+        records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0), entry.path.parent))
     if not records:
         raise DataError(f"{entry.path}: empty dataset ({entry.source})")
-    return TaskDataset(entry.path.stem if entry.path.is_file() else entry.path.name, kind, records,
-                       entry.repeat, entry.batch_size, entry.source, entry.path, entry.weight)
+    return TaskDataset(entry.name or entry.path.name, kind, records, entry.repeat, entry.batch_size, entry.source,
+                       entry.path, entry.weight)
 
 
 def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[TaskDataset]:
@@ -287,9 +327,10 @@ def describe_data_order(datasets, batch_sizes, **setup):
                                    "weight": d.weight} for d, size in zip(datasets, batch_sizes)]}
 
 
-def describe_batches(datasets, sampler):
-    """One line per dataset: kind, records, batches an epoch and share of the steps (printed at start-up)."""
-    if isinstance(sampler, BalancedBatchSampler):  # every step holds one batch of every kind
+def dataset_shares(datasets, sampler, batch_sizes):
+    """Every dataset's kind, records, batch size, batches an epoch and share of the steps (of its kind's
+    batches under CBB, where every step holds one batch of every kind): the start-up lines and train_summary.json."""
+    if isinstance(sampler, BalancedBatchSampler):
         counts, within = {}, {}
         for kind, kind_sampler in sampler.samplers.items():
             for member, count in zip(sampler.members[kind], kind_sampler.batch_counts()):
@@ -299,8 +340,16 @@ def describe_batches(datasets, sampler):
         counts = dict(enumerate(sampler.batch_counts()))
         total = {i: sum(counts.values()) for i in counts}
         within = {i: "of the steps" for i in counts}
-    return [f"{d.name} ({d.kind}, {d.source}): {len(d)} records, {counts[i]} batches an epoch, "
-            f"{100 * counts[i] / total[i]:.1f}% {within[i]}" for i, d in enumerate(datasets)]
+    return [{"name": d.name, "path": str(d.path), "source": d.source, "kind": d.kind, "records": len(d),
+             "batch_size": size, "batches_per_epoch": counts[i], "share": counts[i] / total[i], "share_of": within[i]}
+            for i, (d, size) in enumerate(zip(datasets, batch_sizes))]
+
+
+def describe_batches(datasets, sampler, batch_sizes=None):
+    """One line per dataset: kind, records, batches an epoch and share of the steps (printed at start-up)."""
+    return [f"{d['name']} ({d['kind']}, {d['source']}): {d['records']} records, {d['batches_per_epoch']} batches an "
+            f"epoch, {100 * d['share']:.1f}% {d['share_of']}"
+            for d in dataset_shares(datasets, sampler, batch_sizes or [None] * len(datasets))]
 
 
 def build_sampler(datasets, batch_sizes, seed, num_processes=1, process_index=0, cbb=False):

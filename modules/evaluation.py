@@ -1,12 +1,20 @@
 """Quick evaluation: embed texts, score STS-style pairs (Spearman of cosine) and retrieval (nDCG@10)."""
 
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+
+
+def load_sts_pairs(path):
+    """The records of an STS file (text, text_pair, label), checked like training data (``--eval_sts_file``)."""
+    from .data import DataError, MetaEntry, load_task_dataset
+
+    if not Path(path).is_file():
+        raise DataError(f"--eval_sts_file {path}: no such file")
+    return load_task_dataset(MetaEntry(Path(path), 1, kind="cosent", source="--eval_sts_file"), {}).records
 
 
 @torch.no_grad()
@@ -39,26 +47,35 @@ def sts_spearman(model, tokenizer, pairs, max_length, batch_size=64):
     return 100 * spearmanr(scores, [p["label"] for p in pairs]).statistic
 
 
-def read_retrieval_folder(folder):
+def read_retrieval_folder(folder, split=None):
     """(queries {id: text}, corpus {id: text}, qrels {query id: {doc id: grade}}) from a BEIR-layout folder:
-    corpus.jsonl and queries.jsonl ({"id", "text"}, a corpus "title" is prepended when the text lacks it)
-    and qrels.tsv (query-id, corpus-id, score; with a header). Only judged queries are kept."""
+    corpus.jsonl (read by modules.corpus.read_corpus), queries.jsonl ({"_id" or "id", "text"}) and
+    qrels/<split>.tsv, or qrels.tsv when no split is asked for or the folder has no qrels/ (query-id,
+    corpus-id, score; with a header). Only judgements with score > 0, and the queries they judge, are kept."""
+    from .corpus import read_corpus
+    from .data import DataError, iter_raw_records
+
     folder = Path(folder)
-
-    def read(name):
-        return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    corpus = {}
-    for document in read("corpus.jsonl"):
-        title, text = document.get("title") or "", document["text"]
-        corpus[str(document["id"])] = text if not title or text.startswith(title) else f"{title} {text}"
+    qrels_file = folder / "qrels" / f"{split}.tsv" if split and (folder / "qrels").is_dir() else folder / "qrels.tsv"
+    for path in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_file):
+        if not path.exists():
+            raise DataError(f"{folder}: no {path.relative_to(folder)} (expected the BEIR layout)")
+    corpus = read_corpus(folder / "corpus.jsonl")
     qrels = {}
-    for line in (folder / "qrels.tsv").read_text(encoding="utf-8").splitlines()[1:]:
-        query_id, doc_id, grade = line.split("\t")
-        if float(grade) > 0:
-            qrels.setdefault(query_id, {})[doc_id] = float(grade)
-    queries = {str(q["id"]): q["text"] for q in read("queries.jsonl") if str(q["id"]) in qrels}
-    return queries, corpus, qrels
+    for line_no, line in enumerate(qrels_file.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        try:
+            query_id, doc_id, grade = line.split("\t")
+            grade = float(grade)
+        except ValueError:
+            raise DataError(f"{qrels_file}:{line_no}: expected query-id, corpus-id and score separated by tabs") from None
+        if grade > 0:
+            qrels.setdefault(query_id, {})[doc_id] = grade
+    queries = {}
+    for _, query in iter_raw_records(folder / "queries.jsonl"):
+        query_id = str(query.get("_id", query.get("id")))
+        if query_id in qrels:
+            queries[query_id] = query["text"]
+    return queries, dict(zip(corpus.ids, corpus.texts)), qrels
 
 
 def ndcg_at_k(scores, relevant, k=10):

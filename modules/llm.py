@@ -17,6 +17,7 @@ loads with the same tokenizer (EOS, left padding), so it embeds exactly as the t
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,12 +25,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .cli import UsageError
+from .flags import ROPE_SCALINGS
 from .model import (
-    DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, scaling_layer_for,
+    DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, model_load_errors,
+    scaling_layer_for,
 )
 
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-ROPE_SCALINGS = ("linear", "dynamic", "yarn")
 ADAPTER_DIR = "adapter"
 
 
@@ -188,16 +189,17 @@ class LLMEmbeddingModel(EmbeddingModel):
         if pooling not in ("lasttoken", "mean"):
             raise LLMSetupError(f"--pooling {pooling}: a decoder's first token sees nothing after it; "
                                 "use lasttoken (default) or mean")
-        st = _read_sentence_transformers_layout(Path(path))
-        config = AutoConfig.from_pretrained(st["transformer_path"], trust_remote_code=trust_remote_code)
-        if rope is not None:
-            apply_rope_scaling(config, *rope)
-        config.use_cache = False  # no KV cache when embedding
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        backbone = AutoModel.from_pretrained(st["transformer_path"], config=config, dtype=DTYPES[dtype],
-                                             trust_remote_code=trust_remote_code, **kwargs)
-        tokenizer = append_eos(AutoTokenizer.from_pretrained(st["transformer_path"],
-                                                             trust_remote_code=trust_remote_code))
+        with model_load_errors(path):
+            st = _read_sentence_transformers_layout(Path(path))
+            config = AutoConfig.from_pretrained(st["transformer_path"], trust_remote_code=trust_remote_code)
+            if rope is not None:
+                apply_rope_scaling(config, *rope)
+            config.use_cache = False  # no KV cache when embedding
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            backbone = AutoModel.from_pretrained(st["transformer_path"], config=config, dtype=DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code, **kwargs)
+            tokenizer = append_eos(AutoTokenizer.from_pretrained(st["transformer_path"],
+                                                                 trust_remote_code=trust_remote_code))
         try:
             scaling_layer = scaling_layer_for(st, scaling_dim, config.hidden_size, path, backbone.dtype)
         except ValueError as error:  # the command line prints LLMSetupError without a traceback
@@ -206,10 +208,8 @@ class LLMEmbeddingModel(EmbeddingModel):
             backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             backbone.enable_input_require_grads()  # checkpointed blocks see an input that needs grad
         if lora is not None:
-            from peft import get_peft_model
-
             check_lora_targets(backbone, lora.target_modules)
-            backbone = get_peft_model(backbone, lora)  # freezes the backbone; adapters stay float32
+            backbone = _with_lora(backbone, lora)  # freezes the backbone; adapters stay float32
         max_seq_length = max_seq_length or st["max_seq_length"] or 512
         tokenizer.model_max_length = max_seq_length
         model = cls(backbone, tokenizer, pooling=pooling, scaling_layer=scaling_layer,
@@ -243,14 +243,22 @@ class LLMEmbeddingModel(EmbeddingModel):
     def _merged_backbone(self, backbone_state):
         """The adapter merged into the base weights, built from ``backbone_state`` (not the live module,
         which may be sharded): an empty (meta) copy of the peft model is given these tensors and merged."""
-        from peft import get_peft_model
-
         base = self._base_backbone()
         with torch.device("meta"):  # the class itself, not from_config: no ZeRO-3 partitioning, no remote-code lookup
             skeleton = type(base)(copy.deepcopy(base.config))
-            skeleton = get_peft_model(skeleton, copy.deepcopy(self.backbone.peft_config["default"]))
+            skeleton = _with_lora(skeleton, copy.deepcopy(self.backbone.peft_config["default"]))
         skeleton.load_state_dict(backbone_state, strict=True, assign=True)
         return skeleton.merge_and_unload(safe_merge=True)  # safe: new tensors, the trained ones stay untouched
+
+
+def _with_lora(backbone, lora):
+    """peft's model around ``backbone``; peft reads transformers' deprecated ``is_gradient_checkpointing``, whose
+    warning tells our users nothing they can change."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(backbone, lora)
 
 
 def _is_peft(module):

@@ -3,7 +3,8 @@
 Offline (tools/mine_hard_negatives.py): embed a corpus, search it with each query, and keep a ranked
 candidate list per query with its own positives (and the query itself) removed. Negatives are
 sampled from ranks [range_start, range_end) (default 10-210): the top ranks are skipped because
-they hold many unlabelled positives (false negatives).
+they hold many unlabelled positives (false negatives). The stages print plain progress lines, so a
+long run shows in a nohup / slurm log how far it is.
 
 DHNM (Conan-Embedding, arXiv 2408.15710, Sec. 3.2): each example keeps its ranked candidates, the
 ranks of its current negatives, their mean score S0 when they were chosen and a replacement count
@@ -17,19 +18,42 @@ the negatives have become easy, and the i-th replacement takes the candidates ra
 [(i-1)*n + skip, i*n + skip) (n negatives a sample, skip 10) and records their score as the new S0.
 """
 
+import time
+
 import numpy as np
 import torch
 
 from modules.data import DataError
+from modules.progress import StageProgress
 
 # --------------------------------------------------------------------------- offline mining
 
 
-def build_index(embeddings: np.ndarray, kind="flat", nlist=None, nprobe=16, hnsw_m=32):
+def embed_with_progress(model, tokenizer, texts, max_length, batch_size, stage, batches_per_chunk=10):
+    """``embed_texts`` as float32 numpy, in chunks of ``batches_per_chunk`` batches with progress between them.
+
+    The texts are sorted by length once for all chunks, so batches pad as little as in one call.
+    """
+    from modules.evaluation import embed_texts
+
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    chunk_size = batch_size * batches_per_chunk
+    progress, embeddings = StageProgress(stage, len(texts), "texts"), None
+    for start in range(0, len(texts), chunk_size):
+        rows = order[start : start + chunk_size]
+        chunk = embed_texts(model, tokenizer, [texts[i] for i in rows], max_length, batch_size).numpy()
+        if embeddings is None:
+            embeddings = np.empty((len(texts), chunk.shape[1]), dtype=np.float32)
+        embeddings[rows] = chunk
+        progress.update(start + len(rows))
+    return embeddings
+
+
+def build_index(embeddings: np.ndarray, kind="flat", nlist=None, nprobe=16, hnsw_m=32, chunk_size=100_000):
     """A faiss inner-product index over L2-normalised float32 embeddings (so scores are cosines).
 
     ``flat`` is exact (fine up to ~1M vectors); ``ivf`` (IVF-Flat, nlist default 4*sqrt(N)) and
-    ``hnsw`` are approximate and scale to many millions.
+    ``hnsw`` are approximate and scale to many millions. Vectors are added in chunks, with progress.
     """
     import faiss
 
@@ -39,26 +63,31 @@ def build_index(embeddings: np.ndarray, kind="flat", nlist=None, nprobe=16, hnsw
     elif kind == "ivf":
         nlist = nlist or max(1, int(4 * np.sqrt(len(embeddings))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        print(f"indexing: training {nlist:,} IVF lists", flush=True)
         index.train(embeddings)
         index.nprobe = nprobe
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     else:
         raise ValueError(f"unknown index {kind!r}; choose flat, ivf or hnsw")
-    index.add(embeddings)
+    progress = StageProgress(f"indexing ({kind})", len(embeddings), "vectors")
+    for start in range(0, len(embeddings), chunk_size):
+        index.add(embeddings[start : start + chunk_size])
+        progress.update(min(start + chunk_size, len(embeddings)))
     return index
 
 
-def ranked_candidates(scores, ids, corpus, excluded, keep):
-    """Corpus texts in score order without the excluded texts (positives, the query), at most ``keep``."""
-    ranked, ranked_scores = [], []
-    for score, corpus_id in zip(scores, ids):
-        if corpus_id < 0:  # faiss pads with -1 when it finds fewer than asked
+def ranked_candidates(scores, positions, texts, excluded, keep):
+    """Corpus positions in score order, with their scores, at most ``keep``: a text is taken once, and not
+    at all when it is excluded (the query's positives, the query), which drops the positives and their copies."""
+    ranked, ranked_scores, seen = [], [], set(excluded)
+    for score, position in zip(scores, positions):
+        if position < 0:  # faiss pads with -1 when it finds fewer than asked
             break
-        text = corpus[corpus_id]
-        if text in excluded:
+        if texts[position] in seen:
             continue
-        ranked.append(text)
+        seen.add(texts[position])
+        ranked.append(int(position))
         ranked_scores.append(float(score))
         if len(ranked) == keep:
             break
@@ -94,7 +123,8 @@ def needs_replacement(score, initial_score, ratio=1.15, max_abs=0.8):
 
 
 class MiningState:
-    """DHNM state of every retrieval dataset whose records carry mined candidates.
+    """DHNM state of every retrieval dataset whose records carry mined candidates (texts, or
+    modules.corpus.CorpusCandidates reading them from the corpus by id).
 
     Per dataset: the ranks of each record's current negatives [records, n], their score S0 when
     chosen, and the replacement count i. The records' ``text_neg`` always mirror the ranks, so the
@@ -179,3 +209,26 @@ def dhnm_check(model, tokenizer, state, dataset_index, record_indices, max_lengt
     due = needs_replacement(score_now, state.initial_scores[dataset_index][record_indices], ratio, max_abs)
     return [(index, window, float(score)) for index, window, score, is_due
             in zip(record_indices, windows, score_next, due.tolist()) if is_due and window]
+
+
+def dhnm_round(accelerator, model, tokenizer, state, last_batch, max_length, query_prefix, args, log):
+    """One DHNM check in the training loop: re-score the records of ``last_batch`` (dataset index, record
+    indices), apply the replacements due on every process, and add the counts to ``log`` (and the trackers).
+
+    Under CBB every process checked the same records; otherwise each checked its own part, and the
+    replacements are gathered so every process's copy of the records stays the same.
+    """
+    from accelerate.utils import gather_object
+
+    started = time.perf_counter()
+    updates = dhnm_check(model, tokenizer, state, *last_batch, max_length, query_prefix, args.dhnm_ratio,
+                         args.dhnm_max_abs, args.dhnm_skip)
+    if accelerator.num_processes > 1 and not args.cbb:
+        updates = gather_object(updates)
+    for record_index, ranks, score in updates:
+        state.replace(last_batch[0], record_index, ranks, score)
+    checked = len(last_batch[1]) * (1 if args.cbb else accelerator.num_processes)
+    seconds = time.perf_counter() - started
+    log.update(checks=log["checks"] + 1, checked=log["checked"] + checked, replaced=log["replaced"] + len(updates),
+               seconds=log["seconds"] + seconds)
+    return {"dhnm/checked": checked, "dhnm/replaced": len(updates), "dhnm/check_seconds": seconds}

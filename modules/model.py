@@ -7,6 +7,7 @@ and mteb read what we write.
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -14,12 +15,23 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from .cli import UsageError
+from .flags import DTYPE_NAMES
+
 POOLING_MODES = ("mean", "cls", "lasttoken")
 # --torch_dtype / --save_dtype choices; "auto" (load only) keeps the checkpoint's stored dtype
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-TORCH_DTYPE_HELP = ("dtype of the trained (master) weights, whatever the checkpoint stores; bf16/fp16 compute comes from "
-                    "accelerate's --mixed_precision. bfloat16 halves the memory of a frozen LoRA base; 'auto': the "
-                    "checkpoint's own dtype")
+DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def name_the_device_for_deepspeed():
+    """Without a GPU, tell DeepSpeed (imported by accelerate and transformers when installed) so; it would guess
+    and print a warning that looks like a failure ("Setting accelerator to CPU")."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+name_the_device_for_deepspeed()
+
 # How sentence-transformers' Pooling config names each of our modes (new and legacy keys).
 _ST_LEGACY_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
@@ -92,7 +104,7 @@ class EmbeddingModel(nn.Module):
         return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
 
     def enable_gradient_checkpointing(self):
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def encode(self, texts, batch_size=64, max_length=None, normalize=True):
         """Embed a list of texts in eval mode; returns a float32 CPU tensor."""
@@ -111,9 +123,10 @@ class EmbeddingModel(nn.Module):
         master weights the optimizer updates (a bf16 master rounds most small updates away);
         bf16/fp16 compute comes from accelerate's mixed precision.
         """
-        st = _read_sentence_transformers_layout(Path(path))
-        backbone = AutoModel.from_pretrained(st["transformer_path"], dtype=dtype, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
+        with model_load_errors(path):
+            st = _read_sentence_transformers_layout(Path(path))
+            backbone = AutoModel.from_pretrained(st["transformer_path"], dtype=dtype, **model_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
         scaling_layer = scaling_layer_for(st, scaling_dim, backbone.config.hidden_size, path, backbone.dtype)
         return cls(
             backbone,
@@ -144,6 +157,7 @@ class EmbeddingModel(nn.Module):
         # the saved dtype is the state dict's (--save_dtype); sentence-transformers reloads the backbone to write
         # its directory, so it is told that dtype too
         dtype = next(v.dtype for v in backbone_state.values() if v.is_floating_point())
+        backbone_state.update(_dropped_pooler_state(self.backbone, dtype))
         self.backbone.save_pretrained(path, state_dict=backbone_state, safe_serialization=True)  # empties the dict
         self.tokenizer.save_pretrained(path)
 
@@ -170,6 +184,35 @@ class EmbeddingModel(nn.Module):
         transformer_config = path / "sentence_bert_config.json"
         config = json.loads(transformer_config.read_text())
         transformer_config.write_text(json.dumps({**config, "max_seq_length": self.max_seq_length}, indent=4))
+
+
+def _dropped_pooler_state(backbone, dtype):
+    """Zero weights for the pooler that EmbeddingModel dropped (BERT's), to be saved with the backbone.
+
+    Every loader of the saved directory (sentence-transformers while we write it, then ours, mteb's, plain
+    transformers) builds the class's pooler; without its weights in the checkpoint it would initialise one at
+    random and print a MISSING report on every load. Nothing here uses the pooler: zeros say so.
+    """
+    if getattr(backbone, "pooler", False) is not None:  # no pooler in this class, or one that was kept
+        return {}
+    with torch.device("meta"):  # the class itself, shapes only: nothing allocated, no ZeRO-3 partitioning
+        pooler = type(backbone)(backbone.config).pooler
+    if pooler is None:
+        return {}
+    return {f"pooler.{name}": torch.zeros(value.shape, dtype=dtype) for name, value in pooler.state_dict().items()}
+
+
+@contextlib.contextmanager
+def model_load_errors(path):
+    """A start model that cannot be loaded is bad input: one line naming it (exit 2), not a traceback."""
+    if not Path(path).exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):
+        raise UsageError(f"model {path}: no such directory")
+    try:
+        yield
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"model {path}: cannot be loaded: {str(error).strip().splitlines()[0]}") from None
 
 
 def scaling_layer_for(layout, scaling_dim, hidden_size, path, backbone_dtype=torch.float32):

@@ -9,6 +9,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from .averaging import interpolate_with_start, start_state_dict
+from .model_card import write_model_card
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,20 +62,18 @@ def _deepspeed_fp32_state_dict(accelerator, model):
 
 def finish_run(accelerator, model, args, summary, eval_history=None):
     """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, averaged with
-    the start model when ``--wise_ft_alpha`` < 1), train_summary.json (with pairs/s) and, when there was a dev
-    set, eval_results.json; then end the trackers."""
+    the start model when ``--wise_ft_alpha`` < 1) with its model card, train_summary.json (with pairs/s) and,
+    when there was a dev set, eval_results.json; then end the trackers."""
     summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
+        state_dict, kept = final_weights(state_dict, args)
         if args.wise_ft_alpha < 1:
-            state_dict, kept = interpolate_with_start(state_dict, start_state_dict(args.model_name_or_path),
-                                                      args.wise_ft_alpha)
             print(f"final/ = {args.wise_ft_alpha} x trained + {1 - args.wise_ft_alpha:.3g} x start weights (WiSE-FT)"
                   + (f"; as trained: {', '.join(kept)}" if kept else ""))
-        dtype = SAVE_DTYPES[args.save_dtype]
-        state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
         final_dir = Path(args.output_dir) / "final"
         accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)
+        write_model_card(final_dir, args, summary, eval_history)  # over sentence-transformers' blank card
         (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
         if eval_history:
@@ -82,9 +81,25 @@ def finish_run(accelerator, model, args, summary, eval_history=None):
     accelerator.end_training()
 
 
+def final_weights(state_dict, args, wise_ft=True):
+    """The weights final/ holds for the trained ``state_dict``: averaged with the start model when ``--wise_ft_alpha``
+    < 1 (unless ``wise_ft`` is False), in ``--save_dtype``. Returns them and the keys kept as trained (those the
+    start model lacks, e.g. a new ScalingLayer)."""
+    kept = []
+    if wise_ft and args.wise_ft_alpha < 1:
+        state_dict, kept = interpolate_with_start(state_dict, start_state_dict(args.model_name_or_path),
+                                                  args.wise_ft_alpha)
+    dtype = SAVE_DTYPES[args.save_dtype]
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}, kept
+
+
 def write_run_config(output_dir, args, copy_files=()):
-    """Record the command line, every argument and the data lists of a run in its output dir."""
+    """Record the command line, every argument and the data lists of a run in its output dir; the first thing
+    a run writes there, after emptying it under ``--overwrite_output_dir``."""
     output_dir = Path(output_dir)
+    if args.overwrite_output_dir and output_dir.is_dir():
+        for path in output_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {"command": sys.argv, "args": {k: v for k, v in vars(args).items()}}
     (output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))

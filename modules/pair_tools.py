@@ -14,8 +14,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from modules.data import DataError, iter_raw_records
-from modules.streaming import parse_pair
+from modules.cli import DataError
 
 # --------------------------------------------------------------------------- text rules
 
@@ -75,6 +74,8 @@ def iter_pairs(args, report):
     A bad record raises DataError naming its file and line, or with ``args.skip_bad`` is counted
     as dropped ("bad_record") and skipped.
     """
+    from modules.streaming import parse_pair
+
     columns = (args.query_column, args.positive_column)
     for where, record in _iter_records(args.inputs, args.skip_bad, report):
         try:
@@ -88,6 +89,8 @@ def iter_pairs(args, report):
 
 
 def _iter_records(paths, skip_bad, report):
+    from modules.data import iter_raw_records
+
     on_invalid_json = (lambda error: report.drop("bad_record", error)) if skip_bad else None
     for path in map(Path, paths):
         if not path.exists():

@@ -28,7 +28,7 @@ References:
 import torch
 from torch import nn
 
-METHODS = ("hierarchical", "tile")
+from .flags import PE_METHODS
 
 
 def hierarchical_positions(trained: torch.Tensor, length: int, alpha: float = 0.4) -> torch.Tensor:
@@ -78,8 +78,8 @@ def extend_position_embeddings(backbone, max_length: int, method: str = "hierarc
     Updates ``config.max_position_embeddings``, the ``position_ids`` / ``token_type_ids`` buffers
     of the embeddings module and ``tokenizer.model_max_length``. The new table is trainable.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown position extension {method!r}; choose one of {METHODS}")
+    if method not in PE_METHODS:
+        raise ValueError(f"unknown position extension {method!r}; choose one of {PE_METHODS}")
     name, table, offset = find_position_table(backbone)
     n = table.num_embeddings - offset
     model_type = getattr(backbone.config, "model_type", type(backbone).__name__)

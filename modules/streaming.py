@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.data import DataError, iter_meta_lines, parse_json_line
+from modules.data import DataError, assign_dataset_names, iter_meta_lines, parse_json_line
+from modules.flags import PRETRAIN_META_LINE
 
 PAIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 MAX_HELD_BACK = 100_000
@@ -40,17 +41,18 @@ MAX_HELD_BACK = 100_000
 
 @dataclass
 class PairSource:
-    name: str
+    name: str | None  # name=NAME, else derived from the path (modules.data.assign_dataset_names)
     files: list
     weight: float
     columns: tuple = ("text", "text_pos")
     source: str = ""  # "meta.txt:3", for error messages
+    path: Path | None = None  # as the meta list gives it (a file, folder or glob)
 
 
 def read_pretrain_meta_list(meta_file, root_dir=None) -> list:
-    """Parse ``<path> <weight> [columns=QUERY,POSITIVE]`` lines into sources."""
+    """Parse ``<path> <weight> [columns=QUERY,POSITIVE] [name=NAME]`` lines into sources with unique names."""
     sources = []
-    for where, root, fields in iter_meta_lines(meta_file, root_dir, "<path> <weight> [columns=QUERY,POSITIVE]"):
+    for where, root, fields in iter_meta_lines(meta_file, root_dir, PRETRAIN_META_LINE):
         files = _expand(fields[0], root, where)
         try:
             weight = float(fields[1])
@@ -58,14 +60,18 @@ def read_pretrain_meta_list(meta_file, root_dir=None) -> list:
             raise DataError(f"{where}: weight must be a number, got {fields[1]!r}") from None
         if not weight > 0:
             raise DataError(f"{where}: weight must be > 0, got {weight}")
-        source = PairSource(Path(fields[0]).name, files, weight, source=where)
+        path = Path(fields[0]) if Path(fields[0]).is_absolute() else root / fields[0]
+        source = PairSource(None, files, weight, source=where, path=path)
         for option in fields[2:]:
             key, _, value = option.partition("=")
-            if key != "columns" or len(value.split(",")) != 2:
-                raise DataError(f"{where}: unknown option {option!r}; expected columns=QUERY,POSITIVE")
-            source.columns = tuple(value.split(","))
+            if key == "columns" and len(value.split(",")) == 2:
+                source.columns = tuple(value.split(","))
+            elif key == "name" and value:
+                source.name = value
+            else:
+                raise DataError(f"{where}: unknown option {option!r}; expected columns=QUERY,POSITIVE or name=NAME")
         sources.append(source)
-    return sources
+    return assign_dataset_names(sources)
 
 
 def describe_sources(sources):

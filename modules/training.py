@@ -1,27 +1,36 @@
-"""Pieces every training script shares: the Accelerator, the output flags, the optimizer."""
+"""Pieces every training script shares: the Accelerator with its trackers, the optimizer."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
 from .cli import UsageError
+from .model import name_the_device_for_deepspeed
 
 
-def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.0):
-    """The run's Accelerator: tensorboard logs in output_dir; gloo for multi-process runs on CPU.
+def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.0, report_to=("tensorboard",)):
+    """The run's Accelerator: trackers (``--report_to``) writing under output_dir; gloo for multi-process runs
+    on CPU.
 
     Under DeepSpeed, gradients are clipped inside the engine's step (``accelerator.clip_grad_norm_``
     does nothing there) at the config's ``gradient_clipping``, which accelerate turns from "auto"
     into 1.0: the config is given ``max_grad_norm`` here, before ``prepare`` builds the engine (0: no
     clipping, as everywhere else).
     """
+    name_the_device_for_deepspeed()
+    if not sys.stderr.isatty():  # in a log file a progress bar is a line of carriage returns (transformers' load/save)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     launched = "WORLD_SIZE" in os.environ  # by accelerate launch / torchrun: a process group is set up
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,  # the scripts step the scheduler once per optimizer step
-        log_with="tensorboard",
+        log_with=trackers(report_to, output_dir),
         project_dir=output_dir,
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
     )
@@ -35,26 +44,23 @@ def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.
     return accelerator
 
 
-def add_output_arguments(parser):
-    """Output, logging, evaluation and checkpoint flags every training script has."""
-    g = parser.add_argument_group("output")
-    g.add_argument("--output_dir", required=True)
-    g.add_argument("--save_dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the final model's weights (training keeps float32 masters)")
-    g.add_argument("--wise_ft_alpha", type=float, default=1.0,
-                   help="final/ = alpha x trained + (1 - alpha) x start weights (WiSE-FT; 1: the trained weights)")
-    g.add_argument("--log_every", type=int, default=10)
-    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final model)")
-    g.add_argument("--save_total_limit", type=int, default=None)
-    g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
-    g.add_argument("--eval_every", type=int, default=0)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint directory")
+def trackers(report_to, output_dir):
+    """accelerate's ``log_with`` for ``--report_to``; a requested tracker that is not installed is refused (accelerate
+    would drop it with a warning). mlflow and wandb keep their files in output_dir unless told otherwise."""
+    from accelerate.tracking import get_available_trackers
 
-
-def check_output_arguments(parser, args):
-    """Refuse output flags that make no sense (exit 2 with the flag named)."""
-    if not 0 < args.wise_ft_alpha <= 1:
-        parser.error(f"--wise_ft_alpha must be in (0, 1] (1: the trained weights alone), got {args.wise_ft_alpha}")
+    if list(report_to) == ["none"]:
+        return None
+    if list(report_to) == ["all"]:
+        return "all"
+    available = {str(tracker.value) for tracker in get_available_trackers()}
+    missing = [name for name in report_to if name not in available]
+    if missing:
+        raise UsageError(f"--report_to {','.join(report_to)}: {', '.join(missing)} not installed "
+                         f"(pip install {' '.join(missing)})")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (Path(output_dir).resolve() / "mlruns").as_uri())
+    os.environ.setdefault("WANDB_DIR", str(output_dir))
+    return list(report_to)
 
 
 def build_optimizer(model, lr, weight_decay, scaling_lr=None):
@@ -72,3 +78,13 @@ def build_optimizer(model, lr, weight_decay, scaling_lr=None):
         groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key[1] else weight_decay,
                                 "lr": scaling_lr if scaling else lr})["params"].append(parameter)
     return torch.optim.AdamW(list(groups.values()), lr=lr, fused=True)
+
+
+def make_scheduler(name, optimizer, warmup_steps, total_steps):
+    """transformers' learning-rate schedule ``name`` (--lr_scheduler), stepped once per optimizer step."""
+    from transformers import SchedulerType, get_scheduler
+
+    names = [kind.value for kind in SchedulerType if kind.value != "reduce_lr_on_plateau"]  # that one needs metrics
+    if name not in names:
+        raise UsageError(f"--lr_scheduler {name!r}: choose one of {', '.join(names)}")
+    return get_scheduler(name, optimizer, warmup_steps, total_steps)

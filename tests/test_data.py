@@ -247,3 +247,30 @@ def test_start_up_lines_give_each_datasets_share(tiny_data, tmp_path):
                              "25.0% of the steps")
     cbb = describe_batches(datasets, BalancedBatchSampler(datasets, [4, 4, 4], seed=0))
     assert cbb[1].endswith("4 batches an epoch, 100.0% of the cls_contrast batches (one every step)")
+
+
+def test_dataset_names_are_unique_folder_stem_or_given(tmp_path):
+    """Two train.jsonl are not both "train" (names key prompts saved with the model): folder/stem where stems
+    repeat, the file stem otherwise, name=NAME when given; two equal names are refused naming both lines."""
+    for folder in ("en-stsb", "en-sick"):
+        write_jsonl(tmp_path / folder / "train.jsonl", [{"text": "a", "text_pair": "b", "label": 1.0}])
+    write_jsonl(tmp_path / "nli.jsonl.gz.jsonl", [{"text": "a", "text_pos": "b"}])
+    meta = tmp_path / "meta.txt"
+    meta.write_text("en-stsb/train.jsonl 1 type=cosent\nen-sick/train.jsonl 1 type=cosent\n"
+                    "nli.jsonl.gz.jsonl 1 type=retri_contrast name=allnli\n")
+    assert [e.name for e in read_meta_list(meta)] == ["en-stsb/train", "en-sick/train", "allnli"]
+    meta.write_text("en-stsb/train.jsonl 1 type=cosent name=sts\nen-sick/train.jsonl 1 type=cosent name=sts\n")
+    with pytest.raises(DataError, match=r"meta.txt:2: dataset name 'sts' is also the name of .*meta.txt:1"):
+        read_meta_list(meta)
+
+
+def test_pretraining_sources_get_unique_names(tmp_path):
+    from modules.streaming import read_pretrain_meta_list
+
+    for folder in ("a", "b"):
+        write_jsonl(tmp_path / folder / "pairs.jsonl", [{"text": "q", "text_pos": "p"}])
+    meta = tmp_path / "meta.txt"
+    meta.write_text("a/pairs.jsonl 1\nb/pairs.jsonl 2 name=reddit\n")
+    assert [s.name for s in read_pretrain_meta_list(meta)] == ["pairs", "reddit"]
+    meta.write_text("a/pairs.jsonl 1\nb/pairs.jsonl 2\n")
+    assert [s.name for s in read_pretrain_meta_list(meta)] == ["a/pairs", "b/pairs"]

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from modules.data import DataError, TaskBatchSampler, TaskCollator, load_meta_list
-from modules.llm import DEFAULT_LORA_TARGETS, LLMEmbeddingModel, LLMSetupError, append_eos
+from modules.flags import DEFAULT_LORA_TARGETS
+from modules.llm import LLMEmbeddingModel, LLMSetupError, append_eos
 from tests.conftest import REPO, SENTENCES, accelerate_cmd, hybrid_loss_before_and_after, run_script
 
 NEGATIVES = {"retri_contrast": 1, "cls_contrast": 2}
@@ -132,6 +133,7 @@ def test_lora_trains_only_the_adapter_and_the_scaling_layer(trained_lora):
         assert torch.equal(value, start[name]) == (name not in trainable), name
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft, loading the adapter
 def test_merged_export_embeds_like_the_trained_model(trained_lora, tiny_decoders, tmp_path):
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
@@ -166,11 +168,11 @@ def script_args(tiny_decoders, tiny_data, output_dir, *extra):
 
 def test_script_saves_rope_and_prompts_and_resumes_exactly(tiny_decoders, tiny_data, tmp_path, capsys, monkeypatch):
     """Stopped at step 3 and resumed == never stopped at step 7; the export carries RoPE scaling and prompts."""
-    import train_finetune
+    import modules.data
     import train_llm_embed
 
-    prefixes, collator_class = [], train_finetune.TaskCollator
-    monkeypatch.setattr(train_finetune, "TaskCollator", lambda *a: prefixes.append(a[4]) or collator_class(*a))
+    prefixes, collator_class = [], modules.data.TaskCollator  # train_finetune.main imports it when it runs
+    monkeypatch.setattr(modules.data, "TaskCollator", lambda *a: prefixes.append(a[4]) or collator_class(*a))
 
     (tmp_path / "tasks.json").write_text(json.dumps({"retri": "Retrieve the caption"}))
     extra = ["--rope_scaling", "linear", "--rope_factor", "4", "--scaling_dim", "40", "--gradient_checkpointing",
@@ -202,7 +204,6 @@ def test_script_saves_rope_and_prompts_and_resumes_exactly(tiny_decoders, tiny_d
     (["--pooling", "cls"], "--pooling cls"),
     (["--rope_factor", "2"], "need --rope_scaling"),
     (["--rope_scaling", "yarn"], "--rope_factor > 1"),
-    (["--extend_pe", "--max_length", "128"], "--rope_scaling"),
     (["--instruction_template", "Query: ", "--default_task", "x"], "no {task}"),
     (["--instruction_template", "{task}: {text} end", "--default_task", "x"], "{text} must come last"),
     (["--default_task", "x"], "need --instruction_template"),
@@ -217,7 +218,16 @@ def test_bad_flags_fail_with_errors_that_name_them(tiny_decoders, tiny_data, tmp
     (tmp_path / "sts_task.json").write_text(json.dumps({"sts": "a"}))
     flags = [str(tmp_path / flag) if flag.endswith(".json") else flag for flag in flags]
     with pytest.raises((LLMSetupError, DataError), match=re.escape(message)):
-        train_llm_embed.main(script_args(tiny_decoders, tiny_data, tmp_path, "--max_steps", "1", *flags))
+        train_llm_embed.main(script_args(tiny_decoders, tiny_data, tmp_path / "run", "--max_steps", "1", *flags))
+
+
+def test_encoder_position_flags_are_not_flags_of_the_llm_script(tiny_decoders, tiny_data, tmp_path, capsys):
+    import train_llm_embed
+
+    with pytest.raises(SystemExit):
+        train_llm_embed.main(script_args(tiny_decoders, tiny_data, tmp_path / "run", "--extend_pe", "--max_length",
+                                         "128"))
+    assert "unrecognized arguments: --extend_pe --max_length 128" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -1,17 +1,23 @@
-"""Hard-negative mining: faiss mining against a brute-force ranking, the DHNM rule on a constructed case, resume."""
+"""Hard-negative mining: faiss mining against a brute-force ranking, BEIR input, corpus ids read back in training,
+the DHNM rule on a constructed case, resume."""
 
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import BatchEncoding
 
-from modules.data import TaskDataset
+from modules.corpus import read_corpus
+from modules.data import DataError, TaskDataset, iter_raw_records, load_meta_list
 from modules.evaluation import embed_texts
 from modules.mining import MiningState, dhnm_check, needs_replacement
 from modules.model import EmbeddingModel
-from tests.conftest import SENTENCES, assert_same_final_weights, run_script, write_jsonl
+from tests.conftest import REPO, SENTENCES, assert_same_final_weights, run_script, write_jsonl
 from tools import mine_hard_negatives
 
 QUERIES = SENTENCES[:6]
@@ -31,7 +37,17 @@ def mine(tiny_bert, root, output, *extra):
     mine_hard_negatives.main([str(root / "train.jsonl"), "--model", str(tiny_bert), "--corpus", str(root / "corpus.jsonl"),
                               "--output", str(output), "--num_negatives", "4", "--range_start", "3", "--range_end", "12",
                               "--keep_candidates", "15", "--query_max_len", "32", "--passage_max_len", "32", *extra])
-    return [json.loads(line) for line in output.read_text().splitlines()]
+    return read_jsonl(output)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def candidate_texts(mined_file, record):
+    """The texts of a mined record's candidate ids, read from the corpus file the record names."""
+    corpus = read_corpus(Path(mined_file).parent / record["corpus"], record.get("corpus_column", "text"))
+    return [corpus.texts[corpus.positions[i]] for i in record["candidate_ids"]]
 
 
 def test_mining_matches_a_brute_force_ranking(tiny_bert, retrieval_data, tmp_path):
@@ -43,11 +59,13 @@ def test_mining_matches_a_brute_force_ranking(tiny_bert, retrieval_data, tmp_pat
     for record in mined:
         scores = corpus_embeddings @ embed_texts(model, model.tokenizer, [record["text"]], 32)[0]
         excluded = set(record["text_pos"]) | {record["text"]}
-        expected = [corpus[i] for i in scores.argsort(descending=True).tolist() if corpus[i] not in excluded][:15]
-        assert record["candidates"] == expected  # positives and the query skipped, order by cosine
+        expected = [i for i in scores.argsort(descending=True).tolist() if corpus[i] not in excluded][:15]
+        assert record["candidate_ids"] == expected  # line positions in the corpus; positives and the query skipped
+        assert "candidates" not in record  # texts only with --store_texts
         assert record["candidate_scores"] == sorted(record["candidate_scores"], reverse=True)
         assert len(set(record["neg_ranks"])) == 4 and all(3 <= r < 12 for r in record["neg_ranks"])
-        assert record["text_neg"] == [record["candidates"][r] for r in record["neg_ranks"]]
+        texts = candidate_texts(tmp_path / "flat.jsonl", record)
+        assert record["text_neg"] == [texts[r] for r in record["neg_ranks"]]
         assert record["neg_scores"] == [record["candidate_scores"][r] for r in record["neg_ranks"]]
 
 
@@ -56,7 +74,7 @@ def test_approximate_indexes_find_the_same_lists_on_a_small_corpus(tiny_bert, re
     root, _ = retrieval_data
     exact = mine(tiny_bert, root, tmp_path / "flat.jsonl")
     approximate = mine(tiny_bert, root, tmp_path / f"{index}.jsonl", "--index", index, "--nlist", "4", "--nprobe", "4")
-    assert [r["candidates"] for r in approximate] == [r["candidates"] for r in exact]
+    assert [r["candidate_ids"] for r in approximate] == [r["candidate_ids"] for r in exact]
 
 
 def test_max_score_drops_likely_false_negatives(tiny_bert, retrieval_data, tmp_path):
@@ -65,7 +83,170 @@ def test_max_score_drops_likely_false_negatives(tiny_bert, retrieval_data, tmp_p
     cap = sorted(s for r in unfiltered for s in r["candidate_scores"])[-30]
     filtered = mine(tiny_bert, root, tmp_path / "capped.jsonl", "--max_score", str(cap), "--range_start", "0")
     assert all(s <= cap for r in filtered for s in r["candidate_scores"])
-    assert any(r["candidates"][0] != u["candidates"][0] for r, u in zip(filtered, unfiltered))
+    assert any(r["candidate_ids"][0] != u["candidate_ids"][0] for r, u in zip(filtered, unfiltered))
+
+
+def test_max_positive_ratio_compares_with_the_best_positive(tiny_bert, retrieval_data, tmp_path):
+    """The first positive is unrelated to its query (scores low): the cap must follow the best positive."""
+    root, _ = retrieval_data
+    write_jsonl(tmp_path / "train.jsonl", [{"text": q, "text_pos": ["0931 zx qv 77 kj", q + " today"]} for q in QUERIES])
+    (tmp_path / "corpus.jsonl").write_text((root / "corpus.jsonl").read_text())
+    ratio, above_first = 1.0, 0
+    unfiltered = mine(tiny_bert, tmp_path, tmp_path / "all.jsonl", "--range_start", "0")
+    filtered = mine(tiny_bert, tmp_path, tmp_path / "capped.jsonl", "--range_start", "0", "--max_positive_ratio", str(ratio))
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    for record, before in zip(filtered, unfiltered, strict=True):
+        query = embed_texts(model, model.tokenizer, [record["text"]], 32)[0]
+        positive_scores = (embed_texts(model, model.tokenizer, record["text_pos"], 32) @ query).tolist()
+        first, best = positive_scores[0], max(positive_scores)
+        kept, below_cap = record["candidate_scores"], [s for s in before["candidate_scores"] if s <= ratio * best]
+        assert kept[: len(below_cap)] == below_cap and max(kept) <= ratio * best
+        above_first += sum(s > ratio * first for s in kept)
+    assert above_first > 0  # the constructed case: a cap from the first positive would have dropped these
+
+
+def test_without_a_corpus_the_positives_become_one_beside_the_output(tiny_bert, retrieval_data, tmp_path):
+    root, _ = retrieval_data
+    output = tmp_path / "out" / "mined.jsonl.gz"
+    mine_hard_negatives.main([str(root / "train.jsonl"), "--model", str(tiny_bert), "--output", str(output),
+                              "--num_negatives", "2", "--range_start", "1", "--range_end", "4", "--keep_candidates", "8",
+                              "--max_positive_ratio", "1.0"])
+    positives = [text for line in (root / "train.jsonl").read_text().splitlines() for text in json.loads(line)["text_pos"]]
+    assert read_jsonl(tmp_path / "out" / "mined.corpus.jsonl") == [{"text": text} for text in positives]
+    mined = [raw for _, raw in iter_raw_records(output)]
+    assert len(mined) == len(QUERIES) and {r["corpus"] for r in mined} == {"mined.corpus.jsonl"}
+    (tmp_path / "meta.txt").write_text(f"{output} 1 type=retri_contrast\n")
+    for raw, record in zip(mined, load_meta_list(tmp_path / "meta.txt")[0].records, strict=True):
+        assert list(record["candidates"]) == [positives[i] for i in raw["candidate_ids"]]  # ids: positions in the file
+        assert not {record["text"], *record["text_pos"]} & set(record["candidates"])
+
+
+def test_dropped_queries_are_counted_with_the_reason(tiny_bert, retrieval_data, tmp_path, capsys):
+    root, _ = retrieval_data
+    mined = mine(tiny_bert, root, tmp_path / "none.jsonl", "--max_score", "-1")
+    out = capsys.readouterr().out
+    assert mined == []
+    assert "dropped 6 of 6 queries: fewer than 4 candidates at ranks [3, 12)" in out
+    report = json.loads((tmp_path / "none.jsonl.report.json").read_text())
+    assert report["dropped"] == {"too_few_candidates_in_range": 6}
+
+
+# --------------------------------------------------------------------------- BEIR input, corpus ids
+
+
+FILLER = " ".join(SENTENCES)  # real passages run to hundreds of characters
+
+
+@pytest.fixture(scope="module")
+def beir_folder(tmp_path_factory):
+    """A BEIR folder: q1 has two relevant documents (grades 1, 2) and one judged 0; q4 is judged in test only;
+    q5's only relevant document is missing from the corpus."""
+    root = tmp_path_factory.mktemp("beir")
+    documents = [{"_id": f"d{i}", "title": s.split()[-1], "text": f"{s}{suffix}. {FILLER}"}
+                 for i, (s, suffix) in enumerate((s, suffix) for suffix in ("", " again") for s in SENTENCES)]
+    write_jsonl(root / "corpus.jsonl", documents)
+    write_jsonl(root / "queries.jsonl", [{"_id": f"q{k}", "text": SENTENCES[k] + "?"} for k in range(1, 6)])
+    (root / "qrels").mkdir()
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq1\td16\t2\nq1\td5\t0\n"
+                                              "q2\td1\t1\nq3\td2\t1\nq5\tgone\t1\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq4\td3\t1\n")
+    return root, {d["_id"]: f"{d['title']} {d['text']}" for d in documents}
+
+
+def mine_beir(tiny_bert, folder, output, *extra):
+    mine_hard_negatives.main([str(folder), "--model", str(tiny_bert), "--output", str(output), "--num_negatives", "2",
+                              "--range_start", "3", "--range_end", "12", "--keep_candidates", "28",
+                              "--query_max_len", "32", "--passage_max_len", "32", *extra])
+    return read_jsonl(output)
+
+
+def test_mining_reads_a_beir_folder_and_writes_corpus_ids(tiny_bert, beir_folder, tmp_path, capsys):
+    folder, documents = beir_folder
+    mined = mine_beir(tiny_bert, folder, tmp_path / "out" / "mined.jsonl")
+    out = capsys.readouterr().out
+    assert [r["text"] for r in mined] == [SENTENCES[k] + "?" for k in (1, 2, 3)]  # train split; q5 has no positive
+    relevant = {1: ["d16", "d0"], 2: ["d1"], 3: ["d2"]}  # best grade first
+    for k, record in zip((1, 2, 3), mined):
+        assert record["text_pos"] == [documents[d] for d in relevant[k]]  # title + text, every score > 0
+        assert not set(relevant[k]) & set(record["candidate_ids"])
+        assert (tmp_path / "out" / record["corpus"]).resolve() == (folder / "corpus.jsonl").resolve()
+        texts = [documents[d] for d in record["candidate_ids"]]
+        assert record["text_neg"] == [texts[r] for r in record["neg_ranks"]]
+        assert candidate_texts(tmp_path / "out" / "mined.jsonl", record) == texts
+    assert "dropped 1 of 4 queries: none of its relevant documents is in the corpus" in out
+    for stage in ("encoding the corpus", "encoding the queries", "indexing", "searching"):
+        assert any(line.startswith(stage) and "100%" in line for line in out.splitlines()), stage
+
+    with_texts = mine_beir(tiny_bert, folder, tmp_path / "texts.jsonl", "--store_texts")
+    assert [r["candidates"] for r in with_texts] == [[documents[d] for d in r["candidate_ids"]] for r in mined]
+    assert 4 * (tmp_path / "out" / "mined.jsonl").stat().st_size < (tmp_path / "texts.jsonl").stat().st_size
+
+
+def test_mined_ids_read_their_texts_from_the_corpus_once(tmp_path):
+    """Training reads candidate texts by id from the corpus a record names; a DHNM replacement and a resume
+    put the right corpus texts into text_neg. Files with the full texts (``candidates``) still load."""
+    write_jsonl(tmp_path / "beir" / "corpus.jsonl", [{"_id": f"p{i}", "text": f"passage {i}"} for i in range(8)])
+    ids = [f"p{i}" for i in (7, 6, 5, 4, 3, 2, 1)]
+    mined = {"text": "q", "text_pos": ["passage 0"], "text_neg": ["written"] * 2, "corpus": "beir/corpus.jsonl",
+             "candidate_ids": ids, "candidate_scores": [0.9 - k / 10 for k in range(7)], "neg_ranks": [0, 1],
+             "neg_scores": [0.9, 0.8]}
+    with_texts = {**{k: v for k, v in mined.items() if k not in ("corpus", "candidate_ids")},
+                  "candidates": [f"passage {i[1]}" for i in ids]}
+    write_jsonl(tmp_path / "mined.jsonl", [mined, {**mined, "text": "q2"}, with_texts])
+    (tmp_path / "meta.txt").write_text("mined.jsonl 1 type=retri_contrast\n")
+    datasets = load_meta_list(tmp_path / "meta.txt", negatives_per_kind={"retri_contrast": 2})
+    records = datasets[0].records
+    assert [r["text_neg"] for r in records] == [["passage 7", "passage 6"]] * 3
+    assert records[0]["candidates"].texts is records[1]["candidates"].texts  # one read of the corpus
+
+    state = MiningState.for_datasets(datasets, 2, "meta.txt")
+    for index in range(3):
+        state.replace(0, index, [4, 5], 0.3)
+    assert [r["text_neg"] for r in records] == [["passage 3", "passage 2"]] * 3
+    saved = {key: {d: t.clone() for d, t in value.items()} for key, value in state.state_dict().items()}
+    for record in records:
+        record["text_neg"] = []
+    state.load_state_dict(saved)
+    assert [r["text_neg"] for r in records] == [["passage 3", "passage 2"]] * 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"corpus": "beir/missing.jsonl"}, r"mined.jsonl:2: corpus .*beir/missing.jsonl does not exist"),
+    ({"candidate_ids": ["p1", "nope"]}, r"mined.jsonl:2: candidate id 'nope' is not in the corpus .*beir/corpus.jsonl"),
+])
+def test_bad_corpus_references_name_file_and_line(tmp_path, change, message):
+    write_jsonl(tmp_path / "beir" / "corpus.jsonl", [{"_id": f"p{i}", "text": f"passage {i}"} for i in range(3)])
+    good = {"text": "q", "text_pos": ["passage 0"], "corpus": "beir/corpus.jsonl", "candidate_ids": ["p1", "p2"],
+            "candidate_scores": [0.5, 0.4], "neg_ranks": [1], "neg_scores": [0.4]}
+    write_jsonl(tmp_path / "mined.jsonl", [good, {**good, **change}])
+    (tmp_path / "meta.txt").write_text("mined.jsonl 1 type=retri_contrast\n")
+    with pytest.raises(DataError, match=message):
+        load_meta_list(tmp_path / "meta.txt")
+
+
+@pytest.mark.parametrize("corpus, message", [
+    (None, r"missing.jsonl does not exist"),
+    ('{"text": "a passage"}\n{"title": "no text"}\n', r"corpus.jsonl:2: column 'text' must be a string"),
+])
+def test_the_tool_reports_a_bad_corpus_in_one_line(tiny_bert, retrieval_data, tmp_path, corpus, message):
+    root, _ = retrieval_data
+    corpus_file = tmp_path / ("missing.jsonl" if corpus is None else "corpus.jsonl")
+    if corpus is not None:
+        corpus_file.write_text(corpus)
+    result = subprocess.run([sys.executable, "tools/mine_hard_negatives.py", str(root / "train.jsonl"), "--model",
+                             str(tiny_bert), "--corpus", str(corpus_file), "--output", str(tmp_path / "out.jsonl")],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert re.search(message, result.stderr)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom tools import mine_hard_negatives\ntry:\n    mine_hard_negatives.parse_args(['--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted({'torch', 'numpy', 'faiss'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert "--store_texts" in result.stdout and result.stdout.strip().endswith("[]")
 
 
 class LookupModel(torch.nn.Module):

@@ -61,14 +61,13 @@ def test_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path):
 
 def test_resume_latest_ignores_an_unfinished_checkpoint(tiny_bert, tiny_data, tmp_path):
     out = tmp_path / "run"
-    run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "4", "--save_every", "2")])
-    (out / "checkpoint-6").mkdir()  # a save that crashed midway: no trainer state (named as a finished one)
-    (out / "checkpoint-6" / "model.safetensors").write_text("")
-    result = run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "5",
+    run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "6", "--save_every", "2")])
+    (out / "checkpoint-6" / "trainer_state.json").unlink()  # a save that crashed midway (named as a finished one)
+    result = run_script([sys.executable, *common_args(tiny_bert, tiny_data, out, "--max_steps", "6", "--log_every", "3",
                                                 "--resume_from_checkpoint", "latest")])
     assert "resumed from" in result.stdout + result.stderr and "checkpoint-4" in result.stdout + result.stderr
     config = json.loads((out / "run_config.json").read_text())
-    assert config["args"]["max_steps"] == 5 and (out / "meta.txt").exists()
+    assert config["args"]["log_every"] == 3 and (out / "meta.txt").exists()
 
 
 def test_two_processes_reach_the_weights_of_one_process_on_the_same_global_batch(tiny_bert_no_dropout, tiny_data,

@@ -118,3 +118,31 @@ def test_gradcache_under_deepspeed_is_refused(tiny_bert, pair_data, tmp_path):
                "--num_processes", "1", *script_args(tiny_bert, pair_data, tmp_path / "ds", "--max_steps", "2")]
     with pytest.raises(AssertionError, match="does not work with DeepSpeed \\(this run: ZeRO-2\\)"):
         run_script(command)
+
+
+def test_warmup_is_a_share_of_the_steps_and_sources_are_counted(tiny_bert, pair_data, tmp_path, capsys):
+    """--warmup_ratio (10% by default) instead of a fixed 500 steps cut to --max_steps; the batches each source
+    gave are printed and kept in train_summary.json."""
+    import train_pretrain
+
+    args = script_args(tiny_bert, pair_data, tmp_path, "--max_steps", "10", "--mini_batch_size", "0")[1:]
+    del args[args.index("--warmup_steps"):args.index("--warmup_steps") + 2]
+    train_pretrain.main(args)
+    out = capsys.readouterr().out
+    assert "steps: 10, warmup 1, batch 8 pairs per process / 8 global" in out
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["warmup_steps"] == 1 and sum(summary["source_batches"].values()) == 10
+    counts = summary["source_batches"]
+    assert set(counts) == {"stsb_a", "stsb_b"} and counts["stsb_a"] > counts["stsb_b"]  # weights 3 : 1
+    assert f"batches per source: stsb_a {counts['stsb_a']} ({10 * counts['stsb_a']:.1f}%)" in out
+
+
+def test_resuming_with_another_schedule_is_refused(tiny_bert, pair_data, tmp_path):
+    """The restored scheduler keeps the saved step count and base lr: a new --max_steps would make the learning rate
+    jump, not follow a new schedule."""
+    import train_pretrain
+
+    train_pretrain.main(script_args(tiny_bert, pair_data, tmp_path, "--max_steps", "2", "--save_every", "2")[1:])
+    with pytest.raises(ValueError, match=r"another learning-rate schedule.*max_steps: 2 -> 4"):
+        train_pretrain.main(script_args(tiny_bert, pair_data, tmp_path, "--max_steps", "4", "--resume_from_checkpoint",
+                                        "latest")[1:])

@@ -8,19 +8,16 @@ listed in --exclude_queries (a queries.jsonl, e.g. a dev split's) are left out, 
 scoring never share a query. Hard negatives can be added afterwards with tools/mine_hard_negatives.py.
 """
 
-import argparse
-import json
 from pathlib import Path
 
-from modules.cli import run_cli
-from modules.data import DataError
-from modules.evaluation import read_retrieval_folder
+from modules.cli import ArgumentParser, run_cli
 from modules.pair_tools import PairWriter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", help="corpus.jsonl, queries.jsonl, qrels.tsv")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("folder", help="corpus.jsonl, queries.jsonl, and qrels/<split>.tsv or qrels.tsv")
+    p.add_argument("--split", default=None, help="qrels/<split>.tsv of a folder with qrels/ (default: qrels.tsv)")
     p.add_argument("--output", required=True)
     p.add_argument("--exclude_queries", default=None, help="queries.jsonl whose ids are left out (a dev split)")
     p.add_argument("--min_grade", type=float, default=1.0, help="lowest relevance grade that counts as a positive")
@@ -29,14 +26,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
-        if not (Path(args.folder) / name).exists():
-            raise DataError(f"{args.folder}: no {name} (expected the BEIR layout)")
-    queries, corpus, qrels = read_retrieval_folder(args.folder)
+    from modules.data import iter_raw_records  # after parsing: --help answers at once
+    from modules.evaluation import read_retrieval_folder
+
+    queries, corpus, qrels = read_retrieval_folder(args.folder, args.split)
     excluded = set()
     if args.exclude_queries:
-        excluded = {str(json.loads(line)["id"]) for line in Path(args.exclude_queries).read_text().splitlines()
-                    if line.strip()}
+        excluded = {str(query.get("_id", query.get("id"))) for _, query in iter_raw_records(args.exclude_queries)}
     written = 0
     with PairWriter(args.output, [Path(args.folder) / "corpus.jsonl"]) as writer:
         for query_id, text in queries.items():

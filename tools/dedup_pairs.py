@@ -12,19 +12,16 @@ approximate near the threshold. Memory grows with the number of kept records (a 
 plus the LSH bands), not with their length.
 """
 
-import argparse
 import hashlib
 
-from datasketch import MinHash, MinHashLSH
-
-from modules.cli import run_cli
+from modules.cli import ArgumentParser, run_cli
 from modules.pair_tools import (
     PairWriter, Report, add_io_arguments, char_shingles, iter_pairs, normalize_text, script_ratio,
 )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_io_arguments(parser)
     parser.add_argument("--key", choices=["pair", "query", "positive"], default="pair",
                         help="what must repeat for a duplicate: both sides, or one side only")
@@ -44,6 +41,8 @@ def dedup_key(query, positive, key):
 
 def main(argv=None):
     args = parse_args(argv)
+    from datasketch import MinHash, MinHashLSH  # after parsing: --help answers at once
+
     report = Report("dedup_pairs")
     seen_hashes = set()
     lsh = None if args.exact_only else MinHashLSH(

@@ -11,9 +11,8 @@ letters (``language``), a side made mostly of one repeated character (``repetiti
 Kept records are written unchanged; counts per reason go to stdout and <output>.report.json.
 """
 
-import argparse
 
-from modules.cli import run_cli
+from modules.cli import ArgumentParser, run_cli
 from modules.pair_tools import (
     PairWriter, Report, add_io_arguments, collapse_whitespace, iter_pairs, normalize_text, script_ratio,
     top_char_ratio,
@@ -21,7 +20,7 @@ from modules.pair_tools import (
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_io_arguments(parser)
     parser.add_argument("--query_min_chars", type=int, default=1, help="lengths count characters, whitespace collapsed")
     parser.add_argument("--query_max_chars", type=int, default=512)

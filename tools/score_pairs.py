@@ -11,17 +11,14 @@ through in batches of --batch_size; a pair scoring below --threshold is dropped
 --score_column is given (--threshold -1 keeps every pair: scoring only).
 """
 
-import argparse
 from pathlib import Path
 
-from sentence_transformers import SentenceTransformer
-
-from modules.cli import run_cli
+from modules.cli import ArgumentParser, run_cli
 from modules.pair_tools import PairWriter, Report, add_io_arguments, iter_pairs
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_io_arguments(parser)
     parser.add_argument("--model", required=True, help="teacher: a local sentence-transformers directory")
     parser.add_argument("--threshold", type=float, default=0.4, help="least cosine similarity kept")
@@ -58,6 +55,8 @@ def write_scored(batch, model, args, writer, report):
 
 def main(argv=None):
     args = parse_args(argv)
+    from sentence_transformers import SentenceTransformer  # after parsing: --help answers at once
+
     model = SentenceTransformer(args.model, device=args.device, local_files_only=True)
     if args.max_length:
         model.max_seq_length = args.max_length

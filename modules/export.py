@@ -1,0 +1,165 @@
+"""A training checkpoint back as a model: its full weights, whatever wrote them, and the model the run's script built.
+
+    from modules.export import read_checkpoint, rebuild_model
+    kind, weights = read_checkpoint(Path("runs/ft/checkpoint-500"))    # ("DeepSpeed ZeRO-1", {name: tensor})
+    script, args, model = rebuild_model(Path("runs/ft"))                # from runs/ft/run_config.json
+
+tools/export_checkpoint.py puts the two together. The layouts accelerate's ``save_state`` writes:
+
+- one process or DDP: ``model.safetensors`` (``pytorch_model.bin`` without safe serialization), the keys of the
+  prepared model (DDP's start with ``module.``);
+- DeepSpeed: ``pytorch_model/``, the engine's own checkpoint. Trained weights come from the fp32 master copy in the
+  optimizer states (deepspeed's zero_to_fp32), as final/ does; parameters without a master copy (frozen ones) from
+  the saved module (ZeRO-1/2, in the engine's dtype) or from every process's partition of it (ZeRO-3);
+- FSDP: ``pytorch_model_fsdp_0/`` (SHARDED_STATE_DICT: a torch.distributed.checkpoint folder, keys
+  ``model.<name>``) or ``pytorch_model_fsdp.bin`` (FULL_STATE_DICT).
+"""
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate.utils.constants import FSDP_MODEL_NAME, MODEL_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+from .cli import UsageError
+
+REPO = Path(__file__).resolve().parents[1]  # where the training scripts are
+SCRIPTS = ("train_finetune.py", "train_llm_embed.py", "train_pretrain.py")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+
+
+def read_checkpoint(checkpoint):
+    """(kind, full state dict on CPU) of a checkpoint folder; a UsageError naming it when no known layout is there."""
+    checkpoint = Path(checkpoint)
+    processes = len(list(checkpoint.glob("random_states_*.pkl")))  # one file per process
+    for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (checkpoint / name).is_file():
+            kind = "single process" if processes <= 1 else f"DDP ({processes} processes)"
+            return kind, _unwrapped(_load_weights_file(checkpoint / name))
+    if (checkpoint / MODEL_NAME).is_dir():
+        return _deepspeed_weights(checkpoint / MODEL_NAME)
+    if (checkpoint / f"{FSDP_MODEL_NAME}_0").is_dir():
+        return "FSDP (SHARDED_STATE_DICT)", _distributed_checkpoint_weights(checkpoint / f"{FSDP_MODEL_NAME}_0")
+    if (checkpoint / f"{FSDP_MODEL_NAME}.bin").is_file():
+        return "FSDP (FULL_STATE_DICT)", _unwrapped(_load_weights_file(checkpoint / f"{FSDP_MODEL_NAME}.bin"))
+    raise UsageError(f"{checkpoint}: no model weights in a layout accelerate writes ({SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME}, "
+                     f"{MODEL_NAME}/, {FSDP_MODEL_NAME}_0/ or {FSDP_MODEL_NAME}.bin)")
+
+
+def _load_weights_file(path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrapped(state_dict):
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _deepspeed_weights(folder):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise UsageError(f"{folder}: not a DeepSpeed ZeRO checkpoint deepspeed can read ({error})") from None
+    # ZeRO-1/2 tensors are views of flat partitions: copies, which safetensors can save
+    state_dict = {key: value.clone() for key, value in state_dict.items()}
+    whole_module = folder / "mp_rank_00_model_states.pt"  # ZeRO-1/2; ZeRO-3 saves one partition per process
+    if not whole_module.is_file():
+        return "DeepSpeed ZeRO-3", state_dict
+    saved = torch.load(whole_module, map_location="cpu", weights_only=False)
+    stage = saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", "1/2")
+    # ZeRO-1 records no frozen parameters beside the module (ZeRO-2 does): the saved module has them, as the run
+    # had them at the end; every parameter with a master copy is taken from that copy
+    return f"DeepSpeed ZeRO-{stage}", {**saved["module"], **state_dict}
+
+
+def _distributed_checkpoint_weights(folder):
+    """The full tensors of a torch.distributed.checkpoint folder holding ``{"model": state_dict}``, read on one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    odd = [key for key, entry in entries.items()
+           if not key.startswith("model.") or not isinstance(entry, TensorStorageMetadata)]
+    if odd:
+        raise UsageError(f"{folder}: {odd[:3]} are not model tensors (accelerate saves {{'model': state_dict}})")
+    state_dict = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+                  for key, entry in entries.items()}
+    dcp.load({"model": state_dict}, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    return state_dict
+
+
+def matching_weights(state_dict, model, checkpoint):
+    """``state_dict`` in the order of ``model.state_dict()``; a UsageError naming the keys when one is missing, extra,
+    or of another shape."""
+    expected = model.state_dict()
+    problems = {
+        "missing": [key for key in expected if key not in state_dict],
+        "unexpected": [key for key in state_dict if key not in expected],
+        "of another shape": [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape],
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                          for what, keys in problems.items() if keys)
+        raise UsageError(f"{checkpoint}: its weights do not fit the model its run_config.json builds: {found}")
+    return {key: state_dict[key] for key in expected}
+
+
+def read_run_config(run_dir):
+    config_file = Path(run_dir) / "run_config.json"
+    if not config_file.is_file():
+        raise UsageError(f"{config_file}: not found; a checkpoint's parent must be the output dir of its run")
+    try:
+        config = json.loads(config_file.read_text())
+        return config_file, config, argparse.Namespace(**config["args"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{config_file}: not a run config ({type(error).__name__}: {error})") from None
+
+
+def training_script(config, config_file):
+    """The script that wrote a run: argv[0] of its command, else told by flags only that script has."""
+    command = config.get("command") or [""]
+    if Path(command[0]).name in SCRIPTS:
+        return Path(command[0]).name
+    flags = config["args"]
+    for script, flag in (("train_llm_embed.py", "lora_r"), ("train_pretrain.py", "mini_batch_size"),
+                         ("train_finetune.py", "retri_batch_size")):
+        if flag in flags:
+            return script
+    raise UsageError(f"{config_file}: written by none of {', '.join(SCRIPTS)} (command {command[0]!r})")
+
+
+def rebuild_model(run_dir):
+    """(script, args, model): the model as the run's script built it before step one (the start weights), from the
+    run's run_config.json, with the prompts the script adds after building it."""
+    config_file, config, args = read_run_config(run_dir)
+    script = training_script(config, config_file)
+    quiet = SimpleNamespace(print=lambda *_, **__: None)  # the builders' accelerator, used to print only
+    if script == "train_pretrain.py":
+        from .model import DTYPES, EmbeddingModel
+
+        return script, args, EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling,
+                                                            dtype=DTYPES[args.torch_dtype])
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if script == "train_llm_embed.py":
+        model = importlib.import_module("train_llm_embed").build_llm_model(args, quiet)
+    else:
+        model = importlib.import_module("train_finetune").build_encoder(args, quiet)
+    if args.query_prefix_file:  # as train_finetune.main does after building the model
+        from .data import read_meta_list, read_query_prefixes
+
+        names = [entry.name for entry in read_meta_list(args.meta_list, args.root_dir)]
+        model.prompts.update(read_query_prefixes(args.query_prefix_file, names))
+    return script, args, model

@@ -1,0 +1,63 @@
+"""Flags and choices the training scripts share. Imports nothing heavy, so ``--help`` and flag errors answer
+at once; the modules that use a choice (model.py, position.py, llm.py) take its names from here."""
+
+from pathlib import Path
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # --torch_dtype; "auto": the checkpoint's own dtype
+SAVE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+TORCH_DTYPE_HELP = ("dtype of the trained (master) weights, whatever the checkpoint stores; bf16/fp16 compute comes from "
+                    "accelerate's --mixed_precision. bfloat16 halves the memory of a frozen LoRA base; 'auto': the "
+                    "checkpoint's own dtype")
+PE_METHODS = ("hierarchical", "tile")
+ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+META_LINE = "<path> <repeat> [type=KIND] [batch_size=N] [weight=W] [name=NAME]"  # fine-tuning meta lists
+PRETRAIN_META_LINE = "<path> <weight> [columns=QUERY,POSITIVE] [name=NAME]"
+
+
+def add_output_arguments(parser):
+    """Output, logging, evaluation and checkpoint flags every training script has."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", required=True, help="must be empty or new, unless resuming or overwriting")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="delete what a non-empty --output_dir holds (an earlier run) before this run writes to it")
+    g.add_argument("--save_dtype", choices=SAVE_DTYPE_NAMES, default="float32",
+                   help="dtype of the final model's weights (training keeps float32 masters)")
+    g.add_argument("--wise_ft_alpha", type=float, default=1.0,
+                   help="final/ = alpha x trained + (1 - alpha) x start weights (WiSE-FT; 1: the trained weights)")
+    g.add_argument("--log_every", type=int, default=10,
+                   help="optimizer steps between logged metrics (a plain log line when stderr is not a terminal)")
+    g.add_argument("--report_to", default="tensorboard",
+                   help=f"comma list of trackers ({', '.join(TRACKERS)}), 'all' (those installed) or 'none'; they "
+                        "write under --output_dir (wandb offline: WANDB_MODE=offline)")
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final model)")
+    g.add_argument("--save_total_limit", type=int, default=None, help="checkpoints kept (default: all)")
+    g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
+    g.add_argument("--eval_every", type=int, default=0, help="optimizer steps between evaluations (0: start and end)")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (the newest checkpoint in --output_dir; none: start) or a checkpoint directory")
+
+
+def check_output_arguments(parser, args):
+    """Refuse output flags that make no sense, and an --output_dir holding another run (exit 2, flag named)."""
+    if not 0 < args.wise_ft_alpha <= 1:
+        parser.error(f"--wise_ft_alpha must be in (0, 1] (1: the trained weights alone), got {args.wise_ft_alpha}")
+    if args.log_every < 1:
+        parser.error(f"--log_every must be >= 1, got {args.log_every}")
+    trackers = [t.strip() for t in args.report_to.split(",") if t.strip()]
+    unknown = [t for t in trackers if t not in (*TRACKERS, "all", "none")]
+    if unknown or not trackers or (len(trackers) > 1 and {"all", "none"} & set(trackers)):
+        parser.error(f"--report_to {args.report_to!r}: give a comma list of {', '.join(TRACKERS)}, or all, or none")
+    args.report_to = trackers
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} is a file")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir would delete what --resume_from_checkpoint resumes: give one of them")
+    held = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if held and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        parser.error(f"--output_dir {output_dir} is not empty ({shown}): continue its run with "
+                     "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another "
+                     "directory")

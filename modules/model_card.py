@@ -1,0 +1,341 @@
+"""final/README.md: a model card written from what the run knows (its arguments, train_summary.json, dev scores).
+
+eval/run_cmteb.py rewrites the card's C-MTEB section (between the CMTEB_BEGIN / CMTEB_END markers) when it
+scores the directory.
+"""
+
+import json
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+CARD_NOTE = "<!-- Written by modules/model_card.py; eval/run_cmteb.py rewrites the C-MTEB section. -->"
+CMTEB_BEGIN, CMTEB_END = "<!-- C-MTEB section: begin -->", "<!-- C-MTEB section: end -->"
+CMTEB_BENCHMARK = "MTEB(cmn, v1)"
+CMTEB_TASKS = (
+    "T2Retrieval", "MMarcoRetrieval", "DuRetrieval", "CovidRetrieval", "CmedqaRetrieval", "EcomRetrieval",
+    "MedicalRetrieval", "VideoRetrieval", "T2Reranking", "MMarcoReranking", "CMedQAv1-reranking", "CMedQAv2-reranking",
+    "Ocnli", "Cmnli", "CLSClusteringS2S", "CLSClusteringP2P", "ThuNewsClusteringS2S", "ThuNewsClusteringP2P", "LCQMC",
+    "PAWSX", "AFQMC", "QBQTC", "TNews", "IFlyTek", "Waimai", "OnlineShopping", "JDReview", "MultilingualSentiment",
+    "ATEC", "BQ", "STSB",
+)
+# Data this repo knows (../shared/data folders, data/demo files) -> (language, mteb tasks built from the same
+# source): trained on, those tasks are not zero-shot on the MTEB leaderboard. A folder named like a C-MTEB
+# task also counts as that task's data.
+KNOWN_DATA = {
+    "en-stsb": ("en", ["STSBenchmark"]), "stsb_train": ("en", ["STSBenchmark"]),
+    "en-sick": ("en", ["SICK-R"]), "sick_train": ("en", ["SICK-R"]), "sick_retrieval": ("en", ["SICK-R"]),
+    "en-msrp": ("en", []), "en-cranfield-retrieval": ("en", []), "cranfield_train": ("en", []),
+    "zh-afqmc": ("zh", ["AFQMC"]), "zh-atec": ("zh", ["ATEC"]), "zh-bq": ("zh", ["BQ"]), "zh-lcqmc": ("zh", ["LCQMC"]),
+    "zh-ocnli": ("zh", ["Ocnli"]), "zh-pawsx": ("zh", ["PAWSX", "PawsXPairClassification"]),
+    "zh-qbqtc": ("zh", ["QBQTC"]), "zh-stsb": ("zh", ["STSB"]), "zh-cmrc2018-trial-retrieval": ("zh", []),
+    "zh-snli": ("zh", []), "zh-oppo-xiaobu": ("zh", []), "zh-simclue-rank": ("zh", []),
+}
+_CMTEB_BY_LOWER_NAME = {name.lower(): name for name in CMTEB_TASKS}
+# a hub id: "org/name" (a path like /abs/dir or ./dir is not one)
+_ST_USAGE = re.compile(r"SentenceTransformer\(\s*['\"]([\w.-]+/[\w.-]+)['\"]")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# train_summary.json's dataset (fine-tuning) or source (pretraining) keys shown in the data table, in order
+_DATA_COLUMNS = (("kind", "Kind"), ("records", "Records"), ("weight", "Weight"), ("share", "Share of steps"),
+                 ("batch_size", "Batch per process"), ("global_batch_size", "Global batch"),
+                 ("batches_per_epoch", "Batches an epoch"), ("batches", "Batches"), ("files", "Files"))
+_KIND_FLAG_PREFIX = {"retri_contrast": "retri", "cls_contrast": "cls", "cosent": "cosent"}
+
+
+def write_model_card(final_dir, args, summary, eval_history=None, cmteb=None):
+    """Write ``final_dir/README.md`` (over sentence-transformers' blank card); returns its path.
+
+    ``summary`` is train_summary.json's dict (every key optional), ``eval_history`` {step: score or
+    {metric: score}}, ``cmteb`` an eval/run_cmteb.py summary.
+    """
+    final_dir = Path(final_dir)
+    rows = summary.get("datasets") or summary.get("sources") or []
+    layout, base = _saved_layout(final_dir), base_model_name(args.model_name_or_path)
+    sections = [_front_matter(base, rows), _title(args, base), _model_section(args, base, summary, layout),
+                _data_section(rows), _loss_section(args, summary, rows), _training_section(args, summary, rows),
+                _dev_section(args, eval_history),
+                "\n".join(["## C-MTEB", "", CMTEB_BEGIN, _cmteb_text(cmteb), CMTEB_END]), _usage_section(args, layout)]
+    card = final_dir / "README.md"
+    card.write_text("\n\n".join(section for section in sections if section) + "\n", encoding="utf-8")
+    return card
+
+
+def update_cmteb_section(model_dir, cmteb):
+    """Rewrite the C-MTEB section of ``model_dir/README.md`` with a run_cmteb.py summary, when the card is one of
+    ours; returns whether it did."""
+    card = Path(model_dir) / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if CMTEB_BEGIN not in text or CMTEB_END not in text:
+        return False
+    head, rest = text.split(CMTEB_BEGIN, 1)
+    tail = rest.split(CMTEB_END, 1)[1]
+    card.write_text(f"{head}{CMTEB_BEGIN}\n{_cmteb_text(cmteb)}\n{CMTEB_END}{tail}", encoding="utf-8")
+    return True
+
+
+def base_model_name(model_name_or_path):
+    """The start model for the hub's ``base_model``: a hub id as given; for a local sentence-transformers directory
+    the hub id its own card loads it by (its config.json names the backbone it was trained from), for a transformers
+    directory the hub id in its config.json's ``_name_or_path``; else the directory's name."""
+    path = Path(model_name_or_path)
+    if not path.exists():
+        return str(model_name_or_path)
+    if (path / "modules.json").is_file():
+        readme = path / "README.md"
+        found = _ST_USAGE.search(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+        return found.group(1) if found else path.resolve().name
+    config = path / "config.json"
+    name = json.loads(config.read_text()).get("_name_or_path", "") if config.is_file() else ""
+    return name if _HUB_ID.match(name) and not Path(name).exists() else path.resolve().name
+
+
+def known_data(path):
+    """(language, mteb task names) of a dataset this repo knows, by the folder and file names in its path; None
+    for others."""
+    parts = Path(path).parts
+    names = [*parts[:-1], parts[-1].split(".")[0]] if parts else []
+    for name in reversed(names):
+        if name in KNOWN_DATA:
+            return KNOWN_DATA[name]
+        if name.lower() in _CMTEB_BY_LOWER_NAME:
+            return "zh", [_CMTEB_BY_LOWER_NAME[name.lower()]]
+    return None
+
+
+def _row_tasks(row):
+    known = known_data(row.get("path") or row.get("name") or "")
+    return known[1] if known else []
+
+
+def _num(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _saved_layout(final_dir):
+    """Output dimension, pooling, ScalingLayer, max length and prompts as saved (absent files leave them None)."""
+    def read(relative):
+        file = final_dir / relative
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    prompts = read("config_sentence_transformers.json").get("prompts") or {}
+    layout = {"dim": None, "pooling": None, "dense": None, "prompts": {k: v for k, v in prompts.items() if v},
+              "max_seq_length": read("sentence_bert_config.json").get("max_seq_length")}
+    for module in read("modules.json") or []:
+        kind, config = module["type"].rsplit(".", 1)[-1], read(Path(module["path"]) / "config.json")
+        if kind == "Pooling":
+            layout.update(dim=config.get("embedding_dimension"), pooling=config.get("pooling_mode"))
+        elif kind == "Dense":
+            layout.update(dim=config.get("out_features"), dense=(config.get("in_features"), config.get("out_features")))
+    return layout
+
+
+def _front_matter(base, rows):
+    known = [known_data(row.get("path") or row.get("name") or "") for row in rows]
+    meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+            "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense"],
+            "base_model": base,
+            "datasets": [row["name"] for row in rows if "name" in row],
+            "language": sorted({k[0] for k in known if k}),
+            # mteb's ModelMeta.training_datasets: the mteb task names (a set in mteb 2)
+            "mteb_training_datasets": sorted({task for k in known if k for task in k[1]})}
+    return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v}, sort_keys=False, allow_unicode=True) + "---"
+
+
+def _title(args, base):
+    script = Path(_command(args)[0]).name
+    how = "fine-tuned" if hasattr(args, "retri_temperature") else "pretrained on (query, positive) pairs"
+    return (f"# {Path(args.output_dir).name}\n\n{CARD_NOTE}\n\nA sentence embedding model {how} from "
+            f"{base} by `{script}`.")
+
+
+def _model_section(args, base, summary, layout):
+    lines = [f"- Base model: [{base}](https://huggingface.co/{base})" if _HUB_ID.match(base) else
+             f"- Base model: {base}"]
+    if str(args.model_name_or_path) != base:
+        lines[0] += f" (started from `{args.model_name_or_path}`)"
+    lines += [f"- {label}: {layout[key]}" for key, label in (("dim", "Output dimension"), ("pooling", "Pooling"),
+                                                             ("max_seq_length", "Max sequence length (tokens)"))
+              if layout[key] is not None]
+    lines.append("- Similarity: cosine")
+    if layout["dense"]:
+        lr = getattr(args, "scaling_lr", None)
+        lines.append(f"- ScalingLayer: linear {layout['dense'][0]} -> {layout['dense'][1]}"
+                     + (f", learning rate {_num(lr)}" if lr else ""))
+    if args.mrl_dims:
+        from .losses import PICCOLO_MRL_DIMS, matryoshka_dims
+
+        piccolo = args.mrl_dims == "piccolo" and layout["dim"]
+        dims = matryoshka_dims(PICCOLO_MRL_DIMS, layout["dim"]) if piccolo else args.mrl_dims
+        lines.append(f"- Matryoshka (MRL) dims: {dims}, weights: {args.mrl_weights or 'equal'}")
+    mixed = f", mixed precision {summary['mixed_precision']}" if summary.get("mixed_precision") else ""
+    lines.append(f"- Precision: {args.torch_dtype} master weights{mixed}; saved as {args.save_dtype}")
+    if args.wise_ft_alpha < 1:
+        lines.append(f"- WiSE-FT: saved weights = {_num(args.wise_ft_alpha)} x trained + "
+                     f"{1 - args.wise_ft_alpha:.3g} x start model")
+    if getattr(args, "extend_pe", False):
+        lines.append(f"- Position table extended to {args.max_length} ({args.pe_extension})")
+    if hasattr(args, "lora_r"):
+        lines.append("- Every weight trained (no LoRA)" if args.full_finetune else
+                     f"- LoRA: r {args.lora_r}, alpha {_num(args.lora_alpha)}, dropout {_num(args.lora_dropout)}, "
+                     f"modules {args.lora_target_modules}; merged into the saved weights (adapter in adapter/)")
+    if getattr(args, "rope_scaling", None):
+        lines.append(f"- RoPE scaling: {args.rope_scaling} x {_num(args.rope_factor)}")
+    return "## Model\n\n" + "\n".join(lines)
+
+
+def _data_section(rows):
+    if not rows:
+        return ""
+    columns = [(key, title) for key, title in _DATA_COLUMNS if any(key in row for row in rows)]
+    lines = ["## Training data", "", "| Dataset | " + " | ".join(title for _, title in columns) + " | mteb tasks |",
+             "|---|" + "".join("---|" if key == "kind" else "---:|" for key, _ in columns) + "---|"]
+    for row in rows:
+        cells = [f"{100 * row[key]:.1f}%" if key == "share" and key in row else _num(row.get(key, ""))
+                 for key, _ in columns]
+        lines.append(f"| {row.get('name', '?')} | " + " | ".join(cells) + f" | {', '.join(_row_tasks(row))} |")
+    if any(row.get("share_of", "of the steps") != "of the steps" for row in rows):
+        lines += ["", "Under --cbb every step holds one batch of every kind: shares are within each kind's batches."]
+    tasks = sorted({task for row in rows for task in _row_tasks(row)})
+    others = [row.get("name", "?") for row in rows if not _row_tasks(row)]
+    lines += ["", f"Trained on these mteb tasks' data (not zero-shot for them): {', '.join(tasks) or 'none'}."]
+    if others:
+        lines.append(f"No mteb task known for: {', '.join(others)}.")
+    return "\n".join(lines)
+
+
+def _loss_section(args, summary, rows):
+    if not hasattr(args, "retri_temperature"):  # pretraining
+        text = ("- InfoNCE over in-batch negatives (every other pair of the global batch), temperature "
+                f"{_num(args.temperature)}")
+        text += ", symmetric (query -> passage and passage -> query)" if args.symmetric else ""
+        text += f"; GradCache mini batch {args.mini_batch_size}" if args.mini_batch_size else ""
+        return "## Loss\n\n" + text
+    weights = summary.get("loss_weights")
+    kinds = list(weights or dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _KIND_FLAG_PREFIX)
+    described = {"cosent": "CoSENT",
+                 "cls_contrast": f"InfoNCE, its {args.cls_negatives} negative(s) only (no in-batch)",
+                 "retri_contrast": (f"InfoNCE, its {args.retri_negatives} hard negative(s) only (no in-batch)"
+                                    if args.retri_hard_negatives_only else
+                                    f"InfoNCE, in-batch + {args.retri_negatives} hard negative(s) per query"
+                                    if args.retri_negatives else "InfoNCE, in-batch negatives")}
+    lines = ["## Losses", "", "Each batch comes from one dataset and gets its kind's loss.", "",
+             f"| Task kind | Loss | Temperature | Weight{' (relative to the largest)' if weights else ''} |",
+             "|---|---|---:|---:|"]
+    for kind in kinds:
+        prefix = _KIND_FLAG_PREFIX[kind]
+        weight = (weights[kind] if weights else args.cbb_beta if args.cbb and kind == "cosent"
+                  else getattr(args, f"{prefix}_weight"))
+        temperature = getattr(args, f"{prefix}_temperature")
+        lines.append(f"| {kind} | {described[kind]} | {_num(temperature)} | {_num(weight)} |")
+    lines.append("")
+    if args.cbb:
+        lines.append(f"- CBB: every step one batch of every kind, retrieval queries shared by all processes (each "
+                     f"with its own negatives); loss = retrieval + {_num(args.cbb_beta)} x CoSENT")
+    if args.dhnm:
+        dhnm = summary.get("dhnm") or {}
+        lines.append(f"- DHNM: every {args.dhnm_interval} steps, easy negatives of the last retrieval batch re-mined "
+                     f"(ratio {_num(args.dhnm_ratio)}, |S| < {_num(args.dhnm_max_abs)}, skip {args.dhnm_skip})"
+                     + (f"; {dhnm['replaced']} of {dhnm['checked']} replaced" if "replaced" in dhnm else ""))
+    return "\n".join(lines).rstrip()
+
+
+def _training_section(args, summary, rows):
+    steps = summary.get("total_steps") or (args.max_steps if args.max_steps > 0 else summary.get("steps"))
+    lines = [f"- Steps: {steps}"] if steps else []
+    fixed = getattr(args, "warmup_steps", None)  # pretraining's --warmup_steps, over --warmup_ratio
+    warmup = summary.get("warmup_steps", fixed if fixed is not None else
+                         math.ceil(args.warmup_ratio * steps) if steps else None)
+    ratio = "" if fixed is not None else f" ({_num(args.warmup_ratio)} of the steps)"
+    lines.append(f"- Warmup steps: {warmup}{ratio}" if warmup is not None else f"- Warmup:{ratio}")
+    if hasattr(args, "retri_batch_size"):
+        kinds = dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _KIND_FLAG_PREFIX
+        lines.append("- Batch per process: " + ", ".join(
+            f"{kind} {getattr(args, _KIND_FLAG_PREFIX[kind] + '_batch_size')}" for kind in kinds)
+            + (" (a meta list's batch_size=N overrides; see the data table)" if rows else ""))
+        lines.append(f"- Gradient accumulation: {args.grad_accum}")
+    else:
+        lines.append(f"- Batch: {args.batch_size} pairs per process"
+                     + (f", {summary['global_batch_size']} global" if "global_batch_size" in summary else ""))
+    if summary.get("epochs") is not None:
+        lines.append(f"- Epochs: {summary['epochs']:.2f}")
+    elif getattr(args, "max_steps", 0) <= 0 and hasattr(args, "epochs"):
+        lines.append(f"- Epochs: {args.epochs}")
+    if "processes" in summary:
+        lines.append(f"- Processes: {summary['processes']}"
+                     + (f" ({summary['distributed']})" if summary.get("distributed") else ""))
+    lines += [f"- Learning rate: {_num(args.lr)}, {args.lr_scheduler} schedule, weight decay {_num(args.weight_decay)}",
+              f"- Max gradient norm: {_num(args.max_grad_norm) if args.max_grad_norm > 0 else 'no clipping'}",
+              f"- Seed: {args.seed}", "", "Command:", "", "```bash", shlex.join(_command(args)), "```"]
+    return "## Training\n\n" + "\n".join(lines)
+
+
+def _command(args):
+    """The command line run_config.json recorded at the start of the run (this process's otherwise)."""
+    run_config = Path(args.output_dir) / "run_config.json"
+    command = json.loads(run_config.read_text()).get("command") if run_config.is_file() else None
+    return [str(part) for part in (command or sys.argv)]
+
+
+def _dev_section(args, eval_history):
+    if not eval_history:
+        return ""
+    dev_file = Path(getattr(args, "eval_sts_file", None) or "dev").name
+
+    def metrics(value):
+        return value if isinstance(value, dict) else {f"Spearman x 100 ({dev_file})": value}
+
+    steps = list(dict.fromkeys([min(eval_history, key=int), max(eval_history, key=int)]))
+    lines = ["## Dev scores", "", "| Metric | " + " | ".join(f"step {step}" for step in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for name in metrics(eval_history[steps[-1]]):
+        values = [metrics(eval_history[step]).get(name) for step in steps]
+        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
+    if args.wise_ft_alpha < 1:
+        lines += ["", "Scores of the trained weights, before the WiSE-FT average with the start model."]
+    return "\n".join(lines)
+
+
+def _cmteb_text(cmteb):
+    """The C-MTEB section's content: run_cmteb.py's averages per type and overall, and every task's score."""
+    if not cmteb:
+        return "Not evaluated yet: `python eval/run_cmteb.py --model <this directory>` writes its scores here."
+    tasks, benchmark = cmteb["tasks"], cmteb.get("settings", {}).get("benchmark", CMTEB_BENCHMARK)
+    in_cmteb = [task for task in tasks if task in CMTEB_TASKS]
+    others = [task for task in tasks if task not in CMTEB_TASKS]
+    if benchmark != CMTEB_BENCHMARK:
+        coverage = f"{len(tasks)} tasks of {benchmark}"
+    elif len(in_cmteb) == len(CMTEB_TASKS):
+        coverage = f"All {len(CMTEB_TASKS)} {CMTEB_BENCHMARK} tasks"
+    else:
+        coverage = (f"Partial: {len(in_cmteb)} of the {len(CMTEB_TASKS)} {CMTEB_BENCHMARK} tasks (averages over "
+                    "those run, not comparable with the leaderboard's)")
+    if others and benchmark == CMTEB_BENCHMARK:
+        coverage += f"; also in the averages: {', '.join(others)}"
+    types = list(cmteb["types"])
+    rows = cmteb.get("dims") or [{"dim": cmteb["model"]["embedding_dim"], **cmteb}]
+    lines = [f"{coverage}. Main score x 100.", "", "| Dim | Average | " + " | ".join(types) + " | Average of types |",
+             "|---:|" + "---:|" * (len(types) + 2)]
+    for row in rows:
+        lines.append(f"| {row['dim']} | {row['average']:.2f} | "
+                     + " | ".join(f"{row['types'][t]:.2f}" for t in types) + f" | {row['average_by_type']:.2f} |")
+    lines += ["", "| Type | Task | Score |", "|---|---|---:|"]
+    lines += [f"| {cmteb['task_types'][task]} | {task} | {score:.2f} |" for task, score in tasks.items()]
+    settings, versions = cmteb.get("settings", {}), cmteb.get("versions", {})
+    lines += ["", (f"mteb {versions.get('mteb', '?')}, {cmteb.get('date', '')}; data: {settings.get('data', '?')}; "
+                   f"query instruction: {settings.get('query_instruction')!r}.")]
+    return "\n".join(lines)
+
+
+def _usage_section(args, layout):
+    lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+             'model = SentenceTransformer("path/to/this/directory")',
+             'embeddings = model.encode(["first sentence", "second sentence"])', "```"]
+    if getattr(args, "query_prefix", ""):
+        lines += ["", f"Training prefixed queries with {args.query_prefix!r}: give it as `prompt=` to queries."]
+    if layout["prompts"]:
+        lines += ["", f"Prompts saved with the model (`prompt_name=`): {', '.join(layout['prompts'])}."]
+    return "\n".join(lines)
