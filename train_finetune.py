@@ -9,8 +9,9 @@ negatives only) or cosent (CoSENT). All hyperparameters are below; edit freely f
 """
 
 import math
+from pathlib import Path
 
-from modules.cli import ArgumentParser, run_cli
+from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
 )
@@ -147,10 +148,12 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from modules.checkpoints import (
+        BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
+    )
     from modules.data import EpochBatches, TaskCollator, build_sampler, describe_data_order, load_meta_list
     from modules.data import read_query_prefixes
-    from modules.evaluation import load_sts_pairs, sts_spearman
+    from modules.evaluation import DevSets
     from modules.forward import batch_size_and_tokens, task_loss, to_device
     from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags, relative_task_weights
     from modules.mining import MiningState, dhnm_round
@@ -190,7 +193,10 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     mining = None
     if args.dhnm:  # every mined record must hold exactly the negatives a step uses
         mining = MiningState.for_datasets(datasets, args.retri_negatives * negative_parts, args.meta_list)
-    eval_pairs = load_sts_pairs(args.eval_sts_file) if args.eval_sts_file else None
+    dev_sets = DevSets(args.eval_sts_file, args.eval_dir)  # --eval_sts_file and --eval_dir task folders
+    if args.metric_for_best and args.metric_for_best not in dev_sets.metric_names():
+        raise UsageError(f"--metric_for_best {args.metric_for_best}: the dev metrics are "
+                         f"{', '.join(dev_sets.metric_names())}")
 
     # ---- model and losses
     model = build_model(args, accelerator)
@@ -229,25 +235,22 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     accelerator.print("\n".join(startup_lines(setup, args)))
 
     # ---- resume
-    global_step, start_epoch, start_batch = 0, 0, 0
+    global_step, start_epoch, start_batch, best_state = 0, 0, 0, None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step, start_epoch, start_batch = state["global_step"], state["epoch"], state["batch_in_epoch"]
+        best_state = state.get("best")
         accelerator.print(f"resumed from {checkpoint} at step {global_step} (epoch {start_epoch}, batch {start_batch})")
 
     if accelerator.is_main_process:
         write_run_config(args.output_dir, args, [args.meta_list])
     accelerator.init_trackers("finetune", config={k: str(v) for k, v in vars(args).items()})
 
-    def evaluate():
-        score = sts_spearman(model, tokenizer, eval_pairs, args.pair_max_len)
-        accelerator.log({"eval/sts_spearman": score}, step=global_step)
-        return score
+    def evaluate():  # every dev metric, logged and printed
+        return dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, args.query_prefix, global_step)
 
-    eval_history = {}
-    if eval_pairs and checkpoint is None:
-        eval_history[0] = evaluate()
-        accelerator.print(f"step 0: dev Spearman {eval_history[0]:.2f}")
+    eval_history = {0: evaluate()} if dev_sets and checkpoint is None else {}
+    best = BestCheckpoint(args.metric_for_best, args.keep_best, best_state)  # --metric_for_best, --keep_best
 
     # ---- train
     model.train()
@@ -317,12 +320,13 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 accelerator.log(counts, step=global_step)
                 accelerator.print(f"step {global_step}: DHNM checked {counts['dhnm/checked']} examples, "
                                   f"replaced {counts['dhnm/replaced']}")
-            if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
+            if dev_sets and args.eval_every and (global_step % args.eval_every == 0 or global_step == total_steps):
                 eval_history[global_step] = evaluate()
-            if args.save_every and global_step % args.save_every == 0:
+            if best.improved(global_step, eval_history) or (args.save_every and global_step % args.save_every == 0):
                 state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1,
-                         "data_order": data_order, "schedule": schedule}
-                save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit)
+                         "data_order": data_order, "schedule": schedule, "best": best.state()}
+                save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
+                                keep=best.kept())
             if global_step >= total_steps:
                 done = True
                 break
@@ -330,11 +334,15 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     progress.close()
 
     # ---- final model and scores
-    if eval_pairs:
+    if dev_sets and global_step not in eval_history:
         eval_history[global_step] = evaluate()
     if mining is not None:
         measured["dhnm"] = dhnm_log
-    finish_run(accelerator, model, args, {**setup, "steps": global_step, **measured}, eval_history)
+    if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
+        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}")
+        accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
+    finish_run(accelerator, model, args, {**setup, "steps": global_step, **measured, **best.summary(args.output_dir)},
+               eval_history, best.summary(args.output_dir))
 
 
 if __name__ == "__main__":

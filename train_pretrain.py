@@ -13,8 +13,9 @@ have come next. All hyperparameters are below; edit freely for ablations.
 """
 
 import math
+from pathlib import Path
 
-from modules.cli import ArgumentParser, run_cli
+from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
 )
@@ -75,8 +76,10 @@ def main(argv=None):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
-    from modules.evaluation import load_sts_pairs, sts_spearman
+    from modules.checkpoints import (
+        BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
+    )
+    from modules.evaluation import DevSets
     from modules.forward import embed, to_device
     from modules.gradcache import cached_loss_backward, check_gradcache_supported
     from modules.losses import InBatchInfoNCE, matryoshka_from_flags
@@ -101,7 +104,10 @@ def main(argv=None):
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         check_resumable(checkpoint, data_order, accelerator.num_processes, schedule)
-    eval_pairs = load_sts_pairs(args.eval_sts_file) if args.eval_sts_file else None
+    dev_sets = DevSets(args.eval_sts_file, args.eval_dir)  # --eval_sts_file and --eval_dir task folders
+    if args.metric_for_best and args.metric_for_best not in dev_sets.metric_names():
+        raise UsageError(f"--metric_for_best {args.metric_for_best}: the dev metrics are "
+                         f"{', '.join(dev_sets.metric_names())}")
 
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
     if args.gradient_checkpointing:
@@ -117,11 +123,12 @@ def main(argv=None):
     setup = pretrain_setup(args, accelerator, sources)
     accelerator.print("\n".join(startup_lines(setup, args)))
 
-    global_step, loader_state, source_batches = 0, None, [0] * len(sources)
+    global_step, loader_state, source_batches, best_state = 0, None, [0] * len(sources), None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step, loader_state = state["global_step"], state["process_states"][accelerator.process_index]
         source_batches = state.get("source_batches", source_batches)  # counted since this resume if not saved
+        best_state = state.get("best")
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     if accelerator.is_main_process:
         write_run_config(args.output_dir, args, [args.meta_list])
@@ -135,12 +142,13 @@ def main(argv=None):
     loader = iter(DataLoader(batches, batch_size=None, num_workers=args.num_workers,
                              generator=torch.Generator().manual_seed(args.seed)))  # leaves the global RNG alone
 
-    def evaluate():
-        score = sts_spearman(model, tokenizer, eval_pairs, args.query_max_len)
-        accelerator.log({"eval/sts_spearman": score}, step=global_step)
-        return score
+    max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.query_max_len}
 
-    eval_history = {0: evaluate()} if eval_pairs and checkpoint is None else {}
+    def evaluate():  # every dev metric, logged and printed
+        return dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, args.query_prefix, global_step)
+
+    eval_history = {0: evaluate()} if dev_sets and checkpoint is None else {}
+    best = BestCheckpoint(args.metric_for_best, args.keep_best, best_state)  # --metric_for_best, --keep_best
 
     model.train()
     progress = Progress(args.max_steps, global_step, accelerator.is_local_main_process)
@@ -187,22 +195,25 @@ def main(argv=None):
                             step=global_step)
             progress.log(global_step, metrics)
             window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, seconds=0.0)
-        if eval_pairs and args.eval_every and global_step % args.eval_every == 0:
+        if dev_sets and args.eval_every and (global_step % args.eval_every == 0 or global_step == args.max_steps):
             eval_history[global_step] = evaluate()
-        if args.save_every and global_step % args.save_every == 0:
+        if best.improved(global_step, eval_history) or (args.save_every and global_step % args.save_every == 0):
             state = {"global_step": global_step, "data_order": data_order, "schedule": schedule,
-                     "source_batches": source_batches}
+                     "source_batches": source_batches, "best": best.state()}
             save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                            process_state=loader_state)
+                            process_state=loader_state, keep=best.kept())
     progress.close()
 
-    if eval_pairs:
+    if dev_sets and global_step not in eval_history:
         eval_history[global_step] = evaluate()
+    if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
+        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}")
+        accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
     by_source = {source.name: count for source, count in zip(sources, source_batches)}
     accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
                                                         for name, count in by_source.items()))
-    finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured},
-               eval_history)
+    finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured,
+                                          **best.summary(args.output_dir)}, eval_history, best.summary(args.output_dir))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
-def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None, process_state=None):
+def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None, process_state=None, keep=()):
     """``save_state`` into checkpoint-<step>.tmp, add the trainer state, then rename.
 
     ``process_state`` (e.g. a streaming loader's position, different on every process) is
     gathered and saved as ``trainer_state["process_states"][process_index]``. The rename is the
     last thing that happens, so a crash mid-save leaves only a ``.tmp`` directory, which
-    ``resolve_checkpoint`` never picks.
+    ``resolve_checkpoint`` never picks. ``save_total_limit`` keeps the newest checkpoints and those in ``keep``
+    (the best one).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -39,7 +40,8 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
         replace_directory(partial, final)
         if save_total_limit:
             for old in completed_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
+                if old.name not in keep:
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -146,3 +148,34 @@ def _differences(saved, current, name=""):
 def load_checkpoint(accelerator, path):
     accelerator.load_state(str(path))
     return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+class BestCheckpoint:
+    """``--metric_for_best`` (higher is better) over a run's evaluations after step 0; with ``--keep_best`` every new
+    best is saved as a checkpoint that the checkpoint limit spares. Its state travels in ``trainer_state.json``."""
+
+    def __init__(self, metric, keep, state=None):
+        self.metric, self.keep = metric, keep
+        self.step, self.value = (state["step"], state["value"]) if state else (None, None)
+
+    def improved(self, step, eval_history):
+        """Whether the evaluation at ``step`` is a new best to save (False without --keep_best)."""
+        if not self.metric or step == 0 or step not in eval_history:
+            return False
+        value = eval_history[step][self.metric]
+        if self.value is not None and value <= self.value:
+            return False
+        self.step, self.value = step, value
+        return self.keep
+
+    def kept(self):
+        return (f"checkpoint-{self.step}",) if self.keep and self.step else ()
+
+    def state(self):
+        return {"metric": self.metric, "step": self.step, "value": self.value} if self.step else None
+
+    def summary(self, output_dir):
+        if not self.step:
+            return {}
+        path = Path(output_dir) / f"checkpoint-{self.step}" if self.keep else None
+        return {"best": {**self.state(), "checkpoint": str(path) if path else None}}

@@ -1,11 +1,15 @@
-"""Quick evaluation: embed texts, score STS-style pairs (Spearman of cosine) and retrieval (nDCG@10)."""
+"""Quick evaluation: embed texts, score STS-style pairs (Spearman of cosine), pair classification and retrieval
+(nDCG@10), and the dev sets a training run is scored on (--eval_sts_file, --eval_dir)."""
 
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+
+from .cli import UsageError
 
 
 def load_sts_pairs(path):
@@ -99,3 +103,91 @@ def retrieval_ndcg(model, tokenizer, queries, corpus, qrels, query_max_len=64, p
     position = {d: i for i, d in enumerate(doc_ids)}
     relevant = [{position[d]: g for d, g in qrels[q].items() if d in position} for q in query_ids]
     return ndcg_at_k(query_embeddings @ documents.T, relevant, k)
+
+
+def pair_classification_scores(scores, labels):
+    """Best-threshold accuracy and average precision (x100) of cosine ``scores`` against 0/1 ``labels``."""
+    from sklearn.metrics import average_precision_score
+
+    ranked = np.asarray(labels)[np.argsort(-scores, kind="stable")]
+    # calling the top i pairs positive (i = 0..n) gets right the positives among them and the negatives below
+    positives_above = np.concatenate([[0], np.cumsum(ranked == 1)])
+    negatives_below = (ranked == 0).sum() - np.concatenate([[0], np.cumsum(ranked == 0)])
+    best = (positives_above + negatives_below).max()
+    return {"cosine_accuracy": 100 * best / len(labels), "cosine_ap": 100 * average_precision_score(labels, scores)}
+
+
+def retrieval_scores(query_embeddings, document_embeddings, relevant, k=10, recall_k=100):
+    """nDCG@k and recall@recall_k (x100) of ranking every document by cosine for each query."""
+    scores = query_embeddings @ document_embeddings.T
+    top = scores.topk(min(recall_k, scores.size(1)), dim=1).indices.tolist()
+    recall = sum(len(set(ranked) & set(grades)) / len(grades) for ranked, grades in zip(top, relevant))
+    return {f"ndcg_at_{k}": ndcg_at_k(scores, relevant, k), f"recall_at_{recall_k}": 100 * recall / len(relevant)}
+
+
+def score_local_task(model, tokenizer, task, max_lengths, query_prefix=""):
+    """{"<task>/<metric>": value x100} of a local task folder (modules/task_folders.py), every text embedded once;
+    with several splits the names are "<task>/<split>/<metric>"."""
+    metrics = {}
+    for split in task.splits:
+        data = task.split_data(split)
+        if task.type == "Retrieval":
+            doc_ids, query_ids = list(data["corpus"]), list(data["queries"])
+            documents = embed_texts(model, tokenizer, [f"{d['title']} {d['text']}".strip() for d in data["corpus"].values()],
+                                    max_lengths["passage"])
+            queries = embed_texts(model, tokenizer, [query_prefix + data["queries"][q] for q in query_ids],
+                                  max_lengths["query"])
+            position = {d: i for i, d in enumerate(doc_ids)}
+            relevant = [{position[d]: g for d, g in data["qrels"][q].items()} for q in query_ids]
+            scores = retrieval_scores(queries, documents, relevant)
+        else:
+            count = len(data["sentence1"])
+            embeddings = embed_texts(model, tokenizer, data["sentence1"] + data["sentence2"], max_lengths["pair"])
+            cosine = (embeddings[:count] * embeddings[count:]).sum(-1).numpy()
+            scores = ({"cosine_spearman": 100 * spearmanr(cosine, data["score"]).statistic} if task.type == "STS"
+                      else pair_classification_scores(cosine, data["label"]))
+        prefix = f"{task.name}/{split}/" if len(task.splits) > 1 else f"{task.name}/"
+        metrics.update({prefix + name: float(value) for name, value in scores.items()})
+    return metrics
+
+
+class DevSets:
+    """What a training run is scored on: ``--eval_sts_file`` ("sts_spearman") and every ``--eval_dir`` task folder
+    ("<task>/<metric>"); called, it returns {metric: value}. Every process calls it together (sharded models)."""
+
+    def __init__(self, sts_file=None, task_dirs=()):
+        from .task_folders import read_task_folder
+
+        self.sts_pairs = load_sts_pairs(sts_file) if sts_file else None
+        self.tasks = [read_task_folder(folder) for folder in task_dirs or ()]
+        names = [task.name for task in self.tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise UsageError(f"--eval_dir: two task folders are named {repeated}; give each task.json its own name")
+
+    def __bool__(self):
+        return self.sts_pairs is not None or bool(self.tasks)
+
+    def metric_names(self):
+        per_type = {"STS": ["cosine_spearman"], "PairClassification": ["cosine_accuracy", "cosine_ap"],
+                    "Retrieval": ["ndcg_at_10", "recall_at_100"]}
+        names = ["sts_spearman"] if self.sts_pairs is not None else []
+        for task in self.tasks:
+            splits = [f"{split}/" for split in task.splits] if len(task.splits) > 1 else [""]
+            names += [f"{task.name}/{split}{metric}" for split in splits for metric in per_type[task.type]]
+        return names
+
+    def evaluate(self, accelerator, model, tokenizer, max_lengths, query_prefix, step):
+        """Score, log to the trackers as eval/<metric> and print one line; returns {metric: value}."""
+        metrics = self(model, tokenizer, max_lengths, query_prefix)
+        accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
+        accelerator.print(f"step {step}: dev " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
+        return metrics
+
+    def __call__(self, model, tokenizer, max_lengths, query_prefix=""):
+        metrics = {}
+        if self.sts_pairs is not None:
+            metrics["sts_spearman"] = float(sts_spearman(model, tokenizer, self.sts_pairs, max_lengths["pair"]))
+        for task in self.tasks:
+            metrics.update(score_local_task(model, tokenizer, task, max_lengths, query_prefix))
+        return metrics

@@ -34,7 +34,16 @@ def add_output_arguments(parser):
     g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only the final model)")
     g.add_argument("--save_total_limit", type=int, default=None, help="checkpoints kept (default: all)")
     g.add_argument("--eval_sts_file", default=None, help="JSONL of text, text_pair, label: Spearman before/during/after")
+    g.add_argument("--eval_dir", action="append", default=None,
+                   help="a local task folder (task.json: STS, PairClassification or Retrieval; see eval/README.md) "
+                        "scored with the STS file; repeatable")
     g.add_argument("--eval_every", type=int, default=0, help="optimizer steps between evaluations (0: start and end)")
+    g.add_argument("--metric_for_best", default=None,
+                   help="a logged dev metric, e.g. CranfieldLocal/ndcg_at_10 or sts_spearman (higher is better)")
+    g.add_argument("--keep_best", action="store_true",
+                   help="save a checkpoint at every new best --metric_for_best and keep it (save_total_limit spares it)")
+    g.add_argument("--final_is_best", action="store_true",
+                   help="final/ from the best checkpoint instead of the last step (implies --keep_best)")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest checkpoint in --output_dir; none: start) or a checkpoint directory")
 
@@ -43,6 +52,11 @@ def check_output_arguments(parser, args):
     """Refuse output flags that make no sense, and an --output_dir holding another run (exit 2, flag named)."""
     if not 0 < args.wise_ft_alpha <= 1:
         parser.error(f"--wise_ft_alpha must be in (0, 1] (1: the trained weights alone), got {args.wise_ft_alpha}")
+    if (args.keep_best or args.final_is_best) and not args.metric_for_best:
+        parser.error("--keep_best / --final_is_best need --metric_for_best")
+    if args.metric_for_best and not (args.eval_every > 0 and (args.eval_sts_file or args.eval_dir)):
+        parser.error("--metric_for_best needs dev data (--eval_dir / --eval_sts_file) and --eval_every N")
+    args.keep_best = args.keep_best or args.final_is_best
     if args.log_every < 1:
         parser.error(f"--log_every must be >= 1, got {args.log_every}")
     trackers = [t.strip() for t in args.report_to.split(",") if t.strip()]

@@ -286,7 +286,8 @@ def _dev_section(args, eval_history):
     dev_file = Path(getattr(args, "eval_sts_file", None) or "dev").name
 
     def metrics(value):
-        return value if isinstance(value, dict) else {f"Spearman x 100 ({dev_file})": value}
+        value = value if isinstance(value, dict) else {"sts_spearman": value}
+        return {f"Spearman x 100 ({dev_file})" if name == "sts_spearman" else name: score for name, score in value.items()}
 
     steps = list(dict.fromkeys([min(eval_history, key=int), max(eval_history, key=int)]))
     lines = ["## Dev scores", "", "| Metric | " + " | ".join(f"step {step}" for step in steps) + " |",

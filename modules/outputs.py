@@ -60,10 +60,11 @@ def _deepspeed_fp32_state_dict(accelerator, model):
     return {key: state_dict[key] for key in keys}
 
 
-def finish_run(accelerator, model, args, summary, eval_history=None):
+def finish_run(accelerator, model, args, summary, eval_history=None, best=None):
     """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, averaged with
     the start model when ``--wise_ft_alpha`` < 1) with its model card, train_summary.json (with pairs/s) and,
-    when there was a dev set, eval_results.json; then end the trackers."""
+    when there was a dev set, eval_results.json (with ``best``, the best checkpoint's summary); then end the
+    trackers."""
     summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
@@ -77,7 +78,7 @@ def finish_run(accelerator, model, args, summary, eval_history=None):
         (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
         if eval_history:
-            _write_eval_results(args.output_dir, args.eval_sts_file, eval_history)
+            _write_eval_results(args, eval_history, best or {})
     accelerator.end_training()
 
 
@@ -108,9 +109,14 @@ def write_run_config(output_dir, args, copy_files=()):
             shutil.copy(path, output_dir / Path(path).name)
 
 
-def _write_eval_results(output_dir, eval_file, history):
-    """eval_results.json with the dev Spearman at each evaluated step, and a one-line summary."""
-    (Path(output_dir) / "eval_results.json").write_text(json.dumps(
-        {"eval_file": eval_file, "sts_spearman_by_step": history}, indent=2))
+def _write_eval_results(args, history, best):
+    """eval_results.json with every dev metric at each evaluated step (and the best step), and a line a metric."""
+    results = {"eval_file": args.eval_sts_file, "eval_dirs": args.eval_dir, "metrics_by_step": history, **best}
+    if args.eval_sts_file:  # the layout of earlier runs
+        results["sts_spearman_by_step"] = {step: metrics["sts_spearman"] for step, metrics in history.items()}
+    (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
     first, last = min(history), max(history)
-    print(f"dev Spearman: step {first} {history[first]:.2f} -> step {last} {history[last]:.2f}")
+    for name in history[last]:
+        label = "dev Spearman" if name == "sts_spearman" else f"dev {name}"
+        print(f"{label}: step {first} {history[first].get(name, float('nan')):.2f} -> step {last} "
+              f"{history[last][name]:.2f}")
