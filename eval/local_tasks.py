@@ -17,6 +17,10 @@ Multilingual tasks have one such folder per hf subset: `DATA_DIR/<TaskName>/<sub
 
 The files are taken as the evaluation data as they are: a task's hub-specific `dataset_transform` (column
 renames, subsampling) is not applied, and local columns are mapped onto the columns the task class reads.
+
+`folder_task` builds a task of one's own from a folder with a `task.json` (read by modules/task_folders.py):
+a subclass of mteb's abstract task class of its type (AbsTaskSTS, AbsTaskPairClassification,
+AbsTaskRetrieval) with metadata from task.json, evaluated by mteb's evaluator of that type.
 """
 
 from __future__ import annotations
@@ -38,13 +42,18 @@ from mteb.abstasks import (
 )
 from mteb.abstasks.clustering_legacy import AbsTaskClusteringLegacy
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.languages.check_language_code import check_language_code
+
+from modules.cli import DataError
+from modules.task_folders import LocalTask, read_task_folder
 
 QRELS_COLUMNS = ("query-id", "corpus-id", "score")
 TOP_RANKED_COLUMNS = ("query-id", "corpus-ids")
 README_HINT = "see eval/README.md, 'Offline evaluation from local files'"
 
 
-class LocalDataError(Exception):
+class LocalDataError(DataError):
     """A local task folder is missing, incomplete or malformed."""
 
 
@@ -299,3 +308,132 @@ def read_jsonl(
     if not rows:
         raise LocalDataError(f"{path} holds no records.")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks of one's own: a folder with task.json (modules/task_folders.py)
+
+FOLDER_TASK_CLASSES = {
+    "STS": AbsTaskSTS,
+    "PairClassification": AbsTaskPairClassification,
+    "Retrieval": AbsTaskRetrieval,
+}
+_SIMILARITIES = ("similarity", "cosine", "manhattan", "euclidean", "dot")
+# The scores mteb's evaluator of each type reports, i.e. the possible main scores.
+STS_SCORES = ("pearson", "spearman") + tuple(
+    f"{similarity}_{kind}" for similarity in ("cosine", "manhattan", "euclidean") for kind in ("pearson", "spearman")
+)
+PAIR_CLASSIFICATION_SCORES = tuple(
+    f"{prefix}_{metric}"
+    for prefix in (*_SIMILARITIES, "max")
+    for metric in ("accuracy", "f1", "precision", "recall", "ap")
+)
+RETRIEVAL_SCORES = tuple(
+    f"{metric}_at_{k}"
+    for metric in ("ndcg", "map", "recall", "precision", "mrr")
+    for k in (1, 3, 5, 10, 20, 100, 1000)
+)
+MAIN_SCORES = {"STS": STS_SCORES, "PairClassification": PAIR_CLASSIFICATION_SCORES, "Retrieval": RETRIEVAL_SCORES}
+
+
+class FolderTask:
+    """Mixin placed before mteb's abstract task class of the folder's type: data from `local_task`."""
+
+    local_task: LocalTask
+
+    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+        if self.data_loaded:
+            return
+        self.dataset = folder_dataset(self)
+        self.data_loaded = True
+
+
+def folder_task(folder: Path | str) -> AbsTask:
+    """An mteb task for a folder with a task.json (checked here, with its data files; DataError otherwise).
+
+    Its metadata: the name, type, languages, splits and main score of task.json, and the dataset
+    `{"path": "local/<name>", "revision": <hash of task.json and the data files>}`.
+    """
+    folder = Path(folder)
+    spec = read_task_folder(folder)
+    spec_file = folder / "task.json"
+    for code in spec.language:
+        try:
+            check_language_code(code)
+        except (ValueError, TypeError) as error:
+            raise LocalDataError(f"{spec_file}: language {code!r} is not an ISO 639-3 code mteb knows ({error})") from None
+    allowed = MAIN_SCORES[spec.type]
+    if spec.main_score not in allowed:
+        raise LocalDataError(
+            f"{spec_file}: main_score {spec.main_score!r} is not a score mteb computes for {spec.type} tasks; "
+            f"one of {', '.join(allowed)}"
+        )
+    description = json.loads(spec_file.read_text(encoding="utf-8")).get("description")
+    metadata = TaskMetadata(
+        name=spec.name,
+        description=description or f"Local {spec.type} task of the folder {folder.resolve()} (task.json).",
+        reference=None,
+        dataset={"path": f"local/{spec.name}", "revision": spec.revision},
+        type=spec.type,
+        category="t2t",
+        modalities=["text"],
+        eval_splits=list(spec.splits),
+        eval_langs=list(spec.language),
+        main_score=spec.main_score,
+        date=None,
+        domains=None,
+        task_subtypes=None,
+        license="not specified",
+        annotations_creators=None,
+        dialect=[],
+        sample_creation=None,
+        bibtex_citation="",
+    )
+    for split in spec.splits:  # every record checked (and kept) before any model is loaded
+        spec.split_data(split)
+    base = FOLDER_TASK_CLASSES[spec.type]
+    task_class = type(
+        _class_name(spec.name),
+        (FolderTask, base),
+        {"metadata": metadata, "__doc__": f"{spec.name}: a local {spec.type} task.", "__module__": __name__},
+    )
+    task = task_class()
+    task.local_task = spec
+    return task
+
+
+def _class_name(name: str) -> str:
+    cleaned = "".join(char if char.isalnum() else "_" for char in name)
+    return cleaned if cleaned[:1].isalpha() else f"Task_{cleaned}"
+
+
+def folder_dataset(task: AbsTask) -> DatasetDict | dict[str, dict[str, RetrievalSplitData]]:
+    """The folder's data (LocalTask.split_data) in the structure mteb's class of its type evaluates."""
+    spec = task.local_task
+    if isinstance(task, AbsTaskRetrieval):
+        splits = {}
+        for split in task.eval_splits:
+            data = spec.split_data(split)
+            splits[split] = RetrievalSplitData(
+                corpus=Dataset.from_list(
+                    [{"id": doc_id, "title": doc["title"], "text": doc["text"]} for doc_id, doc in data["corpus"].items()]
+                ),
+                queries=Dataset.from_list([{"id": query_id, "text": text} for query_id, text in data["queries"].items()]),
+                relevant_docs=data["qrels"],
+                top_ranked=None,
+            )
+        return {"default": splits}
+    datasets = {}
+    for split in task.eval_splits:
+        data = spec.split_data(split)
+        if isinstance(task, AbsTaskSTS):
+            first, second = task.column_names
+            columns = {first: data["sentence1"], second: data["sentence2"], "score": data["score"]}
+        else:
+            columns = {
+                task.input1_column_name: data["sentence1"],
+                task.input2_column_name: data["sentence2"],
+                task.label_column_name: data["label"],
+            }
+        datasets[split] = Dataset.from_dict(columns)
+    return DatasetDict(datasets)

@@ -18,6 +18,7 @@ tools/export_checkpoint.py puts the two together. The layouts accelerate's ``sav
 import argparse
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import torch
 from accelerate.utils.constants import FSDP_MODEL_NAME, MODEL_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
+from .checkpoints import TRAINER_STATE
 from .cli import UsageError
 
 REPO = Path(__file__).resolve().parents[1]  # where the training scripts are
@@ -163,3 +165,36 @@ def rebuild_model(run_dir):
         names = [entry.name for entry in read_meta_list(args.meta_list, args.root_dir)]
         model.prompts.update(read_query_prefixes(args.query_prefix_file, names))
     return script, args, model
+
+
+def checked_step(checkpoint, out, overwrite):
+    """The checkpoint's step; refuses a folder that is no complete checkpoint, and an OUT it must not replace."""
+    state_file = checkpoint / TRAINER_STATE
+    if not state_file.is_file():
+        raise UsageError(f"{checkpoint}: not a checkpoint (no {TRAINER_STATE}; a complete checkpoint-<step> has one)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} exists and is not empty (--overwrite replaces it)")
+    return json.loads(state_file.read_text())["global_step"]
+
+
+def export_checkpoint(checkpoint, out, no_wise_ft, step):
+    """Write OUT with a model card; returns (kind of checkpoint, training script, run args, whether WiSE-FT averaged)."""
+    from .checkpoints import replace_directory
+    from .model_card import write_model_card
+    from .outputs import final_weights
+
+    read_run_config(checkpoint.parent)  # a missing config is reported before the weights are read
+    kind, weights = read_checkpoint(checkpoint)
+    script, run_args, model = rebuild_model(checkpoint.parent)
+    wise_ft = run_args.wise_ft_alpha < 1 and not no_wise_ft
+    weights, _ = final_weights(matching_weights(weights, model, checkpoint), run_args, wise_ft)
+
+    partial = out.with_name(out.name + ".tmp")
+    if partial.exists():  # left by an interrupted export
+        shutil.rmtree(partial)
+    model.save_pretrained(partial, state_dict=weights)
+    write_model_card(partial, run_args, {"steps": step})
+    replace_directory(partial, out)
+    return kind, script, run_args, wise_ft

@@ -132,10 +132,10 @@ def _read_retrieval(task, split):
         doc_id = _record_id(record, where)
         if doc_id in corpus:
             raise DataError(f"{where}: document id {doc_id!r} occurs twice")
-        text = record.get("text")
-        if not (isinstance(text, str) and text.strip()):
-            raise DataError(f"{where}: 'text' must be a non-empty string")
-        corpus[doc_id] = {"title": record.get("title") or "", "text": text}
+        title, text = record.get("title") or "", record.get("text") or ""
+        if not (isinstance(title, str) and isinstance(text, str) and (title + text).strip()):
+            raise DataError(f"{where}: a document needs a non-empty 'text' or 'title' (strings)")
+        corpus[doc_id] = {"title": title, "text": text}
     qrels_file = task._qrels_file(split)
     qrels = {}
     for line_no, line in enumerate(qrels_file.read_text(encoding="utf-8").splitlines()[1:], start=2):

@@ -50,17 +50,23 @@ def build_pair_classification_task(
     return pairs
 
 
-def retrieval_subset(source_dir: Path, n_docs: int) -> dict[str, Any]:
-    """`n_docs` documents of a retrieval set with the queries judged only against them."""
-    corpus = sample(read_jsonl(source_dir / "corpus.jsonl"), n_docs)
-    doc_ids = {doc["id"] for doc in corpus}
+def judgements(source_dir: Path, keep) -> dict[str, dict[str, int]]:
+    """{query id: {doc id: score}} of a BEIR folder's qrels.tsv, the lines where ``keep(doc_id, score)``."""
     qrels: dict[str, dict[str, int]] = {}
     with (source_dir / "qrels.tsv").open(encoding="utf-8") as handle:
         next(handle)
         for line in handle:
             query_id, doc_id, score = line.rstrip("\n").split("\t")
-            if doc_id in doc_ids:
+            if keep(doc_id, int(score)):
                 qrels.setdefault(query_id, {})[doc_id] = int(score)
+    return qrels
+
+
+def retrieval_subset(source_dir: Path, n_docs: int) -> dict[str, Any]:
+    """`n_docs` documents of a retrieval set with the queries judged only against them."""
+    corpus = sample(read_jsonl(source_dir / "corpus.jsonl"), n_docs)
+    doc_ids = {doc["id"] for doc in corpus}
+    qrels = judgements(source_dir, lambda doc_id, score: doc_id in doc_ids)
     queries = [query for query in read_jsonl(source_dir / "queries.jsonl") if query["id"] in qrels]
     return {"corpus": corpus, "queries": queries, "qrels": qrels}
 
@@ -135,3 +141,70 @@ def build_clustering_task(
             for rows in sets
         ],
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks of one's own (a folder with task.json, eval/run_cmteb.py --local-task) and tiny models
+
+
+def write_task_json(task_dir: Path, **spec: Any) -> Path:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    (task_dir / "task.json").write_text(json.dumps(spec), encoding="utf-8")
+    return task_dir
+
+
+def build_training_format_pairs(source: Path, task_dir: Path, split: str, n_pairs: int) -> list[dict[str, Any]]:
+    """Pairs in the training format {"text", "text_pair", "label"} (STS score or 0/1), as read from `source`."""
+    pairs = [
+        {"text": row["text"], "text_pair": row["text_pair"], "label": row["label"]}
+        for row in sample(read_jsonl(source), n_pairs)
+    ]
+    write_jsonl(task_dir / f"{split}.jsonl", pairs)
+    return pairs
+
+
+def build_beir_subset(
+    source_dir: Path, task_dir: Path, split: str, n_queries: int, n_other_docs: int
+) -> dict[str, Any]:
+    """`n_queries` queries, the documents they judge and `n_other_docs` others, in the BEIR layout.
+
+    Documents with an empty text are left out with their judgements (a local task's documents need a text).
+    Returns the subset as written: corpus [{"id", "title", "text"}], queries [{"id", "text"}], qrels.
+    """
+    corpus = [doc for doc in read_jsonl(source_dir / "corpus.jsonl") if doc["text"].strip()]
+    doc_ids = {doc["id"] for doc in corpus}
+    qrels = judgements(source_dir, lambda doc_id, score: doc_id in doc_ids and score > 0)
+    queries = sample([query for query in read_jsonl(source_dir / "queries.jsonl") if query["id"] in qrels], n_queries)
+    judged = {doc_id for query in queries for doc_id in qrels[query["id"]]}
+    others = sample([doc for doc in corpus if doc["id"] not in judged], n_other_docs, seed=1)
+    subset = {
+        "corpus": [doc for doc in corpus if doc["id"] in judged] + others,
+        "queries": [{"id": query["id"], "text": query["text"]} for query in queries],
+        "qrels": {query["id"]: qrels[query["id"]] for query in queries},
+    }
+    return write_retrieval_task(subset, task_dir, split)
+
+
+def save_tiny_sentence_transformer(path: Path, seed: int, tokenizer_dir: str) -> Path:
+    """A random 2-layer, 32-d BERT (weights drawn with `seed`) with mean pooling, saved as a
+    sentence-transformers directory at `path` (replacing what is there)."""
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    backbone = path.parent / f"{path.name}.backbone"
+    BertModel(config).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    transformer = models.Transformer(str(backbone), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean"), models.Normalize()], device="cpu")
+    if path.exists():
+        shutil.rmtree(path)
+    model.save(str(path))
+    shutil.rmtree(backbone)
+    return path

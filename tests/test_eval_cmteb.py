@@ -3,7 +3,9 @@
 The local tasks are small subsets of the shared developer data (../shared/data) named like C-MTEB tasks, and
 the model is the packaged all-MiniLM-L6-v2. mteb's scores are checked against direct computations from
 sentence-transformers embeddings: Spearman of cosine similarities (STS), nDCG@10 (retrieval), MAP over the
-candidates (reranking) and best-threshold accuracy (pair classification).
+candidates (reranking) and best-threshold accuracy (pair classification). Also: tasks of one's own
+(--local-task folders with task.json), results filed under a hash of the weights, evaluation of a training
+checkpoint, the partial-benchmark label, max AP of pair classification, and a fast --help.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
 
 import _eval_fixtures as fixtures  # noqa: E402
+import cmteb  # noqa: E402  (the heavy part of run_cmteb.py)
 import local_tasks  # noqa: E402
 import mteb  # noqa: E402
 import run_cmteb  # noqa: E402
@@ -48,6 +52,7 @@ BATCH_SIZE = 32
 DIMS = (64, 128)
 FULL_DIM = 384
 QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
+MTEB_ROUNDING = 1e-5  # mteb rounds every score to 5 decimals (TaskResult._round_scores)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,7 +122,7 @@ def evaluation(local_data, model_path, tmp_path_factory) -> SimpleNamespace:
             "--no-progress",
         ]
     )
-    results_dir = output_dir / "results" / "test__minilm" / "no_revision_available"
+    results_dir = Path(summary["results_dir"])  # results/<model name>/<revision: hash of the weights>/
     return SimpleNamespace(summary=summary, output_dir=output_dir, results_dir=results_dir)
 
 
@@ -361,8 +366,8 @@ def prompt_encoder(
     model_prompts=None, file_prompts=None, query_instruction=None, template=None, default_prompt_name=None
 ):
     model = SimpleNamespace(prompts=model_prompts or {}, default_prompt_name=default_prompt_name)
-    prompts = run_cmteb.merge_prompts(model.prompts, file_prompts or {}, query_instruction)
-    return run_cmteb.SentenceEncoder(model, ModelMeta.create_empty(), prompts, instruction_template=template)
+    prompts = cmteb.merge_prompts(model.prompts, file_prompts or {}, query_instruction)
+    return cmteb.SentenceEncoder(model, ModelMeta.create_empty(), prompts, instruction_template=template)
 
 
 def metadata(task_name: str):
@@ -392,7 +397,7 @@ def test_model_and_file_prompts_follow_mteb_precedence():
 
 def test_instruction_template_uses_mteb_task_instructions_but_not_for_documents():
     encoder = prompt_encoder(
-        template=run_cmteb.read_instruction_template("Instruct: {instruction}\\nQuery: ")
+        template=cmteb.read_instruction_template("Instruct: {instruction}\\nQuery: ")
     )
     retrieval = metadata("DuRetrieval")
     assert (
@@ -412,9 +417,9 @@ def test_default_prompt_name_applies_to_symmetric_inputs():
 
 def test_truncation_renormalises_and_keeps_full_embeddings():
     embeddings = np.array([[3.0, 4.0, 12.0], [1.0, 0.0, 0.0]])
-    truncated = run_cmteb.truncate_embeddings(embeddings, 2)
+    truncated = cmteb.truncate_embeddings(embeddings, 2)
     np.testing.assert_allclose(truncated, [[0.6, 0.8], [1.0, 0.0]])
-    assert run_cmteb.truncate_embeddings(embeddings, None) is embeddings
+    assert cmteb.truncate_embeddings(embeddings, None) is embeddings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,34 +427,34 @@ def test_truncation_renormalises_and_keeps_full_embeddings():
 
 
 def test_task_selection_by_type_and_name():
-    sts = run_cmteb.select_tasks(run_cmteb.BENCHMARK, [], ["sts"])
+    sts = cmteb.select_tasks(cmteb.BENCHMARK, [], ["sts"])
     assert {task.metadata.name for task in sts} == {"LCQMC", "PAWSX", "AFQMC", "QBQTC", "ATEC", "BQ", "STSB"}
-    assert len(run_cmteb.select_tasks(run_cmteb.BENCHMARK, [], [])) == 31
-    (stsb,) = run_cmteb.select_tasks(run_cmteb.BENCHMARK, ["STSB"], [])
+    assert len(cmteb.select_tasks(cmteb.BENCHMARK, [], [])) == 31
+    (stsb,) = cmteb.select_tasks(cmteb.BENCHMARK, ["STSB"], [])
     assert list(stsb.eval_splits) == ["test"]  # the benchmark's split, not mteb's default (validation, test)
-    assert run_cmteb.comma_list(["a,b", "c", "a"]) == ["a", "b", "c"]
+    assert cmteb.comma_list(["a,b", "c", "a"]) == ["a", "b", "c"]
 
 
 def test_unknown_task_name_is_a_clear_error(capsys):
-    with pytest.raises(run_cmteb.SetupError, match="Unknown task 'NoSuchTask'"):
-        run_cmteb.select_tasks(run_cmteb.BENCHMARK, ["STSB", "NoSuchTask"], [])
+    with pytest.raises(cmteb.SetupError, match="Unknown task 'NoSuchTask'"):
+        cmteb.select_tasks(cmteb.BENCHMARK, ["STSB", "NoSuchTask"], [])
     assert run_cmteb.main(["--model", "unused", "--tasks", "NoSuchTask"]) == 2
     assert "Unknown task 'NoSuchTask'" in capsys.readouterr().err
 
 
 def test_unknown_task_type_and_bad_dims_are_clear_errors():
-    with pytest.raises(run_cmteb.SetupError, match="Unknown task type"):
-        run_cmteb.select_tasks(run_cmteb.BENCHMARK, [], ["Bitext"])
-    with pytest.raises(run_cmteb.SetupError, match="outside 1..384"):
-        run_cmteb.resolve_dims("64,1024", 384)
-    assert run_cmteb.resolve_dims("256,64", 384) == [64, 256, 384]
+    with pytest.raises(cmteb.SetupError, match="Unknown task type"):
+        cmteb.select_tasks(cmteb.BENCHMARK, [], ["Bitext"])
+    with pytest.raises(cmteb.SetupError, match="outside 1..384"):
+        cmteb.resolve_dims("64,1024", 384)
+    assert cmteb.resolve_dims("256,64", 384) == [64, 256, 384]
 
 
 def test_local_task_keeps_the_real_mteb_class(tmp_path):
     fixtures.write_jsonl(
         tmp_path / "STSB" / "test.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 1.0}]
     )
-    (task,) = run_cmteb.select_tasks(run_cmteb.BENCHMARK, ["STSB"], [])
+    (task,) = cmteb.select_tasks(cmteb.BENCHMARK, ["STSB"], [])
     local = local_tasks.as_local_task(task, tmp_path)
     assert isinstance(local, type(task)) and local.metadata == task.metadata
     assert list(local.eval_splits) == ["test"]
@@ -458,7 +463,7 @@ def test_local_task_keeps_the_real_mteb_class(tmp_path):
 
 
 def local_task(name: str, data_dir: Path):
-    (task,) = run_cmteb.select_tasks(run_cmteb.BENCHMARK, [name], [])
+    (task,) = cmteb.select_tasks(cmteb.BENCHMARK, [name], [])
     return local_tasks.as_local_task(task, data_dir)
 
 
@@ -521,3 +526,266 @@ def test_retrieval_files_are_checked(tmp_path):
     split = task.dataset["default"]["dev"]
     assert split["relevant_docs"] == {"q1": {"d1": 1}} and split["top_ranked"] == {"q1": ["d1"]}
     assert split["corpus"][0] == {"id": "d1", "text": "doc", "title": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Revisions, coverage, max AP, the mteb pin
+
+
+def test_results_are_filed_under_a_hash_of_the_weights(evaluation, model_path):
+    revision = evaluation.summary["model"]["revision"]
+    assert revision == cmteb.weights_revision(model_path) and len(revision) == 12
+    assert evaluation.results_dir == evaluation.output_dir / "results" / "test__minilm" / revision
+    assert (evaluation.results_dir / "STSB.json").is_file()
+    assert f"revision {revision}" in (evaluation.output_dir / "summary.md").read_text()
+
+
+def test_pair_classification_records_max_ap(evaluation, local_data, direct_model):
+    from sklearn.metrics import average_precision_score
+
+    scores = mteb_scores(evaluation.results_dir, "Ocnli")
+    labels = [pair["label"] for pair in local_data["Ocnli"]]
+    assert scores["cosine_ap"] == pytest.approx(
+        average_precision_score(labels, pair_cosines(direct_model, local_data["Ocnli"])), abs=1e-4
+    )
+    assert evaluation.summary["pair_ap"] == {"Ocnli": pytest.approx(100 * scores["max_ap"])}
+    assert evaluation.summary["tasks"]["Ocnli"] == pytest.approx(100 * scores["max_accuracy"])
+    assert all(set(row["pair_ap"]) == {"Ocnli"} for row in evaluation.summary["dims"])
+    markdown = (evaluation.output_dir / "summary.md").read_text()
+    (ap_line,) = [line for line in markdown.splitlines() if line.startswith("| Ocnli |")]
+    assert "max AP" in markdown and ap_line.endswith(f"| {evaluation.summary['pair_ap']['Ocnli']:.2f} |")
+
+
+def test_partial_benchmark_is_labelled(evaluation):
+    coverage = evaluation.summary["coverage"]
+    assert coverage["label"] == "partial (8 of 31 tasks) + 1 task outside MTEB(cmn, v1): STSBenchmark"
+    assert not coverage["full"] and coverage["other_tasks"] == ["STSBenchmark"]
+    assert "**partial (8 of 31 tasks)" in (evaluation.output_dir / "summary.md").read_text()
+    names = cmteb.benchmark_task_names(cmteb.BENCHMARK)
+    assert cmteb.benchmark_coverage(cmteb.BENCHMARK, names, names)["label"] == "full (31 of 31 tasks)"
+    assert run_cmteb.BENCHMARK == cmteb.BENCHMARK
+
+
+def test_mteb_version_is_pinned_and_recorded(evaluation):
+    major, minor = mteb.__version__.split(".")[:2]
+    assert f'"mteb=={major}.{minor}.*"' in (REPO / "pyproject.toml").read_text()
+    assert evaluation.summary["versions"]["mteb"] == mteb.__version__
+
+
+def test_retrained_model_at_the_same_path_is_scored_afresh(local_data, model_path, tmp_path):
+    """Two different models saved in turn at one path, evaluated into one output folder: the second is
+    scored as a fresh evaluation scores it, under its own revision."""
+    model_dir = tmp_path / "runs" / "tiny" / "final"
+    argv = ["--model", str(model_dir), "--data-dir", str(local_data["dir"]), "--tasks", "STSBenchmark",
+            "--batch-size", str(BATCH_SIZE), "--no-progress"]
+    fixtures.save_tiny_sentence_transformer(model_dir, seed=1, tokenizer_dir=model_path)
+    first = run_cmteb.run([*argv, "--output-dir", str(tmp_path / "out")])
+    fixtures.save_tiny_sentence_transformer(model_dir, seed=2, tokenizer_dir=model_path)
+    second = run_cmteb.run([*argv, "--output-dir", str(tmp_path / "out")])
+    fresh = run_cmteb.run([*argv, "--output-dir", str(tmp_path / "fresh")])
+
+    assert second["tasks"]["STSBenchmark"] == pytest.approx(fresh["tasks"]["STSBenchmark"], abs=1e-9)
+    assert abs(second["tasks"]["STSBenchmark"] - first["tasks"]["STSBenchmark"]) > 0.1
+    assert first["model"]["revision"] != second["model"]["revision"] == fresh["model"]["revision"]
+    assert first["results_dir"] != second["results_dir"]
+    for summary in (first, second):  # each result file holds its own model's score
+        result = json.loads((Path(summary["results_dir"]) / "STSBenchmark.json").read_text())
+        assert 100 * result["scores"]["test"][0]["main_score"] == pytest.approx(summary["tasks"]["STSBenchmark"])
+
+    from sentence_transformers import SentenceTransformer
+
+    direct = SentenceTransformer(str(model_dir), device="cpu")
+    assert second["tasks"]["STSBenchmark"] == pytest.approx(
+        100 * cosine_spearman_fresh(direct, local_data["STSBenchmark"]), abs=1e-2
+    )
+
+
+def cosine_spearman_fresh(model, pairs: list[dict]) -> float:
+    """cosine_spearman without encode_once's cache (the model at a path changes between calls)."""
+    first, second = (
+        model.encode([pair[key] for pair in pairs], batch_size=BATCH_SIZE, normalize_embeddings=True)
+        for key in ("sentence1", "sentence2")
+    )
+    cosines = np.round((first.astype(np.float64) * second).sum(axis=1), 6)
+    return spearmanr(cosines, [pair["score"] for pair in pairs]).statistic
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A training checkpoint as --model
+
+
+def test_checkpoint_is_exported_and_evaluated(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    import tempfile
+
+    import train_finetune
+    from sentence_transformers import SentenceTransformer
+
+    from tests.test_train_finetune import common_args
+
+    run_dir = tmp_path / "ft"
+    train_finetune.main(common_args(tiny_bert, tiny_data, run_dir, "--max_steps", "2", "--save_every", "2")[1:])
+    checkpoint = run_dir / "checkpoint-2"
+    task_dir = fixtures.write_task_json(tmp_path / "sts", name="StsLocal", type="STS", language=["eng"])
+    pairs = fixtures.build_training_format_pairs(shared_data("en-stsb/dev.jsonl"), task_dir, "test", 60)
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the export goes
+    summary = run_cmteb.run(["--model", str(checkpoint), "--local-task", str(task_dir), "--output-dir",
+                             str(tmp_path / "out"), "--batch-size", str(BATCH_SIZE), "--no-progress"])
+    model = summary["model"]
+    assert model["path"] == str(checkpoint) and model["name"] == "ft/checkpoint-2"
+    assert model["checkpoint"]["path"] == str(checkpoint) and model["checkpoint"]["step"] == 2
+    assert model["checkpoint"]["script"] == "train_finetune.py"
+    assert f"checkpoint: `{checkpoint}` (step 2" in (tmp_path / "out" / "summary.md").read_text()
+    # checkpoint-2 of a 2-step run holds final/'s weights (tests/test_export_checkpoint.py)
+    final = SentenceTransformer(str(run_dir / "final"), device="cpu")
+    expected = cosine_spearman_fresh(final, [{"sentence1": p["text"], "sentence2": p["text_pair"], "score": p["label"]}
+                                             for p in pairs])
+    assert summary["tasks"]["StsLocal"] == pytest.approx(100 * expected, abs=1e-2)
+    assert not list((tmp_path / "tmp").iterdir())  # the temporary export is gone
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks of one's own: --local-task folders with task.json
+
+
+@pytest.fixture(scope="module")
+def own_tasks(local_data, model_path, tmp_path_factory) -> SimpleNamespace:
+    """A BEIR-layout retrieval folder (CranfieldLocal), STS and pair classification folders in the training
+    format, run together with a C-MTEB task read by --data-dir."""
+    root = tmp_path_factory.mktemp("own_tasks")
+    folders = {"CranfieldLocal": root / "cranfield", "StsbTraining": root / "stsb", "MsrpLocal": root / "msrp"}
+    written = {
+        "CranfieldLocal": fixtures.build_beir_subset(
+            shared_data("en-cranfield-retrieval"), folders["CranfieldLocal"], "test", n_queries=30, n_other_docs=200
+        ),
+        "StsbTraining": fixtures.build_training_format_pairs(
+            shared_data("en-stsb/dev.jsonl"), folders["StsbTraining"], "test", 100
+        ),
+        "MsrpLocal": fixtures.build_training_format_pairs(
+            shared_data("en-msrp/dev.jsonl"), folders["MsrpLocal"], "dev", 100
+        ),
+    }
+    fixtures.write_task_json(folders["CranfieldLocal"], name="CranfieldLocal", type="Retrieval", language=["eng"],
+                             splits=["test"])
+    fixtures.write_task_json(folders["StsbTraining"], name="StsbTraining", type="STS", language=["eng"])
+    fixtures.write_task_json(folders["MsrpLocal"], name="MsrpLocal", type="PairClassification",
+                             language=["eng"], splits=["dev"])
+    output_dir = tmp_path_factory.mktemp("own_out")
+    argv = ["--model", model_path, "--model-name", "test/minilm", "--data-dir", str(local_data["dir"]),
+            "--tasks", "STSB", "--max-seq-length", str(MAX_SEQ_LENGTH), "--batch-size", str(BATCH_SIZE),
+            "--output-dir", str(output_dir), "--no-progress"]
+    for folder in folders.values():
+        argv += ["--local-task", str(folder)]
+    summary = run_cmteb.run(argv)
+    return SimpleNamespace(summary=summary, written=written, folders=folders, output_dir=output_dir,
+                           results_dir=Path(summary["results_dir"]))
+
+
+def as_mteb_pairs(pairs: list[dict], label: str) -> list[dict]:
+    return [{"sentence1": p["text"], "sentence2": p["text_pair"], label: p["label"]} for p in pairs]
+
+
+def test_local_retrieval_task_ndcg_matches_direct_computation(own_tasks, direct_model):
+    written = own_tasks.written["CranfieldLocal"]
+    assert len(written["queries"]) == 30 and len(written["corpus"]) > 200
+    expected = ndcg_at_10(direct_model, written)  # whole corpus ranked by cosine, linear gains, title + text
+    scores = mteb_scores(own_tasks.results_dir, "CranfieldLocal")
+    assert scores["main_score"] == scores["ndcg_at_10"] == pytest.approx(expected, abs=MTEB_ROUNDING)
+    assert own_tasks.summary["tasks"]["CranfieldLocal"] == pytest.approx(100 * expected, abs=100 * MTEB_ROUNDING)
+
+
+def test_local_sts_and_pair_tasks_in_training_format_match_direct_computations(own_tasks, direct_model):
+    from sklearn.metrics import average_precision_score
+
+    sts = as_mteb_pairs(own_tasks.written["StsbTraining"], "score")
+    assert own_tasks.summary["tasks"]["StsbTraining"] == pytest.approx(
+        100 * cosine_spearman(direct_model, sts), abs=100 * MTEB_ROUNDING
+    )
+    pairs = as_mteb_pairs(own_tasks.written["MsrpLocal"], "label")
+    scores = mteb_scores(own_tasks.results_dir, "MsrpLocal")
+    assert own_tasks.summary["tasks"]["MsrpLocal"] == pytest.approx(100 * scores["max_accuracy"])
+    assert scores["cosine_accuracy"] == pytest.approx(best_threshold_accuracy(direct_model, pairs), abs=1e-6)
+    ap = average_precision_score([p["label"] for p in pairs], pair_cosines(direct_model, pairs))
+    assert scores["cosine_ap"] == pytest.approx(ap, abs=MTEB_ROUNDING)
+    # max_ap: the best AP over mteb's similarity functions (cosine, dot, euclidean, manhattan)
+    assert own_tasks.summary["pair_ap"]["MsrpLocal"] == pytest.approx(100 * scores["max_ap"])
+    assert scores["max_ap"] >= scores["cosine_ap"]
+
+
+def test_local_tasks_are_marked_local_and_never_counted_as_benchmark_tasks(own_tasks):
+    summary = own_tasks.summary
+    assert summary["task_types"] == {"CranfieldLocal": "Retrieval", "MsrpLocal": "PairClassification",
+                                     "StsbTraining": "STS", "STSB": "STS"}
+    for name, folder in own_tasks.folders.items():
+        source = summary["sources"][name]
+        assert source["source"] == f"local folder {folder.resolve()}" and "revision" not in source
+        result = json.loads((own_tasks.results_dir / f"{name}.json").read_text())
+        assert result["dataset_revision"] == source["data_hash"]
+    assert summary["sources"]["STSB"]["source"].startswith("local files ")
+    assert summary["coverage"]["label"] == (
+        "partial (1 of 31 tasks) + 3 tasks outside MTEB(cmn, v1): CranfieldLocal, MsrpLocal, StsbTraining"
+    )
+    assert summary["types"]["STS"] == pytest.approx(np.mean([summary["tasks"]["STSB"], summary["tasks"]["StsbTraining"]]))
+    assert summary["average"] == pytest.approx(np.mean(list(summary["tasks"].values())))
+    markdown = (own_tasks.output_dir / "summary.md").read_text()
+    assert "| Retrieval | CranfieldLocal (local) | test |" in markdown and "partial (1 of 31 tasks)" in markdown
+
+
+def test_local_task_is_an_mteb_task_of_its_type(tmp_path):
+    folder = fixtures.write_task_json(tmp_path / "t", name="TinyPairs", type="PairClassification",
+                                      language=["eng"], main_score="max_ap")
+    fixtures.write_jsonl(folder / "test.jsonl", [{"text": "a", "text_pair": "b", "label": 1},
+                                                 {"sentence1": "c", "sentence2": "d", "label": 0}])
+    task = local_tasks.folder_task(folder)
+    assert isinstance(task, mteb.abstasks.AbsTaskPairClassification)
+    assert task.metadata.main_score == "max_ap" and task.metadata.dataset["path"] == "local/TinyPairs"
+    assert task.metadata.dataset["revision"] == task.local_task.revision
+    task.load_data()
+    assert task.dataset["test"][1] == {"sentence1": "c", "sentence2": "d", "labels": 0}
+
+
+@pytest.mark.parametrize(
+    "spec, data, message",
+    [
+        ({"name": "X", "type": "Bitext"}, None, r"task\.json: 'type' must be one of"),
+        ({"name": "LCQMC", "type": "STS"}, None, r"'LCQMC' is the name of an mteb task"),
+        ({"name": "X", "type": "STS", "main_score": "ndcg_at_10"}, None, r"main_score 'ndcg_at_10' is not a score"),
+        ({"name": "X", "type": "STS"}, [{"text": "a", "text_pair": "b", "label": 1.0}, {"text": "c", "label": 2.0}],
+         r"test\.jsonl:2: expected sentence1 and sentence2"),
+    ],
+)
+def test_local_task_errors_are_one_line_naming_the_file(tmp_path, capsys, spec, data, message):
+    folder = fixtures.write_task_json(tmp_path / "task", language=["eng"], **spec)
+    fixtures.write_jsonl(folder / "test.jsonl", data or [{"text": "a", "text_pair": "b", "label": 1.0}])
+    assert run_cmteb.main(["--model", "unused", "--local-task", str(folder)]) == 2  # before any model is loaded
+    error = capsys.readouterr().err
+    assert error.startswith("run_cmteb.py: error: ") and error.count("\n") == 1 and str(folder) in error
+    assert __import__("re").search(message, error), error
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A light command line
+
+
+def test_help_is_fast_and_shows_defaults():
+    script = str(REPO / "eval" / "run_cmteb.py")
+    start = time.perf_counter()
+    completed = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert completed.returncode == 0 and elapsed < 1.0, (elapsed, completed.stderr)
+    help_text = completed.stdout
+    flat = " ".join(help_text.split())  # argparse wraps the help lines
+    assert "encoding batch size (default: 64)" in flat and "(default: 'MTEB(cmn, v1)')" in flat
+    assert "--local-task DIR" in help_text and "Examples:\n    python eval/run_cmteb.py" in help_text
+
+    start = time.perf_counter()
+    completed = subprocess.run([sys.executable, script, "--model", "m", "--batch-size", "many"],
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and time.perf_counter() - start < 1.0
+    assert completed.stderr.startswith("run_cmteb.py: error: argument --batch-size") and completed.stderr.count("\n") == 1
+
+    check = ("import sys; sys.path.insert(0, 'eval'); import run_cmteb; run_cmteb.parse_args(['--model', 'm']); "
+             "heavy = [m for m in ('mteb', 'torch', 'sentence_transformers') if m in sys.modules]; "
+             "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", check], cwd=REPO, check=True, timeout=60)

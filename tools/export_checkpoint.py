@@ -14,12 +14,10 @@ says. OUT is written as OUT.tmp, then renamed.
 """
 
 import contextlib
-import json
-import shutil
 import sys
 from pathlib import Path
 
-from modules.cli import ArgumentParser, UsageError, run_cli
+from modules.cli import ArgumentParser, run_cli
 
 
 def parse_args(argv=None):
@@ -33,50 +31,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def checked_step(checkpoint, out, overwrite):
-    """The checkpoint's step; refuses a folder that is no complete checkpoint, and an OUT it must not replace."""
-    from modules.checkpoints import TRAINER_STATE
-
-    state_file = checkpoint / TRAINER_STATE
-    if not state_file.is_file():
-        raise UsageError(f"{checkpoint}: not a checkpoint (no {TRAINER_STATE}; a complete checkpoint-<step> has one)")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty (--overwrite replaces it)")
-    return json.loads(state_file.read_text())["global_step"]
-
-
 def main(argv=None):
     args = parse_args(argv)
+    from modules.export import checked_step, export_checkpoint  # after parsing: --help answers at once
+
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     step = checked_step(checkpoint, out, args.overwrite)
     with contextlib.redirect_stdout(sys.stderr):  # what the libraries print; stdout is the one line below
         kind, script, run_args, wise_ft = export_checkpoint(checkpoint, out, args.no_wise_ft, step)
     averaged = f", WiSE-FT alpha {run_args.wise_ft_alpha}" if wise_ft else ""
     print(f"exported the {kind} checkpoint of {script} at step {step}{averaged} ({run_args.save_dtype}) to {out}")
-
-
-def export_checkpoint(checkpoint, out, no_wise_ft, step):
-    """Write OUT with a model card; returns (kind of checkpoint, training script, run args, whether WiSE-FT averaged)."""
-    from modules.checkpoints import replace_directory
-    from modules.export import matching_weights, read_checkpoint, read_run_config, rebuild_model
-    from modules.model_card import write_model_card
-    from modules.outputs import final_weights
-
-    read_run_config(checkpoint.parent)  # a missing config is reported before the weights are read
-    kind, weights = read_checkpoint(checkpoint)
-    script, run_args, model = rebuild_model(checkpoint.parent)
-    wise_ft = run_args.wise_ft_alpha < 1 and not no_wise_ft
-    weights, _ = final_weights(matching_weights(weights, model, checkpoint), run_args, wise_ft)
-
-    partial = out.with_name(out.name + ".tmp")
-    if partial.exists():  # left by an interrupted export
-        shutil.rmtree(partial)
-    model.save_pretrained(partial, state_dict=weights)
-    write_model_card(partial, run_args, {"steps": step})
-    replace_directory(partial, out)
-    return kind, script, run_args, wise_ft
 
 
 if __name__ == "__main__":

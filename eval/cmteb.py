@@ -1,0 +1,737 @@
+"""The work behind eval/run_cmteb.py: tasks, model, mteb evaluation, summary and reports.
+
+eval/run_cmteb.py parses the command line and imports this module afterwards (mteb, torch and
+sentence-transformers take seconds to import), then calls `evaluate(args)`. Everything here can be used
+on its own, e.g. `select_tasks`, `SentenceEncoder`, `weights_revision`, `build_summary`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import mteb
+import numpy as np
+import torch
+from mteb.abstasks import AbsTask
+from mteb.models import ModelMeta
+from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
+from mteb.results import TaskResult
+from mteb.types import PromptType
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from local_tasks import as_local_tasks, folder_task
+from modules.cli import UsageError
+from modules.model_card import update_cmteb_section
+
+BENCHMARK = "MTEB(cmn, v1)"
+# C-MTEB's task types, in the order the summary lists them; other types follow alphabetically.
+TYPE_ORDER = ("Retrieval", "Reranking", "PairClassification", "Clustering", "STS", "Classification")
+# Task types whose queries get --query-instruction (the BGE / Piccolo convention).
+QUERY_INSTRUCTION_TYPES = ("Retrieval", "Reranking")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class SetupError(UsageError):
+    """A problem with the command line (tasks, types, dimensions, prompts), reported without a traceback."""
+
+
+def comma_list(values: list[str] | str | None) -> list[str]:
+    """Split 'a,b c' style arguments into ['a', 'b', 'c'] (order kept, duplicates dropped)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    items = [item.strip() for value in values for item in value.split(",")]
+    return list(dict.fromkeys(item for item in items if item))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def select_tasks(benchmark_name: str, task_names: list[str], task_types: list[str]) -> list[AbsTask]:
+    """Tasks by name (benchmark tasks keep the benchmark's splits), by type, or the whole benchmark."""
+    try:
+        benchmark = mteb.get_benchmark(benchmark_name)
+    except (KeyError, ValueError) as error:
+        raise SetupError(f"Unknown benchmark {benchmark_name!r}: {error}") from None
+    benchmark_tasks = {task.metadata.name: task for task in benchmark.tasks}
+    if task_names:
+        tasks = [benchmark_tasks.get(name) or registry_task(name, benchmark_name) for name in task_names]
+    elif task_types:
+        tasks = tasks_of_types(list(benchmark_tasks.values()), task_types, benchmark_name)
+    else:
+        tasks = list(benchmark_tasks.values())
+    return sorted(tasks, key=lambda task: type_rank(task.metadata.type))
+
+
+def registry_task(name: str, benchmark_name: str) -> AbsTask:
+    try:
+        return mteb.get_task(name)
+    except KeyError as error:
+        raise SetupError(
+            f"Unknown task {name!r}: not in {benchmark_name} nor in mteb's task registry ({error})."
+        ) from None
+
+
+def tasks_of_types(tasks: list[AbsTask], task_types: list[str], benchmark_name: str) -> list[AbsTask]:
+    available = {task.metadata.type.lower(): task.metadata.type for task in tasks}
+    unknown = [task_type for task_type in task_types if task_type.lower() not in available]
+    if unknown:
+        raise SetupError(
+            f"Unknown task type(s) {unknown} for {benchmark_name}; available: {sorted(available.values())}."
+        )
+    wanted = {available[task_type.lower()] for task_type in task_types}
+    return [task for task in tasks if task.metadata.type in wanted]
+
+
+def type_rank(task_type: str) -> tuple[int, str]:
+    return (TYPE_ORDER.index(task_type), "") if task_type in TYPE_ORDER else (len(TYPE_ORDER), task_type)
+
+
+def benchmark_task_names(benchmark_name: str) -> list[str]:
+    return [task.metadata.name for task in mteb.get_benchmark(benchmark_name).tasks]
+
+
+def gather_tasks(args: argparse.Namespace) -> tuple[list[AbsTask], dict[str, dict[str, str]]]:
+    """The tasks the command line asks for, and where each one's data come from.
+
+    mteb tasks come from --tasks / --types (the whole benchmark when neither is given and there is no
+    --local-task), read from --data-dir when given; --local-task folders add tasks of their own. Every local
+    file is checked here, before any model is loaded.
+    """
+    task_names, task_types = comma_list(args.tasks), comma_list(args.types)
+    local_folders = [Path(folder) for folder in args.local_task or []]
+    tasks: list[AbsTask] = []
+    if task_names or task_types or not local_folders:
+        tasks = select_tasks(args.benchmark, task_names, task_types)
+    if args.data_dir:
+        if not args.data_dir.is_dir():
+            raise SetupError(f"--data-dir {args.data_dir} is not a directory.")
+        tasks = as_local_tasks(tasks, args.data_dir)
+    sources = {task.metadata.name: mteb_task_source(task, args.data_dir) for task in tasks}
+    for folder in local_folders:
+        task = folder_task(folder)
+        name = task.metadata.name
+        if name in sources:
+            raise SetupError(f"{folder / 'task.json'}: task name {name!r} is already taken by another task "
+                             "of this run; give the local task a name of its own.")
+        if is_mteb_task(name):
+            raise SetupError(f"{folder / 'task.json'}: {name!r} is the name of an mteb task; give the local "
+                             f"task a name of its own (--data-dir runs mteb's {name} on local files).")
+        tasks.append(task)
+        sources[name] = {"source": f"local folder {folder.resolve()}", "data_hash": task.local_task.revision}
+    return sorted(tasks, key=lambda task: type_rank(task.metadata.type)), sources
+
+
+def is_mteb_task(name: str) -> bool:
+    try:
+        mteb.get_task(name)
+    except KeyError:
+        return False
+    return True
+
+
+def mteb_task_source(task: AbsTask, data_dir: Path | None) -> dict[str, str]:
+    if data_dir:
+        return {"source": f"local files {Path(data_dir).resolve() / task.metadata.name}"}
+    dataset = task.metadata.dataset
+    return {"source": "huggingface hub", "dataset": dataset["path"], "revision": dataset.get("revision")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model and prompts
+
+
+def load_model(
+    path: str, device: str | None, precision: str, max_seq_length: int | None
+) -> SentenceTransformer:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SentenceTransformer(str(path), device=device)
+    dtype = resolve_dtype(precision, device)
+    if dtype != torch.float32:
+        model.to(dtype)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    model.eval()
+    return model
+
+
+def embedding_dimension(model: SentenceTransformer) -> int:
+    """The model's output dimension (the method was renamed in sentence-transformers 6)."""
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return getter()
+
+
+def resolve_dtype(precision: str, device: str) -> torch.dtype:
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def read_prompts(path: Path | None) -> dict[str, str]:
+    """Read a --prompts file, checking its keys against mteb's task names, task types and prompt types."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise SetupError(f"--prompts file {path} not found.")
+    prompts = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(prompts, dict) or not all(isinstance(value, str) for value in prompts.values()):
+        raise SetupError(f"{path} must hold a JSON object mapping prompt keys to prompt strings.")
+    try:
+        AbsEncoder.validate_task_to_prompt_name(prompts, raise_for_invalid_keys=True)
+    except KeyError as error:
+        raise SetupError(f"Invalid prompt keys in {path}: {error}") from None
+    return prompts
+
+
+def read_instruction_template(template: str | None) -> str | None:
+    if template is None:
+        return None
+    if "{instruction}" not in template:
+        raise SetupError("--instruction-template must contain '{instruction}'.")
+    return template.replace("\\n", "\n")
+
+
+def merge_prompts(
+    model_prompts: dict[str, str | None], file_prompts: dict[str, str], query_instruction: str | None
+) -> dict[str, str]:
+    """Prompts by mteb key: the model's own (non-empty) ones, then --prompts, then --query-instruction."""
+    prompts = {key: value for key, value in model_prompts.items() if value}
+    prompts.update(file_prompts)
+    if query_instruction:
+        prompts.update(
+            {
+                f"{task_type}-{PromptType.query.value}": query_instruction
+                for task_type in QUERY_INSTRUCTION_TYPES
+            }
+        )
+    return prompts
+
+
+class SentenceEncoder(AbsEncoder):
+    """mteb encoder around a SentenceTransformer, with explicit prompts and Matryoshka truncation.
+
+    Each `encode` call passes all of its texts to `SentenceTransformer.encode`, which batches them sorted by
+    length. With `reuse_embeddings`, full-size embeddings are kept (until `forget_embeddings`) so that each
+    Matryoshka dimension of a task reuses one forward pass. The prompt given to every task and input kind is
+    recorded in `prompts_used`.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        meta: ModelMeta,
+        prompts: dict[str, str],
+        instruction_template: str | None = None,
+        reuse_embeddings: bool = False,
+    ) -> None:
+        self.model = model
+        self.full_meta = meta
+        self.mteb_model_meta = meta
+        self.prompts = prompts
+        self.instruction_template = instruction_template
+        self.reuse_embeddings = reuse_embeddings
+        self.dim: int | None = None
+        self.prompts_used: dict[str, dict[str, str | None]] = {}
+        self._embeddings: dict[str, np.ndarray] = {}
+
+    def set_dimension(self, dim: int) -> None:
+        """Truncate embeddings to `dim` from now on; a truncated model's results get their own mteb folder."""
+        if dim >= embedding_dimension(self.model):
+            self.dim, self.mteb_model_meta = None, self.full_meta
+            return
+        self.dim = dim
+        self.mteb_model_meta = self.full_meta.model_copy(
+            update={"embed_dim": dim, "experiment_kwargs": {"embed_dim": dim}}
+        )
+
+    def forget_embeddings(self) -> None:
+        self._embeddings.clear()
+
+    def prompt_for(self, task_metadata: Any, prompt_type: PromptType | None) -> str | None:
+        """The text prepended to inputs of this task and kind (query, document, or None for symmetric tasks).
+
+        Order: a matching key in `prompts` (mteb's precedence: '<Task>-query', '<Task>', '<Type>-query',
+        '<Type>', 'query'); else the instruction template filled with mteb's task instruction, except for
+        documents; else the model's default prompt for symmetric inputs (sentence-transformers' rule).
+        """
+        key = get_prompt_name(self.prompts, task_metadata, prompt_type)
+        if key is not None:
+            return self.prompts[key]
+        if self.instruction_template and prompt_type != PromptType.document:
+            return self.get_task_instruction(task_metadata, prompt_type)
+        default_name = self.model.default_prompt_name
+        if prompt_type is None and default_name:
+            return self.model.prompts.get(default_name) or None
+        return None
+
+    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
+        texts = [text for batch in inputs for text in batch["text"]]
+        prompt = self.prompt_for(task_metadata, prompt_type)
+        input_kind = prompt_type.value if prompt_type else "symmetric"
+        self.prompts_used.setdefault(task_metadata.name, {})[input_kind] = prompt
+        embeddings = self._full_embeddings(
+            texts,
+            prompt,
+            prompt_type,
+            batch_size=kwargs.get("batch_size", 32),
+            show_progress_bar=kwargs.get("show_progress_bar", True),
+        )
+        return truncate_embeddings(embeddings, self.dim)
+
+    def _full_embeddings(
+        self, texts: list[str], prompt: str | None, prompt_type: PromptType | None, **encode_kwargs
+    ) -> np.ndarray:
+        key = content_key(texts, prompt, prompt_type)
+        if key in self._embeddings:
+            return self._embeddings[key]
+        encode = {
+            PromptType.query: self.model.encode_query,
+            PromptType.document: self.model.encode_document,
+        }.get(prompt_type, self.model.encode)
+        # An explicit "" stops sentence-transformers from adding a prompt we did not choose and record.
+        embeddings = np.asarray(
+            encode(texts, prompt=prompt or "", convert_to_numpy=True, **encode_kwargs), dtype=np.float32
+        )
+        if self.reuse_embeddings:
+            self._embeddings[key] = embeddings
+        return embeddings
+
+
+def content_key(texts: list[str], prompt: str | None, prompt_type: PromptType | None) -> str:
+    digest = hashlib.sha1(f"{prompt_type}\x1e{prompt}".encode())
+    for text in texts:
+        digest.update(b"\x1f" + text.encode())
+    return digest.hexdigest()
+
+
+def truncate_embeddings(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
+    """The first `dim` coordinates, re-normalised to unit length; the embeddings unchanged for dim=None."""
+    if dim is None or dim >= embeddings.shape[1]:
+        return embeddings
+    truncated = embeddings[:, :dim]
+    return truncated / np.clip(np.linalg.norm(truncated, axis=1, keepdims=True), 1e-12, None)
+
+
+def resolve_dims(dims: str | None, full_dim: int) -> list[int]:
+    """Sorted Matryoshka dimensions to evaluate, always including the model's full dimension."""
+    try:
+        requested = {int(dim) for dim in comma_list(dims)}
+    except ValueError:
+        raise SetupError(f"--dims must be comma-separated integers, got {dims!r}.") from None
+    invalid = sorted(dim for dim in requested if not 0 < dim <= full_dim)
+    if invalid:
+        raise SetupError(f"--dims {invalid} outside 1..{full_dim} (the model's embedding dimension).")
+    return sorted(requested | {full_dim})
+
+
+def default_model_name(model: str) -> str:
+    path = Path(model)
+    return f"{path.resolve().parent.name}/{path.resolve().name}" if path.exists() else model
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_revision(model_dir: Path | str) -> str | None:
+    """A short hash of a model directory's weights: sha256 over every weight file (*.safetensors, *.bin, *.pt,
+    *.pth, sub-folders included) in path order, each as its relative path and its bytes; the first 12 hex
+    digits. None when the directory holds no weight file (or is no directory, e.g. a hub name)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return None
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix in WEIGHT_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
+def model_revision(model_dir: str, model: SentenceTransformer) -> str | None:
+    """The revision mteb files the results under: the weights hash of a local directory; for a hub model the
+    commit it was loaded from, when transformers recorded it."""
+    revision = weights_revision(model_dir)
+    if revision is None and not Path(model_dir).exists():
+        first = model[0] if len(model) else None
+        config = getattr(getattr(first, "auto_model", None), "config", None)
+        revision = getattr(config, "_commit_hash", None)
+    return revision
+
+
+def build_model_meta(model: SentenceTransformer, name: str, revision: str | None = None) -> ModelMeta:
+    overwrites = {
+        "name": name,
+        "embed_dim": embedding_dimension(model),
+        "max_tokens": model.max_seq_length,
+        "framework": ["Sentence Transformers"],
+    }
+    if revision:
+        overwrites["revision"] = revision
+    return ModelMeta.create_empty(overwrites=overwrites)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def is_checkpoint(model: str) -> bool:
+    """A training checkpoint folder (checkpoint-<step> with trainer_state.json), not a model directory."""
+    path = Path(model)
+    return (path / "trainer_state.json").is_file() and not (path / "modules.json").is_file()
+
+
+def export_checkpoint_model(checkpoint: Path, out: Path, no_wise_ft: bool) -> dict[str, Any]:
+    """Export a checkpoint to the sentence-transformers directory `out` as tools/export_checkpoint.py does (what
+    final/ would be at that step); returns what the summary records about it."""
+    from modules.export import checked_step, export_checkpoint
+
+    step = checked_step(checkpoint, out, overwrite=False)
+    with contextlib.redirect_stdout(sys.stderr):  # what the libraries print while rebuilding the model
+        kind, script, run_args, wise_ft = export_checkpoint(checkpoint, out, no_wise_ft, step)
+    print(f"Exported the {kind} checkpoint {checkpoint} of {script} at step {step} for evaluation", file=sys.stderr)
+    return {
+        "path": str(checkpoint),
+        "step": step,
+        "kind": kind,
+        "script": script,
+        "wise_ft_alpha": run_args.wise_ft_alpha if wise_ft else None,
+        "save_dtype": run_args.save_dtype,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_tasks(
+    encoder: SentenceEncoder,
+    tasks: list[AbsTask],
+    dims: list[int],
+    output_dir: Path,
+    batch_size: int,
+    progress: bool,
+) -> dict[int, dict[str, TaskResult]]:
+    """Run every task at every dimension with mteb; returns {dim: {task name: mteb TaskResult}}."""
+    cache = mteb.ResultCache(output_dir)
+    encode_kwargs = {"batch_size": batch_size, "show_progress_bar": progress}
+    results: dict[int, dict[str, TaskResult]] = {dim: {} for dim in dims}
+    task_bar = tqdm(tasks, desc="C-MTEB", unit="task", disable=not progress)
+    for task in task_bar:
+        task_bar.set_postfix_str(task.metadata.name)
+        task.load_data()
+        for dim in dims:
+            encoder.set_dimension(dim)
+            model_result = mteb.evaluate(
+                encoder,
+                task,
+                cache=cache,
+                overwrite_strategy="always",
+                encode_kwargs=dict(encode_kwargs),
+                co2_tracker=False,
+                show_progress_bar=False,
+            )
+            results[dim][task.metadata.name] = model_result.task_results[0]
+        encoder.forget_embeddings()
+        task.unload_data()
+    return results
+
+
+def leaderboard_scores(task_scores: dict[str, float], task_types: dict[str, str]) -> dict[str, Any]:
+    """C-MTEB leaderboard numbers: task scores, per-type means, the mean over tasks and over types."""
+    types = {}
+    for task_type in sorted(set(task_types[name] for name in task_scores), key=type_rank):
+        types[task_type] = float(
+            np.mean([score for name, score in task_scores.items() if task_types[name] == task_type])
+        )
+    return {
+        "tasks": task_scores,
+        "types": types,
+        "average": float(np.mean(list(task_scores.values()))),
+        "average_by_type": float(np.mean(list(types.values()))),
+    }
+
+
+def main_scores(task_results: dict[str, TaskResult]) -> dict[str, float]:
+    """Each task's main score x 100, averaged over its evaluated splits and subsets (mteb's get_score)."""
+    return {name: 100 * float(result.get_score()) for name, result in task_results.items()}
+
+
+def pair_ap_scores(task_results: dict[str, TaskResult], task_types: dict[str, str]) -> dict[str, float]:
+    """max_ap x 100 of each PairClassification task (its main score is max_accuracy), averaged like it."""
+    return {
+        name: 100 * float(result.get_score(getter=lambda scores: scores["max_ap"]))
+        for name, result in task_results.items()
+        if task_types[name] == "PairClassification"
+    }
+
+
+def score_row(task_results: dict[str, TaskResult], task_types: dict[str, str]) -> dict[str, Any]:
+    row = leaderboard_scores(main_scores(task_results), task_types)
+    pair_ap = pair_ap_scores(task_results, task_types)
+    if pair_ap:
+        row["pair_ap"] = pair_ap
+    return row
+
+
+def benchmark_coverage(benchmark_name: str, benchmark_tasks: list[str], evaluated: list[str]) -> dict[str, Any]:
+    """How much of the benchmark the averages cover: 'full (31 of 31 tasks)' only when they are exactly the
+    benchmark's tasks; else 'partial (k of 31 tasks)', naming the tasks outside the benchmark (local ones
+    included) that the averages also hold."""
+    in_benchmark = [name for name in evaluated if name in benchmark_tasks]
+    others = [name for name in evaluated if name not in benchmark_tasks]
+    total = len(benchmark_tasks)
+    full = len(in_benchmark) == total and not others
+    label = f"{'full' if full else 'partial'} ({len(in_benchmark)} of {total} tasks)"
+    if others:
+        label += f" + {len(others)} task{'s' if len(others) > 1 else ''} outside {benchmark_name}: {', '.join(others)}"
+    return {
+        "benchmark": benchmark_name,
+        "benchmark_tasks": total,
+        "evaluated_benchmark_tasks": len(in_benchmark),
+        "other_tasks": others,
+        "full": full,
+        "label": label,
+    }
+
+
+def mteb_data_source(args: argparse.Namespace, tasks: list[AbsTask]) -> str:
+    """Where the mteb tasks' data come from (local --local-task folders are listed apart)."""
+    if not any(not hasattr(task, "local_task") for task in tasks):
+        return "local task folders only"
+    return str(args.data_dir) if args.data_dir else "huggingface hub"
+
+
+def build_summary(
+    args: argparse.Namespace,
+    model: SentenceTransformer,
+    encoder: SentenceEncoder,
+    tasks: list[AbsTask],
+    dims: list[int],
+    results: dict[int, dict[str, TaskResult]],
+    sources: dict[str, dict[str, str]] | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    results_dir: Path | None = None,
+) -> dict[str, Any]:
+    task_types = {task.metadata.name: task.metadata.type for task in tasks}
+    full_dim = max(dims)
+    summary = {
+        "model": {
+            "path": str(args.model),
+            "name": encoder.full_meta.name,
+            "revision": encoder.full_meta.revision,
+            "checkpoint": checkpoint,
+            "embedding_dim": full_dim,
+            "max_seq_length": model.max_seq_length,
+            "similarity_fn": model.similarity_fn_name,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(model.device),
+            "model_prompts": dict(model.prompts),
+        },
+        "versions": {
+            package: version(package)
+            for package in ("mteb", "sentence-transformers", "transformers", "torch")
+        },
+        "settings": {
+            "benchmark": args.benchmark,
+            "data": mteb_data_source(args, tasks),
+            "local_tasks": [str(folder) for folder in getattr(args, "local_task", None) or []],
+            "batch_size": args.batch_size,
+            "dims": dims if args.dims else None,
+            "query_instruction": args.query_instruction,
+            "instruction_template": encoder.instruction_template,
+            "prompts": encoder.prompts,
+        },
+        "results_dir": str(results_dir) if results_dir else None,
+        "coverage": benchmark_coverage(
+            args.benchmark, benchmark_task_names(args.benchmark), [task.metadata.name for task in tasks]
+        ),
+        "splits": {task.metadata.name: list(task.eval_splits) for task in tasks},
+        "task_types": task_types,
+        "sources": sources or {},
+        **score_row(results[full_dim], task_types),
+        "prompts_used": encoder.prompts_used,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.dims:
+        summary["dims"] = [{"dim": dim, **score_row(results[dim], task_types)} for dim in dims]
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    settings = summary["settings"]
+    model = summary["model"]
+    rows = summary.get("dims") or [{"dim": model["embedding_dim"], **summary}]
+    types = list(summary["types"])
+    coverage = summary.get("coverage")
+    lines = [
+        f"# C-MTEB evaluation: {model['name']}",
+        "",
+        f"- model: `{model['path']}` ({model['dtype']}, max_seq_length "
+        f"{model['max_seq_length']}, similarity {model['similarity_fn']}); revision "
+        f"{model.get('revision') or 'none'} (hash of the weight files)",
+    ]
+    checkpoint = model.get("checkpoint")
+    if checkpoint:
+        wise_ft = f", WiSE-FT alpha {checkpoint['wise_ft_alpha']}" if checkpoint["wise_ft_alpha"] else ""
+        lines.append(
+            f"- checkpoint: `{checkpoint['path']}` (step {checkpoint['step']}, {checkpoint['kind']} of "
+            f"{checkpoint['script']}{wise_ft}), exported with tools/export_checkpoint.py for this evaluation"
+        )
+    lines += [
+        "- versions: " + ", ".join(f"{package} {number}" for package, number in summary["versions"].items()),
+        f"- benchmark: {settings['benchmark']}; data: {settings['data']}; "
+        f"batch size {settings['batch_size']}",
+    ]
+    if settings.get("local_tasks"):
+        lines.append("- local tasks (task.json folders): " + ", ".join(f"`{f}`" for f in settings["local_tasks"]))
+    lines += [
+        f"- query instruction (Retrieval, Reranking): {settings['query_instruction']!r}",
+        f"- instruction template: {settings['instruction_template']!r}; "
+        f"prompts: {settings['prompts'] or None}",
+        "",
+        "## Averages (main score x 100)",
+        "",
+    ]
+    if coverage:
+        note = "" if coverage["full"] else ": averages over the tasks run, not comparable with the leaderboard's"
+        lines += [f"Coverage of {coverage['benchmark']}: **{coverage['label']}**{note}.", ""]
+    lines += [
+        "| Dim | Average | " + " | ".join(types) + " | Average of types |",
+        "|---:|---:|" + "---:|" * len(types) + "---:|",
+    ]
+    for row in rows:
+        type_cells = " | ".join(f"{row['types'][task_type]:.2f}" for task_type in types)
+        lines.append(f"| {row['dim']} | {row['average']:.2f} | {type_cells} | {row['average_by_type']:.2f} |")
+    sources = summary.get("sources") or {}
+    local = {name for name, source in sources.items() if source.get("source", "").startswith("local folder")}
+    lines += [
+        "",
+        "## Tasks",
+        "",
+        "| Type | Task | Split | " + " | ".join(f"dim {row['dim']}" for row in rows) + " |",
+    ]
+    lines.append("|---|---|---|" + "---:|" * len(rows))
+    for name, task_type in summary["task_types"].items():
+        cells = " | ".join(f"{row['tasks'][name]:.2f}" for row in rows)
+        shown = f"{name} (local)" if name in local else name
+        lines.append(f"| {task_type} | {shown} | {', '.join(summary['splits'][name])} | {cells} |")
+    if summary.get("pair_ap"):
+        lines += [
+            "",
+            "## PairClassification: max AP x 100 (the main score above is max accuracy)",
+            "",
+            "| Task | " + " | ".join(f"dim {row['dim']}" for row in rows) + " |",
+            "|---|" + "---:|" * len(rows),
+        ]
+        for name in summary["pair_ap"]:
+            lines.append(f"| {name} | " + " | ".join(f"{row['pair_ap'][name]:.2f}" for row in rows) + " |")
+    if local:
+        lines += ["", "## Local tasks", ""]
+        lines += [f"- {name}: {sources[name]['source']} (data hash {sources[name]['data_hash']})" for name in local]
+    return "\n".join(lines) + "\n"
+
+
+def plot_dims(rows: list[dict[str, Any]], path: Path) -> None:
+    """Score against embedding dimension, one line per task type and one for the average."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 4.2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    dims = [row["dim"] for row in rows]
+    for task_type in rows[0]["types"]:
+        axes.plot(dims, [row["types"][task_type] for row in rows], marker="o", label=task_type)
+    axes.plot(
+        dims, [row["average"] for row in rows], marker="s", color="black", linestyle="--", label="Average"
+    )
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(dims, [str(dim) for dim in dims])
+    axes.set_xlabel("embedding dimension (truncated, re-normalised)")
+    axes.set_ylabel("main score x 100")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+
+
+def write_reports(summary: dict[str, Any], output_dir: Path) -> str:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    markdown = summary_markdown(summary)
+    (output_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    if "dims" in summary:
+        plot_dims(summary["dims"], output_dir / "matryoshka.png")
+    return markdown
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate as the parsed command line asks and write the reports; returns the summary."""
+    tasks, sources = gather_tasks(args)
+    prompts = read_prompts(args.prompts)
+    template = read_instruction_template(args.instruction_template)
+
+    with contextlib.ExitStack() as stack:
+        model_dir, checkpoint = str(args.model), None
+        if is_checkpoint(args.model):
+            export_root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cmteb_checkpoint_")))
+            checkpoint = export_checkpoint_model(Path(args.model), export_root / "model", args.no_wise_ft)
+            model_dir = str(export_root / "model")
+        model = load_model(model_dir, args.device, args.precision, args.max_seq_length)
+        revision = model_revision(model_dir, model)
+        dims = resolve_dims(args.dims, embedding_dimension(model))
+        name = args.model_name or default_model_name(args.model)
+        encoder = SentenceEncoder(
+            model,
+            build_model_meta(model, name, revision),
+            merge_prompts(model.prompts, prompts, args.query_instruction),
+            instruction_template=template,
+            reuse_embeddings=len(dims) > 1,
+        )
+        output_dir = args.output_dir or Path("runs/cmteb") / name.replace("/", "__")
+        results = evaluate_tasks(
+            encoder, tasks, dims, output_dir, args.batch_size, progress=not args.no_progress
+        )
+    meta = encoder.full_meta
+    results_dir = output_dir / "results" / meta.model_name_as_path() / meta.revision
+    summary = build_summary(args, model, encoder, tasks, dims, results, sources, checkpoint, results_dir)
+    print(write_reports(summary, output_dir))
+    print(f"Results in {output_dir}")
+    if update_cmteb_section(args.model, summary):  # the model directory's card is one a training run wrote
+        print(f"C-MTEB section of {Path(args.model) / 'README.md'} updated")
+    return summary
