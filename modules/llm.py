@@ -57,6 +57,7 @@ def append_eos(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # the attention mask, not the id, tells padding apart
     tokenizer.padding_side = "left"  # the EOS of every row lands in the last column
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved in tokenizer_config.json (the attribute alone is not)
     prefix, suffix = _added_special_tokens(tokenizer)
     if suffix and suffix[-1] == tokenizer.eos_token_id:
         return tokenizer

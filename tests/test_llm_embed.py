@@ -89,6 +89,16 @@ def test_tokenizer_ends_every_row_with_eos_after_truncation_and_pads_left(tiny_d
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_tokenizer_saved_before_any_call_still_pads_left(tiny_decoders, arch, tmp_path):
+    """With DataLoader workers the main process never tokenizes before final/ is saved: the saved tokenizer must
+    pad left all the same (Qwen2's reloaded as right-padding)."""
+    from transformers import AutoTokenizer
+
+    append_eos(AutoTokenizer.from_pretrained(tiny_decoders[arch])).save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_last_token_pooling_reads_the_eos_state(tiny_decoders, arch):
     model = LLMEmbeddingModel.from_pretrained(tiny_decoders[arch]).eval()
     tokens = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
