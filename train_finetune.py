@@ -342,7 +342,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}")
         accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
     finish_run(accelerator, model, args, {**setup, "steps": global_step, **measured, **best.summary(args.output_dir)},
-               eval_history, best.summary(args.output_dir))
+               eval_history)
 
 
 if __name__ == "__main__":

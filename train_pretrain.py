@@ -69,6 +69,16 @@ def parse_args(argv=None):
     return args
 
 
+def build_model(args):
+    """The encoder this script trains (tools/export_checkpoint.py rebuilds it the same way)."""
+    from modules.model import DTYPES, EmbeddingModel
+
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
 def main(argv=None):
     args = parse_args(argv)
     # imported after the flags are parsed, so that --help and flag errors answer at once
@@ -83,7 +93,6 @@ def main(argv=None):
     from modules.forward import embed, to_device
     from modules.gradcache import cached_loss_backward, check_gradcache_supported
     from modules.losses import InBatchInfoNCE, matryoshka_from_flags
-    from modules.model import DTYPES, EmbeddingModel
     from modules.outputs import finish_run, write_run_config
     from modules.progress import Progress, Stopwatch
     from modules.run_summary import pretrain_setup, startup_lines
@@ -109,9 +118,7 @@ def main(argv=None):
         raise UsageError(f"--metric_for_best {args.metric_for_best}: the dev metrics are "
                          f"{', '.join(dev_sets.metric_names())}")
 
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    model = build_model(args)
     loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
                                     args.mrl_dims, args.mrl_weights, model.output_dim)
     if args.mrl_dims:
@@ -213,7 +220,7 @@ def main(argv=None):
     accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
                                                         for name, count in by_source.items()))
     finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured,
-                                          **best.summary(args.output_dir)}, eval_history, best.summary(args.output_dir))
+                                          **best.summary(args.output_dir)}, eval_history)
 
 
 if __name__ == "__main__":

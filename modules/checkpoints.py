@@ -159,7 +159,8 @@ class BestCheckpoint:
         self.step, self.value = (state["step"], state["value"]) if state else (None, None)
 
     def improved(self, step, eval_history):
-        """Whether the evaluation at ``step`` is a new best to save (False without --keep_best)."""
+        """Record the evaluation at ``step`` if it is a new best; returns whether to save it (False without
+        --keep_best). Called once every step, before any condition that could skip it."""
         if not self.metric or step == 0 or step not in eval_history:
             return False
         value = eval_history[step][self.metric]

@@ -42,12 +42,16 @@ def embed_texts(model, tokenizer, texts, max_length, batch_size=64, normalize=Tr
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
 
+def pair_cosines(model, tokenizer, first, second, max_length, batch_size=64):
+    """cos(first[i], second[i]) for every pair, both sides embedded in one pass (numpy)."""
+    embeddings = embed_texts(model, tokenizer, list(first) + list(second), max_length, batch_size)
+    return (embeddings[: len(first)] * embeddings[len(first) :]).sum(-1).numpy()
+
+
 def sts_spearman(model, tokenizer, pairs, max_length, batch_size=64):
     """Spearman correlation (x100) between cos(text, text_pair) and the gold label."""
-    embeddings = embed_texts(model, tokenizer, [p["text"] for p in pairs] + [p["text_pair"] for p in pairs],
-                             max_length, batch_size)
-    first, second = embeddings[: len(pairs)], embeddings[len(pairs) :]
-    scores = (first * second).sum(-1).numpy()
+    scores = pair_cosines(model, tokenizer, [p["text"] for p in pairs], [p["text_pair"] for p in pairs], max_length,
+                          batch_size)
     return 100 * spearmanr(scores, [p["label"] for p in pairs]).statistic
 
 
@@ -141,9 +145,7 @@ def score_local_task(model, tokenizer, task, max_lengths, query_prefix=""):
             relevant = [{position[d]: g for d, g in data["qrels"][q].items()} for q in query_ids]
             scores = retrieval_scores(queries, documents, relevant)
         else:
-            count = len(data["sentence1"])
-            embeddings = embed_texts(model, tokenizer, data["sentence1"] + data["sentence2"], max_lengths["pair"])
-            cosine = (embeddings[:count] * embeddings[count:]).sum(-1).numpy()
+            cosine = pair_cosines(model, tokenizer, data["sentence1"], data["sentence2"], max_lengths["pair"])
             scores = ({"cosine_spearman": 100 * spearmanr(cosine, data["score"]).statistic} if task.type == "STS"
                       else pair_classification_scores(cosine, data["label"]))
         prefix = f"{task.name}/{split}/" if len(task.splits) > 1 else f"{task.name}/"

@@ -148,13 +148,10 @@ def rebuild_model(run_dir):
     config_file, config, args = read_run_config(run_dir)
     script = training_script(config, config_file)
     quiet = SimpleNamespace(print=lambda *_, **__: None)  # the builders' accelerator, used to print only
-    if script == "train_pretrain.py":
-        from .model import DTYPES, EmbeddingModel
-
-        return script, args, EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling,
-                                                            dtype=DTYPES[args.torch_dtype])
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    if script == "train_pretrain.py":
+        return script, args, importlib.import_module("train_pretrain").build_model(args)
     if script == "train_llm_embed.py":
         model = importlib.import_module("train_llm_embed").build_llm_model(args, quiet)
     else:

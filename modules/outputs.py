@@ -60,11 +60,10 @@ def _deepspeed_fp32_state_dict(accelerator, model):
     return {key: state_dict[key] for key in keys}
 
 
-def finish_run(accelerator, model, args, summary, eval_history=None, best=None):
+def finish_run(accelerator, model, args, summary, eval_history=None):
     """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, averaged with
     the start model when ``--wise_ft_alpha`` < 1) with its model card, train_summary.json (with pairs/s) and,
-    when there was a dev set, eval_results.json (with ``best``, the best checkpoint's summary); then end the
-    trackers."""
+    when there was a dev set, eval_results.json (with the summary's ``best`` evaluation); then end the trackers."""
     summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
@@ -78,7 +77,7 @@ def finish_run(accelerator, model, args, summary, eval_history=None, best=None):
         (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
         if eval_history:
-            _write_eval_results(args, eval_history, best or {})
+            _write_eval_results(args, eval_history, {"best": summary["best"]} if "best" in summary else {})
     accelerator.end_training()
 
 

@@ -14,6 +14,7 @@ scripts' --eval_dir score it during training (modules/evaluation.py). Every prob
 folder, file and line.
 """
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -34,8 +35,15 @@ class LocalTask:
     main_score: str
     splits: list
     folder: Path
-    revision: str = ""  # hash of task.json and the data files: a changed folder is a new revision
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def revision(self):
+        """Hash of task.json and the data files: a changed folder is a new revision (read when asked, not at load)."""
+        digest = hashlib.sha256()
+        for path in [self.folder / "task.json", *self.data_files()]:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        return digest.hexdigest()[:12]
 
     def split_data(self, split):
         """The split's data in the form of its type (see the module docstring); read once."""
@@ -84,15 +92,7 @@ def read_task_folder(folder):
     missing = [str(path.relative_to(folder)) for path in task.data_files() if not path.is_file()]
     if missing:
         raise DataError(f"{folder}: task {name} ({kind}) needs {', '.join(missing)}")
-    task.revision = _revision([spec_file, *task.data_files()])
     return task
-
-
-def _revision(files):
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _read_pairs(task, split):
