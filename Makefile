@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/accelerate launch --config_file launch/single.yaml \
-	  train_finetune.py --model_name_or_path $(MINILM) --meta_list meta_lists/demo.txt --output_dir runs/demo \
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/accelerate launch -q --config_file launch/single.yaml \
+	  train_finetune.py --model_name_or_path $(MINILM) --meta_list meta_lists/demo.txt --output_dir runs/demo --overwrite_output_dir \
 	  --max_steps $(DEMO_STEPS) --lr 4e-5 --cosent_batch_size 32 --retri_batch_size 16 --cosent_weight 1 \
 	  --retri_weight 1 --retri_temperature 0.05 --retri_negatives 0 --pair_max_len 128 --passage_max_len 256 \
 	  --wise_ft_alpha $(DEMO_ALPHA) --log_every 20
@@ -34,9 +34,9 @@ demo: $(VENV)/.installed
 # The English recipe (meta_lists/en_sts.txt; needs ../shared/data): CoSENT on STS-B + SICK train and InfoNCE on
 # Cranfield's training split, lr 6e-5, final/ = 0.7 x trained + 0.3 x start weights; then the dev scores.
 en-sts: $(VENV)/.installed
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/accelerate launch \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/accelerate launch -q \
 	  --config_file launch/single.yaml train_finetune.py --model_name_or_path $(MINILM) \
-	  --meta_list meta_lists/en_sts.txt --output_dir runs/en-sts --seed $(SEED) \
+	  --meta_list meta_lists/en_sts.txt --output_dir runs/en-sts --overwrite_output_dir --seed $(SEED) \
 	  --max_steps 316 --lr 6e-5 --warmup_ratio 0.1 --cosent_batch_size 32 --retri_batch_size 16 \
 	  --cosent_weight 1 --retri_weight 1 --cosent_temperature 0.05 --retri_temperature 0.05 --retri_negatives 0 \
 	  --pair_max_len 128 --query_max_len 64 --passage_max_len 256 --wise_ft_alpha 0.7 --log_every 50

@@ -1,6 +1,6 @@
 """Multi-task fine-tuning of an embedding model with Piccolo2's hybrid loss.
 
-    accelerate launch --config_file launch/ddp.yaml train_finetune.py \
+    accelerate launch -q --config_file launch/ddp.yaml train_finetune.py \
         --model_name_or_path PATH --meta_list meta_lists/demo.txt --output_dir runs/ft
 
 Every batch comes from one dataset of the meta list and is scored with that dataset's loss:
@@ -65,6 +65,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     g.add_argument("--num_workers", type=int, default=1, help="tokenizing dataloader workers")
     g.add_argument("--length_buckets", type=int, default=4,
                    help="split each forward into N length-sorted sub-batches to skip padding (1: off)")
+    g.add_argument("--skip_bad_records", action="store_true",
+                   help="skip (and count at start-up) records with invalid JSON or a missing, non-text or empty text, "
+                        "instead of stopping at the first")
     g = p.add_argument_group("loss")
     g.add_argument("--retri_temperature", type=float, default=0.01)
     g.add_argument("--cls_temperature", type=float, default=0.05)
@@ -101,8 +104,6 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
         add_arguments(p)
     args = p.parse_args(argv)
     check_output_arguments(p, args)
-    if args.scaling_dim is not None and args.scaling_dim < 1:
-        p.error(f"--scaling_dim must be >= 1, got {args.scaling_dim}")
     if args.cls_negatives < 1:
         p.error("--cls_negatives must be >= 1: cls_contrast has no in-batch negatives")
     if args.extend_pe != (args.max_length is not None):
@@ -140,6 +141,12 @@ def build_encoder(args, accelerator):
     return model
 
 
+def max_lengths_in_use(max_lengths, datasets, dev_sets):
+    """{flag: length} of the texts this run tokenizes: CoSENT pairs, contrastive queries and passages, dev sets."""
+    roles = {role for d in datasets for role in (("pair",) if d.kind == "cosent" else ("query", "passage"))}
+    return {f"--{role}_max_len": max_lengths[role] for role in sorted(roles | dev_sets.length_roles())}
+
+
 def main(argv=None, add_arguments=None, build_model=build_encoder, description=__doc__, decoder=False):
     """Fine-tune; train_llm_embed.py reuses this loop with its own flags and model (``build_model(args, accelerator)``)."""
     args = parse_args(argv, add_arguments, description, decoder)
@@ -152,17 +159,20 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
     )
     from modules.data import EpochBatches, TaskCollator, build_sampler, describe_data_order, load_meta_list
-    from modules.data import read_query_prefixes
+    from modules.data import read_query_prefixes, skipped_record_lines
     from modules.evaluation import DevSets
     from modules.forward import batch_size_and_tokens, task_loss, to_device
     from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags, relative_task_weights
     from modules.mining import MiningState, dhnm_round
+    from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
+    from modules.position import check_lengths_fit
     from modules.progress import Progress, Stopwatch
     from modules.run_summary import finetune_setup, startup_lines
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
-    accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm, args.report_to)
+    accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm, args.report_to,
+                                   args.timeout_minutes)
     set_seed(args.seed)  # before anything random is built (Piccolo builds its sampler first)
 
     # ---- data: every record checked now, so bad input fails before step one
@@ -170,7 +180,10 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # CBB: every process holds its own n of each retrieval record's negatives, so a record needs n x processes
     negative_parts = accelerator.num_processes if args.cbb else 1
     datasets = load_meta_list(args.meta_list, args.root_dir,
-                              {**negatives, "retri_contrast": args.retri_negatives * negative_parts})
+                              {**negatives, "retri_contrast": args.retri_negatives * negative_parts},
+                              args.skip_bad_records)
+    for line in skipped_record_lines(datasets):  # --skip_bad_records
+        accelerator.print(line)
     default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
                      "cosent": args.cosent_batch_size}
     batch_sizes = [d.batch_size or default_batch[d.kind] for d in datasets]
@@ -201,6 +214,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- model and losses
     model = build_model(args, accelerator)
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
+    check_lengths_fit(model.backbone, max_lengths_in_use(max_lengths, datasets, dev_sets),
+                      ", or extend the position table with --extend_pe --max_length N")  # not a crash mid-run
     negative_part = (accelerator.process_index if args.cbb else 0, negative_parts)
     # query prefix of a dataset: the model's prompt of that name (--query_prefix_file, train_llm_embed.py's
     # instructions), else --query_prefix
@@ -229,8 +244,6 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     scheduler = make_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     tokenizer = accelerator.unwrap_model(model).tokenizer
-    if mining is not None:
-        accelerator.register_for_checkpointing(mining)  # saved and restored with save_state / load_state
     setup = finetune_setup(args, accelerator, datasets, batch_sizes, sampler, total_steps, warmup_steps, loss_weights)
     accelerator.print("\n".join(startup_lines(setup, args)))
 
@@ -240,6 +253,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         state = load_checkpoint(accelerator, checkpoint)
         global_step, start_epoch, start_batch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         best_state = state.get("best")
+        if mining is not None:
+            mining.load_checkpoint_files(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {global_step} (epoch {start_epoch}, batch {start_batch})")
 
     if accelerator.is_main_process:
@@ -276,6 +291,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
             with accelerator.accumulate(model):
                 part_losses = [task_loss(model, to_device(part, accelerator.device), losses, args.length_buckets)
                                for part in parts]
+                stop_on_non_finite_loss(accelerator, global_step + 1, part_losses, [
+                    f"{part['kind']} loss of {datasets[part['dataset_index']].name} "
+                    f"({datasets[part['dataset_index']].source})" for part in parts])
                 accelerator.backward(sum(loss_weights[part["kind"]] * loss for part, loss in zip(parts, part_losses)))
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -326,7 +344,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1,
                          "data_order": data_order, "schedule": schedule, "best": best.state()}
                 save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                                keep=best.kept())
+                                keep=best.kept(), model=model,
+                                tensor_files=mining.checkpoint_files() if mining is not None else None)
             if global_step >= total_steps:
                 done = True
                 break

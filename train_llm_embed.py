@@ -1,6 +1,6 @@
 """Piccolo2's multi-task hybrid loss on a decoder LLM (Qwen2, Llama, Mistral, ...) with LoRA.
 
-    accelerate launch --config_file launch/deepspeed_zero2_llm.yaml train_llm_embed.py \\
+    accelerate launch -q --config_file launch/deepspeed_zero2_llm.yaml train_llm_embed.py \\
         --model_name_or_path Qwen/Qwen2-1.5B --meta_list meta_lists/my_tasks.txt --output_dir runs/llm \\
         --instruction_template 'Instruct: {task}\\nQuery: ' --task_instructions tasks.json \\
         --default_task 'Given a query, retrieve relevant passages' --gradient_checkpointing --lr 1e-4

@@ -1,6 +1,6 @@
 """Weakly supervised pair pretraining: in-batch InfoNCE over streamed (query, positive) pairs.
 
-    accelerate launch --config_file launch/ddp.yaml train_pretrain.py \
+    accelerate launch -q --config_file launch/ddp.yaml train_pretrain.py \
         --model_name_or_path PATH --meta_list meta_lists/pretrain_demo.txt --output_dir runs/pt \
         --batch_size 4096 --mini_batch_size 128 --max_steps 10000
 
@@ -39,6 +39,9 @@ def parse_args(argv=None):
     g.add_argument("--block_mb", type=int, default=64, help="JSONL files are split into blocks of this many MB")
     g.add_argument("--num_workers", type=int, default=2, help="tokenizing loader workers per process (0: in-process)")
     g.add_argument("--length_buckets", type=int, default=4, help="without GradCache: length-sorted sub-batches per forward")
+    g.add_argument("--skip_bad_records", action="store_true",
+                   help="skip records with invalid JSON or a missing, non-text or empty text, counted in the log, "
+                        "instead of stopping at the first")
     g = p.add_argument_group("loss")
     g.add_argument("--temperature", type=float, default=0.05, help="0.05 = scale 20 (MultipleNegativesRankingLoss)")
     g.add_argument("--symmetric", action="store_true", help="add the positive->query direction")
@@ -58,8 +61,6 @@ def parse_args(argv=None):
     add_output_arguments(p)
     args = p.parse_args(argv)
     check_output_arguments(p, args)
-    if args.mini_batch_size < 0 or args.batch_size < 1:
-        p.error("--batch_size must be >= 1 and --mini_batch_size >= 0")
     if args.max_steps < 1:
         p.error(f"--max_steps must be >= 1, got {args.max_steps}")
     if args.warmup_steps is None:
@@ -72,8 +73,10 @@ def parse_args(argv=None):
 def build_model(args):
     """The encoder this script trains (tools/export_checkpoint.py rebuilds it the same way)."""
     from modules.model import DTYPES, EmbeddingModel
+    from modules.position import check_lengths_fit
 
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
+    check_lengths_fit(model.backbone, {"--query_max_len": args.query_max_len, "--passage_max_len": args.passage_max_len})
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
@@ -93,13 +96,16 @@ def main(argv=None):
     from modules.forward import embed, to_device
     from modules.gradcache import cached_loss_backward, check_gradcache_supported
     from modules.losses import InBatchInfoNCE, matryoshka_from_flags
+    from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
     from modules.progress import Progress, Stopwatch
     from modules.run_summary import pretrain_setup, startup_lines
     from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
+    from modules.streaming import checked_batch, skipped_record_count, skipped_record_lines
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
-    accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm, report_to=args.report_to)
+    accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm, report_to=args.report_to,
+                                   timeout_minutes=args.timeout_minutes)
     set_seed(args.seed)
     if args.mini_batch_size:
         check_gradcache_supported(accelerator)
@@ -145,7 +151,7 @@ def main(argv=None):
     batches = PretrainBatches(sources, args.batch_size, tokenizer, {"query": args.query_max_len,
                               "passage": args.passage_max_len}, args.seed, accelerator.process_index,
                               accelerator.num_processes, args.shuffle_chunk, args.block_mb << 20, args.query_prefix,
-                              loader_state)
+                              loader_state, args.skip_bad_records)
     loader = iter(DataLoader(batches, batch_size=None, num_workers=args.num_workers,
                              generator=torch.Generator().manual_seed(args.seed)))  # leaves the global RNG alone
 
@@ -164,9 +170,10 @@ def main(argv=None):
     warm, step_clock = False, Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     while global_step < args.max_steps:
         step_clock.start()
-        batch = next(loader)
+        batch = checked_batch(next(loader))  # a DataError met in a loader worker is raised here, as one line
         loader_state = batch.pop("loader_state")
-        source_batches[batch.pop("source")] += 1
+        batch_source = batch.pop("source")
+        source_batches[batch_source] += 1
         batch = to_device(batch, accelerator.device)
         if args.mini_batch_size:
             loss = cached_loss_backward(model, [batch["query"], batch["passage"]], loss_fn, args.mini_batch_size,
@@ -175,6 +182,8 @@ def main(argv=None):
             loss = loss_fn(embed(model, batch["query"], args.length_buckets),
                            embed(model, batch["passage"], args.length_buckets))
             accelerator.backward(loss)
+        stop_on_non_finite_loss(accelerator, global_step + 1, [loss], [f"loss of {sources[batch_source].name} "
+                                                                       f"({sources[batch_source].source})"])
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -198,6 +207,8 @@ def main(argv=None):
             metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0],
                        "pairs_per_s": window["pairs"] / window["seconds"],
                        "tokens_per_s": window["tokens"] / window["seconds"]}
+            if args.skip_bad_records:
+                metrics["skipped_records"] = skipped_record_count(loader_state)  # this process's, so far
             accelerator.log({**metrics, **{f"batches/{s.name}": n for s, n in zip(sources, source_batches)}},
                             step=global_step)
             progress.log(global_step, metrics)
@@ -208,7 +219,7 @@ def main(argv=None):
             state = {"global_step": global_step, "data_order": data_order, "schedule": schedule,
                      "source_batches": source_batches, "best": best.state()}
             save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                            process_state=loader_state, keep=best.kept())
+                            process_state=loader_state, keep=best.kept(), model=model)
     progress.close()
 
     if dev_sets and global_step not in eval_history:
@@ -219,6 +230,8 @@ def main(argv=None):
     by_source = {source.name: count for source, count in zip(sources, source_batches)}
     accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
                                                         for name, count in by_source.items()))
+    for line in skipped_record_lines(sources, loader_state):  # every process: each reads its own records
+        print(f"process {accelerator.process_index}: {line}" if accelerator.num_processes > 1 else line, flush=True)
     finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured,
                                           **best.summary(args.output_dir)}, eval_history)
 

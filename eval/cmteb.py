@@ -12,8 +12,11 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
+import string
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from mteb.results import TaskResult
 from mteb.types import PromptType
+from safetensors import SafetensorError, safe_open
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
@@ -43,6 +47,14 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 class SetupError(UsageError):
     """A problem with the command line (tasks, types, dimensions, prompts), reported without a traceback."""
+
+
+class ModelError(UsageError):
+    """The model of --model cannot be used: unreadable weight files, non-finite embeddings."""
+
+
+class NonFiniteScoreError(UsageError):
+    """A score came out NaN or infinite; the reports record it as null and leave it out of the averages."""
 
 
 def comma_list(values: list[str] | str | None) -> list[str]:
@@ -157,7 +169,8 @@ def load_model(
     path: str, device: str | None, precision: str, max_seq_length: int | None
 ) -> SentenceTransformer:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SentenceTransformer(str(path), device=device)
+    with weight_file_errors(Path(path)):
+        model = SentenceTransformer(str(path), device=device)
     dtype = resolve_dtype(precision, device)
     if dtype != torch.float32:
         model.to(dtype)
@@ -165,6 +178,27 @@ def load_model(
         model.max_seq_length = max_seq_length
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def weight_file_errors(model_dir: Path) -> Iterator[None]:
+    """Turn a SafetensorError raised while reading `model_dir` into a ModelError naming the unreadable file."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise ModelError(f"{unreadable_weight_file(model_dir)}: cannot be read ({error}); is the file truncated?") from None
+
+
+def unreadable_weight_file(model_dir: Path) -> Path:
+    """The first *.safetensors file under `model_dir` that safetensors cannot open (`model_dir` if none): a
+    SafetensorError does not say which file it is about."""
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return model_dir
 
 
 def embedding_dimension(model: SentenceTransformer) -> int:
@@ -187,9 +221,18 @@ def read_prompts(path: Path | None) -> dict[str, str]:
         return {}
     if not path.is_file():
         raise SetupError(f"--prompts file {path} not found.")
-    prompts = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(prompts, dict) or not all(isinstance(value, str) for value in prompts.values()):
-        raise SetupError(f"{path} must hold a JSON object mapping prompt keys to prompt strings.")
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SetupError(f"{path}:{error.lineno}: --prompts: invalid JSON ({error.msg}, column {error.colno}).") from None
+    except UnicodeDecodeError as error:
+        raise SetupError(f"{path}: --prompts: not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    if not isinstance(prompts, dict):
+        raise SetupError(f"{path}: --prompts must hold a JSON object mapping prompt keys to prompt strings, "
+                         f"not a {type(prompts).__name__}.")
+    not_text = [key for key, value in prompts.items() if not isinstance(value, str)]
+    if not_text:
+        raise SetupError(f"{path}: --prompts: the prompt of {not_text[0]!r} must be a string, got {prompts[not_text[0]]!r}.")
     try:
         AbsEncoder.validate_task_to_prompt_name(prompts, raise_for_invalid_keys=True)
     except KeyError as error:
@@ -198,9 +241,19 @@ def read_prompts(path: Path | None) -> dict[str, str]:
 
 
 def read_instruction_template(template: str | None) -> str | None:
+    """The template with \\n read as a newline, checked to hold `{instruction}` and no other field (mteb fills
+    it with `template.format(instruction=...)`; any other field would fail only once the model is loaded)."""
     if template is None:
         return None
-    if "{instruction}" not in template:
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        raise SetupError(f"--instruction-template {template!r}: {error} (write a literal brace as {{{{ or }}}}).") from None
+    unknown = [field for field in fields if field != "instruction"]
+    if unknown:
+        raise SetupError(f"--instruction-template {template!r}: unknown field {{{unknown[0]}}}; the only field "
+                         "allowed is {instruction} (write a literal brace as {{ or }}).")
+    if not fields:
         raise SetupError("--instruction-template must contain '{instruction}'.")
     return template.replace("\\n", "\n")
 
@@ -290,6 +343,7 @@ class SentenceEncoder(AbsEncoder):
             batch_size=kwargs.get("batch_size", 32),
             show_progress_bar=kwargs.get("show_progress_bar", True),
         )
+        check_finite_embeddings(embeddings, texts, task_metadata.name, self.full_meta.name)
         return truncate_embeddings(embeddings, self.dim)
 
     def _full_embeddings(
@@ -309,6 +363,17 @@ class SentenceEncoder(AbsEncoder):
         if self.reuse_embeddings:
             self._embeddings[key] = embeddings
         return embeddings
+
+
+def check_finite_embeddings(embeddings: np.ndarray, texts: list[str], task_name: str, model_name: str) -> None:
+    """Refuse NaN or infinite embeddings (e.g. fp16 overflow): mteb would fail on them or rank by noise."""
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        first = texts[int(np.argmax(bad))]
+        raise ModelError(
+            f"model {model_name}: non-finite (NaN or infinite) embeddings for {int(bad.sum())} of {len(texts)} "
+            f"texts of task {task_name}, e.g. {first[:60]!r} (half-precision overflow? try --precision fp32)."
+        )
 
 
 def content_key(texts: list[str], prompt: str | None, prompt_type: PromptType | None) -> str:
@@ -411,7 +476,7 @@ def export_checkpoint_model(checkpoint: Path, out: Path, no_wise_ft: bool) -> di
     from modules.export import checked_step, export_checkpoint
 
     step = checked_step(checkpoint, out, overwrite=False)
-    with contextlib.redirect_stdout(sys.stderr):  # what the libraries print while rebuilding the model
+    with contextlib.redirect_stdout(sys.stderr), weight_file_errors(checkpoint):  # stdout: the libraries' prints
         kind, script, run_args, wise_ft = export_checkpoint(checkpoint, out, no_wise_ft, step)
     print(f"Exported the {kind} checkpoint {checkpoint} of {script} at step {step} for evaluation", file=sys.stderr)
     return {
@@ -462,18 +527,30 @@ def evaluate_tasks(
 
 
 def leaderboard_scores(task_scores: dict[str, float], task_types: dict[str, str]) -> dict[str, Any]:
-    """C-MTEB leaderboard numbers: task scores, per-type means, the mean over tasks and over types."""
+    """C-MTEB leaderboard numbers: task scores, per-type means, the mean over tasks and over types.
+
+    A NaN or infinite task score becomes None and stays out of the means (a mean with a NaN is NaN, and JSON
+    has no NaN); `score_row` lists it under `not_finite`."""
+    scores = {name: finite_or_none(score) for name, score in task_scores.items()}
     types = {}
-    for task_type in sorted(set(task_types[name] for name in task_scores), key=type_rank):
-        types[task_type] = float(
-            np.mean([score for name, score in task_scores.items() if task_types[name] == task_type])
-        )
+    for task_type in sorted(set(task_types[name] for name in scores), key=type_rank):
+        types[task_type] = mean_or_none(score for name, score in scores.items() if task_types[name] == task_type)
     return {
-        "tasks": task_scores,
+        "tasks": scores,
         "types": types,
-        "average": float(np.mean(list(task_scores.values()))),
-        "average_by_type": float(np.mean(list(types.values()))),
+        "average": mean_or_none(scores.values()),
+        "average_by_type": mean_or_none(types.values()),
     }
+
+
+def finite_or_none(score: float) -> float | None:
+    return score if math.isfinite(score) else None
+
+
+def mean_or_none(scores: Any) -> float | None:
+    """The mean of the scores that are not None; None when there are none."""
+    present = [score for score in scores if score is not None]
+    return float(np.mean(present)) if present else None
 
 
 def main_scores(task_results: dict[str, TaskResult]) -> dict[str, float]:
@@ -490,18 +567,36 @@ def pair_ap_scores(task_results: dict[str, TaskResult], task_types: dict[str, st
     }
 
 
-def score_row(task_results: dict[str, TaskResult], task_types: dict[str, str]) -> dict[str, Any]:
-    row = leaderboard_scores(main_scores(task_results), task_types)
+def score_row(
+    task_results: dict[str, TaskResult], task_types: dict[str, str], metrics: dict[str, str]
+) -> dict[str, Any]:
+    """One row of scores (see `leaderboard_scores`); `not_finite` lists the scores recorded as None, as
+    'Task: metric = value', where `metrics` gives each task's main score."""
+    main = main_scores(task_results)
+    row = leaderboard_scores(main, task_types)
     pair_ap = pair_ap_scores(task_results, task_types)
     if pair_ap:
-        row["pair_ap"] = pair_ap
+        row["pair_ap"] = {name: finite_or_none(score) for name, score in pair_ap.items()}
+    not_finite = [f"{name}: {metrics[name]} = {score}" for name, score in main.items() if not math.isfinite(score)]
+    not_finite += [f"{name}: max_ap = {score}" for name, score in pair_ap.items() if not math.isfinite(score)]
+    if not_finite:
+        row["not_finite"] = not_finite
     return row
 
 
-def benchmark_coverage(benchmark_name: str, benchmark_tasks: list[str], evaluated: list[str]) -> dict[str, Any]:
+def not_finite_scores(summary: dict[str, Any]) -> list[str]:
+    """Every score of the summary's rows that was NaN or infinite (recorded as null), with its dimension."""
+    rows = summary.get("dims") or [{"dim": summary["model"]["embedding_dim"], **summary}]
+    return [f"{entry} (dim {row['dim']})" for row in rows for entry in row.get("not_finite", [])]
+
+
+def benchmark_coverage(
+    benchmark_name: str, benchmark_tasks: list[str], evaluated: list[str], not_finite: Sequence[str] = ()
+) -> dict[str, Any]:
     """How much of the benchmark the averages cover: 'full (31 of 31 tasks)' only when they are exactly the
     benchmark's tasks; else 'partial (k of 31 tasks)', naming the tasks outside the benchmark (local ones
-    included) that the averages also hold."""
+    included) that the averages also hold, and the tasks run but left out of them (`not_finite`: a NaN score)."""
+    evaluated = [name for name in evaluated if name not in not_finite]
     in_benchmark = [name for name in evaluated if name in benchmark_tasks]
     others = [name for name in evaluated if name not in benchmark_tasks]
     total = len(benchmark_tasks)
@@ -509,11 +604,14 @@ def benchmark_coverage(benchmark_name: str, benchmark_tasks: list[str], evaluate
     label = f"{'full' if full else 'partial'} ({len(in_benchmark)} of {total} tasks)"
     if others:
         label += f" + {len(others)} task{'s' if len(others) > 1 else ''} outside {benchmark_name}: {', '.join(others)}"
+    if not_finite:
+        label += f"; left out (score not finite): {', '.join(not_finite)}"
     return {
         "benchmark": benchmark_name,
         "benchmark_tasks": total,
         "evaluated_benchmark_tasks": len(in_benchmark),
         "other_tasks": others,
+        "not_finite": list(not_finite),
         "full": full,
         "label": label,
     }
@@ -538,7 +636,9 @@ def build_summary(
     results_dir: Path | None = None,
 ) -> dict[str, Any]:
     task_types = {task.metadata.name: task.metadata.type for task in tasks}
+    metrics = {task.metadata.name: task.metadata.main_score for task in tasks}
     full_dim = max(dims)
+    full_row = score_row(results[full_dim], task_types, metrics)
     summary = {
         "model": {
             "path": str(args.model),
@@ -568,17 +668,20 @@ def build_summary(
         },
         "results_dir": str(results_dir) if results_dir else None,
         "coverage": benchmark_coverage(
-            args.benchmark, benchmark_task_names(args.benchmark), [task.metadata.name for task in tasks]
+            args.benchmark,
+            benchmark_task_names(args.benchmark),
+            [task.metadata.name for task in tasks],
+            [name for name, score in full_row["tasks"].items() if score is None],
         ),
         "splits": {task.metadata.name: list(task.eval_splits) for task in tasks},
         "task_types": task_types,
         "sources": sources or {},
-        **score_row(results[full_dim], task_types),
+        **full_row,
         "prompts_used": encoder.prompts_used,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.dims:
-        summary["dims"] = [{"dim": dim, **score_row(results[dim], task_types)} for dim in dims]
+        summary["dims"] = [{"dim": dim, **score_row(results[dim], task_types, metrics)} for dim in dims]
     return summary
 
 
@@ -629,8 +732,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---:|---:|" + "---:|" * len(types) + "---:|",
     ]
     for row in rows:
-        type_cells = " | ".join(f"{row['types'][task_type]:.2f}" for task_type in types)
-        lines.append(f"| {row['dim']} | {row['average']:.2f} | {type_cells} | {row['average_by_type']:.2f} |")
+        type_cells = " | ".join(score_cell(row["types"][task_type]) for task_type in types)
+        lines.append(f"| {row['dim']} | {score_cell(row['average'])} | {type_cells} | "
+                     f"{score_cell(row['average_by_type'])} |")
+    not_finite = not_finite_scores(summary)
+    if not_finite:
+        lines += ["", f"**Not finite** (n/a below, left out of the averages): {'; '.join(not_finite)}."]
     sources = summary.get("sources") or {}
     local = {name for name, source in sources.items() if source.get("source", "").startswith("local folder")}
     lines += [
@@ -641,7 +748,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     ]
     lines.append("|---|---|---|" + "---:|" * len(rows))
     for name, task_type in summary["task_types"].items():
-        cells = " | ".join(f"{row['tasks'][name]:.2f}" for row in rows)
+        cells = " | ".join(score_cell(row["tasks"][name]) for row in rows)
         shown = f"{name} (local)" if name in local else name
         lines.append(f"| {task_type} | {shown} | {', '.join(summary['splits'][name])} | {cells} |")
     if summary.get("pair_ap"):
@@ -653,11 +760,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             "|---|" + "---:|" * len(rows),
         ]
         for name in summary["pair_ap"]:
-            lines.append(f"| {name} | " + " | ".join(f"{row['pair_ap'][name]:.2f}" for row in rows) + " |")
+            lines.append(f"| {name} | " + " | ".join(score_cell(row["pair_ap"][name]) for row in rows) + " |")
     if local:
         lines += ["", "## Local tasks", ""]
         lines += [f"- {name}: {sources[name]['source']} (data hash {sources[name]['data_hash']})" for name in local]
     return "\n".join(lines) + "\n"
+
+
+def score_cell(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.2f}"
 
 
 def plot_dims(rows: list[dict[str, Any]], path: Path) -> None:
@@ -669,11 +780,14 @@ def plot_dims(rows: list[dict[str, Any]], path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     dims = [row["dim"] for row in rows]
+
+    def scores(key: str, task_type: str | None = None) -> list[float]:  # a gap where a score is None
+        values = [row[key][task_type] if task_type else row[key] for row in rows]
+        return [np.nan if value is None else value for value in values]
+
     for task_type in rows[0]["types"]:
-        axes.plot(dims, [row["types"][task_type] for row in rows], marker="o", label=task_type)
-    axes.plot(
-        dims, [row["average"] for row in rows], marker="s", color="black", linestyle="--", label="Average"
-    )
+        axes.plot(dims, scores("types", task_type), marker="o", label=task_type)
+    axes.plot(dims, scores("average"), marker="s", color="black", linestyle="--", label="Average")
     axes.set_xscale("log", base=2)
     axes.set_xticks(dims, [str(dim) for dim in dims])
     axes.set_xlabel("embedding dimension (truncated, re-normalised)")
@@ -686,8 +800,8 @@ def plot_dims(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_reports(summary: dict[str, Any], output_dir: Path) -> str:
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    (output_dir / "summary.json").write_text(  # allow_nan=False: never NaN, which is not JSON
+        json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
     )
     markdown = summary_markdown(summary)
     (output_dir / "summary.md").write_text(markdown, encoding="utf-8")
@@ -732,6 +846,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     summary = build_summary(args, model, encoder, tasks, dims, results, sources, checkpoint, results_dir)
     print(write_reports(summary, output_dir))
     print(f"Results in {output_dir}")
+    not_finite = not_finite_scores(summary)
+    if not_finite:  # reported, not averaged; the model card keeps its last complete scores
+        raise NonFiniteScoreError(f"{output_dir / 'summary.json'}: score not finite, recorded as null and left "
+                                  f"out of the averages: {'; '.join(not_finite)}")
     if update_cmteb_section(args.model, summary):  # the model directory's card is one a training run wrote
         print(f"C-MTEB section of {Path(args.model) / 'README.md'} updated")
     return summary

@@ -17,6 +17,9 @@ Multilingual tasks have one such folder per hf subset: `DATA_DIR/<TaskName>/<sub
 
 The files are taken as the evaluation data as they are: a task's hub-specific `dataset_transform` (column
 renames, subsampling) is not applied, and local columns are mapped onto the columns the task class reads.
+Anything that would make mteb fail or silently score something else (a text where a number belongs, a
+duplicate id, a judgement of a document or query the files do not hold, STS scores that never vary) is a
+LocalDataError naming `file:line`.
 
 `folder_task` builds a task of one's own from a folder with a `task.json` (read by modules/task_folders.py):
 a subclass of mteb's abstract task class of its type (AbsTaskSTS, AbsTaskPairClassification,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -178,15 +182,56 @@ def _read_flat_subset(task: AbsTask, folder: Path, max_rows: int | None) -> Data
     splits = list(task.eval_splits)
     if isinstance(task, AbsTaskClassification) and task.train_split not in splits:
         splits.append(task.train_split)
+    gold = GOLD_COLUMNS.get(task.metadata.type)
     datasets = {}
     for split in splits:
-        rows = read_jsonl(folder / f"{split}.jsonl", columns, max_rows)
-        datasets[split] = [
-            {task_column: row[local] for local, task_column in columns.items()} for row in rows
-        ]
+        path = folder / f"{split}.jsonl"
+        rows = [checked_row(task, f"{path}:{line}", row, columns) for line, row in read_jsonl(path, columns, max_rows)]
+        if gold and max_rows is None:
+            check_gold_varies(task.metadata.type, path, [row[gold] for row in rows])
+        datasets[split] = [{columns[local]: value for local, value in row.items()} for row in rows]
     if isinstance(task, AbsTaskClassification):
         _label_names_to_ids(datasets, task.label_column_name)
     return DatasetDict({split: Dataset.from_list(rows) for split, rows in datasets.items()})
+
+
+# The gold column of a record (local files and task.json folders alike), by task type.
+GOLD_COLUMNS = {"STS": "score", "PairClassification": "label"}
+
+
+def checked_row(task: AbsTask, where: str, row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """The record's values of `columns` (local names), each checked to be of the kind mteb reads there, so that
+    a bad value is reported at `where` (file:line) rather than as an error of pyarrow or of mteb."""
+    values = {local: row[local] for local in columns}
+    for local in ("sentence1", "sentence2", "text"):
+        if local in values and not isinstance(values[local], str):
+            raise LocalDataError(f"{where}: column {local!r} must be a string, got {values[local]!r}.")
+    label = values.get("label")
+    if isinstance(task, AbsTaskSTS):
+        finite_number(where, "score", values["score"])
+    elif isinstance(task, AbsTaskPairClassification) and (isinstance(label, bool) or label not in (0, 1)):
+        raise LocalDataError(f"{where}: column 'label' must be 0 or 1, got {label!r}.")
+    elif isinstance(task, AbsTaskClassification) and (isinstance(label, bool) or not isinstance(label, (int, str))):
+        raise LocalDataError(f"{where}: column 'label' must be an integer or a class name, got {label!r}.")
+    return values
+
+
+def finite_number(where: str, column: str, value: Any) -> float:
+    """`value` when it is a finite number (not a bool, not a string); a LocalDataError naming `where` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LocalDataError(f"{where}: column {column!r} must be a finite number, got {value!r}.")
+    return value
+
+
+def check_gold_varies(task_type: str, path: Path, gold: Sequence[Any]) -> None:
+    """Refuse an STS split whose scores all agree (Pearson and Spearman are then undefined: mteb reports NaN)
+    and a pair classification split with one label only (its average precision is undefined or trivially 1)."""
+    if len(set(gold)) > 1:
+        return
+    if task_type == "STS":
+        raise LocalDataError(f"{path}: every score is {gold[0]!r}; an STS task's correlations (Spearman, Pearson) "
+                             "are undefined unless the gold scores vary.")
+    raise LocalDataError(f"{path}: every label is {gold[0]!r}; pair classification needs labels 0 and 1.")
 
 
 def _label_names_to_ids(splits: dict[str, list[dict[str, Any]]], column: str) -> None:
@@ -205,14 +250,16 @@ def _label_names_to_ids(splits: dict[str, list[dict[str, Any]]], column: str) ->
 def _read_retrieval_subset(
     task: AbsTaskRetrieval, folder: Path, max_rows: int | None
 ) -> dict[str, RetrievalSplitData]:
-    corpus = _read_documents(folder / "corpus.jsonl", ("text",), max_rows)
-    queries = _read_documents(folder / "queries.jsonl", ("text",), max_rows)
+    corpus = _read_documents(folder / "corpus.jsonl", max_rows, with_title=True)
+    queries = _read_documents(folder / "queries.jsonl", max_rows)
+    # Cross-file checks need whole files: with max_rows (the check before the model loads) they wait.
+    known = {} if max_rows else {"corpus_ids": set(corpus["id"]), "query_ids": set(queries["id"])}
     splits = {}
     for split in task.eval_splits:
-        relevant_docs = read_qrels(folder / "qrels" / f"{split}.tsv", max_rows)
+        relevant_docs = read_qrels(folder / "qrels" / f"{split}.tsv", max_rows, **known)
         top_ranked_path = folder / "top_ranked" / f"{split}.jsonl"
         if top_ranked_path.exists():
-            top_ranked = read_top_ranked(top_ranked_path, max_rows)
+            top_ranked = read_top_ranked(top_ranked_path, max_rows, **known)
         elif task.metadata.type == "Reranking":
             raise LocalDataError(
                 f"Reranking task {task.metadata.name} needs its candidates in {top_ranked_path} "
@@ -229,19 +276,25 @@ def _read_retrieval_subset(
     return splits
 
 
-def _read_documents(path: Path, text_columns: Sequence[str], max_rows: int | None) -> Dataset:
-    """Read a corpus or queries file; ids may be called `_id` (BEIR, mteb) or `id`."""
-    rows = read_jsonl(path, text_columns, max_rows)
-    records = []
-    for line_number, row in enumerate(rows, start=1):
+def _read_documents(path: Path, max_rows: int | None, with_title: bool = False) -> Dataset:
+    """Read a corpus or queries file; ids may be called `_id` (BEIR, mteb) or `id`, and each occurs once (a
+    second document of an id would replace the first one in mteb's scoring)."""
+    records, first_line = [], {}
+    for line, row in read_jsonl(path, ("text",), max_rows):
+        where = f"{path}:{line}"
         row_id = row.get("_id", row.get("id"))
         if row_id is None:
-            raise LocalDataError(
-                f"{path}: record {line_number} has no `_id` (or `id`) column; it has {sorted(row)}."
-            )
-        record = {"id": str(row_id), "text": row["text"]}
-        if "title" in row:
-            record["title"] = row["title"] or ""
+            raise LocalDataError(f"{where}: no `_id` (or `id`) column; the record has {sorted(row)}.")
+        row_id = str(row_id)
+        if row_id in first_line:
+            raise LocalDataError(f"{where}: id {row_id!r} occurs twice (first at line {first_line[row_id]}).")
+        first_line[row_id] = line
+        record = {"id": row_id, "text": row["text"]}
+        if with_title:  # every document gets one: a column missing from some records reads as None in mteb
+            record["title"] = row.get("title") or ""
+        for column, value in record.items():
+            if not isinstance(value, str):
+                raise LocalDataError(f"{where}: column {column!r} must be a string, got {value!r}.")
         records.append(record)
     return Dataset.from_list(records)
 
@@ -252,8 +305,18 @@ def _queries_with_qrels(queries: Dataset, relevant_docs: dict[str, dict[str, int
     return queries.select(keep)
 
 
-def read_qrels(path: Path, max_rows: int | None = None) -> dict[str, dict[str, int]]:
-    """Read a TREC-style qrels TSV with the header `query-id corpus-id score`."""
+def read_qrels(
+    path: Path,
+    max_rows: int | None = None,
+    corpus_ids: set[str] | None = None,
+    query_ids: set[str] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Read a TREC-style qrels TSV with the header `query-id corpus-id score`.
+
+    With `corpus_ids` / `query_ids` every row must judge a document of corpus.jsonl and a query of
+    queries.jsonl: a judgement of a missing document scores 0 unseen, one of a missing query is dropped. The
+    first row that does not is reported, as `file:line`.
+    """
     if not path.is_file():
         raise LocalDataError(f"Missing file {path} ({README_HINT}).")
     relevant_docs: dict[str, dict[str, int]] = {}
@@ -266,26 +329,55 @@ def read_qrels(path: Path, max_rows: int | None = None) -> dict[str, dict[str, i
                 "The first line must be `query-id<TAB>corpus-id<TAB>score`."
             )
         for row_number, row in enumerate(reader, start=1):
+            where = f"{path}:{reader.line_num}"
+            query_id, doc_id, score = (row[column] for column in QRELS_COLUMNS)
+            if not (query_id and doc_id and score):
+                raise LocalDataError(f"{where}: expected query-id, corpus-id and score, tab-separated; got {row}.")
             try:
-                score = int(float(row["score"]))
-            except (TypeError, ValueError):
-                raise LocalDataError(f"{path}, row {row_number}: no numeric score in {row}.") from None
-            relevant_docs.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = score
+                score = int(float(score))
+            except ValueError:
+                raise LocalDataError(f"{where}: column 'score' must be a number, got {score!r}.") from None
+            check_known(where, "query", query_id, query_ids, "queries.jsonl")
+            check_known(where, "document", doc_id, corpus_ids, "corpus.jsonl")
+            relevant_docs.setdefault(query_id, {})[doc_id] = score
             if max_rows is not None and row_number >= max_rows:
                 break
+    if not relevant_docs:
+        raise LocalDataError(f"{path} holds no judgements (only its header).")
     return relevant_docs
 
 
-def read_top_ranked(path: Path, max_rows: int | None = None) -> dict[str, list[str]]:
-    """Read the candidate documents of each query of a reranking task."""
-    rows = read_jsonl(path, TOP_RANKED_COLUMNS, max_rows)
-    return {str(row["query-id"]): [str(doc_id) for doc_id in row["corpus-ids"]] for row in rows}
+def check_known(where: str, kind: str, item_id: str, known: set[str] | None, file_name: str) -> None:
+    """Refuse an id that is not among `known` (no check when `known` is None)."""
+    if known is not None and item_id not in known:
+        raise LocalDataError(f"{where}: {kind} {item_id!r} is not in {file_name}.")
+
+
+def read_top_ranked(
+    path: Path,
+    max_rows: int | None = None,
+    corpus_ids: set[str] | None = None,
+    query_ids: set[str] | None = None,
+) -> dict[str, list[str]]:
+    """Read the candidate documents of each query of a reranking task (checked like `read_qrels`' rows)."""
+    top_ranked = {}
+    for line, row in read_jsonl(path, TOP_RANKED_COLUMNS, max_rows):
+        where = f"{path}:{line}"
+        if not isinstance(row["corpus-ids"], list):
+            raise LocalDataError(f"{where}: column 'corpus-ids' must be a list of document ids.")
+        query_id, doc_ids = str(row["query-id"]), [str(doc_id) for doc_id in row["corpus-ids"]]
+        check_known(where, "query", query_id, query_ids, "queries.jsonl")
+        for doc_id in doc_ids:
+            check_known(where, "document", doc_id, corpus_ids, "corpus.jsonl")
+        top_ranked[query_id] = doc_ids
+    return top_ranked
 
 
 def read_jsonl(
     path: Path, required_columns: Sequence[str], max_rows: int | None = None
-) -> list[dict[str, Any]]:
-    """Read up to `max_rows` records from a JSON-lines file, checking that each has `required_columns`."""
+) -> list[tuple[int, dict[str, Any]]]:
+    """Read up to `max_rows` records from a JSON-lines file, checking that each is an object with
+    `required_columns`; returns (line number, record) pairs, so that later checks can name the line."""
     if not path.is_file():
         raise LocalDataError(f"Missing file {path} ({README_HINT}).")
     rows = []
@@ -296,13 +388,15 @@ def read_jsonl(
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise LocalDataError(f"{path}, line {line_number}: not valid JSON ({error}).") from None
+                raise LocalDataError(f"{path}:{line_number}: not valid JSON ({error}).") from None
+            if not isinstance(row, dict):
+                raise LocalDataError(f"{path}:{line_number}: a record must be a JSON object, got {line.strip()[:40]}.")
             missing = [column for column in required_columns if column not in row]
             if missing:
                 raise LocalDataError(
-                    f"{path}, line {line_number}: missing column(s) {missing}; the record has {sorted(row)}."
+                    f"{path}:{line_number}: missing column(s) {missing}; the record has {sorted(row)}."
                 )
-            rows.append(row)
+            rows.append((line_number, row))
             if max_rows is not None and len(rows) >= max_rows:
                 break
     if not rows:
@@ -390,7 +484,9 @@ def folder_task(folder: Path | str) -> AbsTask:
         bibtex_citation="",
     )
     for split in spec.splits:  # every record checked (and kept) before any model is loaded
-        spec.split_data(split)
+        data = spec.split_data(split)
+        if spec.type in GOLD_COLUMNS:
+            check_gold_varies(spec.type, folder / f"{split}.jsonl", data[GOLD_COLUMNS[spec.type]])
     base = FOLDER_TASK_CLASSES[spec.type]
     task_class = type(
         _class_name(spec.name),

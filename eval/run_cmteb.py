@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +35,7 @@ from modules.cli import ArgumentParser, UsageError
 
 BENCHMARK = "MTEB(cmn, v1)"  # = cmteb.BENCHMARK
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # 'name' or 'org/name'
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,9 +114,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_model_path(model: str) -> None:
+    """Refuse a --model that reads as a local path but names no directory, before anything heavy is imported
+    (huggingface would answer "Repo id must be in the form ..." after seconds of imports).
+
+    A path: anything that is not a hub id ('name', 'org/name'), that starts with '.', '~' or the path separator,
+    or whose first part exists here (runs/model where runs/ exists).
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--model {model}: not a directory")
+        return
+    first_part = Path(path.parts[0]) if path.parts else path
+    if model.startswith((".", "~", os.sep)) or not HUB_ID.match(model) or (len(path.parts) > 1 and first_part.exists()):
+        raise UsageError(f"--model {model}: no such directory")
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line asks and write the reports; returns the summary."""
     args = parse_args(argv)
+    check_model_path(args.model)
     import cmteb  # heavy: after the flags are parsed
 
     return cmteb.evaluate(args)

@@ -1,5 +1,6 @@
 """Checkpoints: ``save_state`` written atomically, found again, checked against the run, and loaded."""
 
+import contextlib
 import json
 import os
 import re
@@ -8,15 +9,20 @@ import sys
 from pathlib import Path
 
 from accelerate.utils import gather_object
+from safetensors.torch import save_file
 
 from .cli import UsageError
+from .nonfinite import check_finite_parameters
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
-def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None, process_state=None, keep=()):
-    """``save_state`` into checkpoint-<step>.tmp, add the trainer state, then rename.
+def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None, process_state=None, keep=(),
+                    model=None, tensor_files=None):
+    """``save_state`` into checkpoint-<step>.tmp, add the trainer state (and ``tensor_files``, {file name: {name:
+    tensor}} saved as safetensors, e.g. the DHNM state), then rename; refused when ``model``'s weights are not
+    finite.
 
     ``process_state`` (e.g. a streaming loader's position, different on every process) is
     gathered and saved as ``trainer_state["process_states"][process_index]``. The rename is the
@@ -24,6 +30,8 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
     ``resolve_checkpoint`` never picks. ``save_total_limit`` keeps the newest checkpoints and those in ``keep``
     (the best one).
     """
+    if model is not None:
+        check_finite_parameters(accelerator, model, f"checkpoint-{step}")
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f"checkpoint-{step}.tmp"
@@ -36,6 +44,8 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
         trainer_state = dict(trainer_state, process_states=gather_object([process_state]))
     if accelerator.is_main_process:
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        for name, tensors in (tensor_files or {}).items():
+            save_file(tensors, str(partial / name))
         _fsync_tree(partial)  # on disk before the rename makes it look whole
         replace_directory(partial, final)
         if save_total_limit:
@@ -44,6 +54,19 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
                     shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def written_whole(target):
+    """Yield ``target.tmp`` to write into; once the block ends it is synced to disk and renamed to ``target`` (an
+    existing one replaced), so a kill leaves ``target`` whole, old or new, or absent, never half-written."""
+    target = Path(target)
+    partial = target.with_name(target.name + ".tmp")
+    if partial.exists():  # left by an interrupted write
+        shutil.rmtree(partial)
+    yield partial
+    _fsync_tree(partial)
+    replace_directory(partial, target)
 
 
 def replace_directory(new, target):
@@ -86,11 +109,14 @@ def completed_checkpoints(output_dir):
 
 
 def resolve_checkpoint(resume_from, output_dir):
-    """``latest`` -> newest complete checkpoint in output_dir (None if there is none); else the path."""
+    """``latest`` -> newest complete checkpoint in output_dir (None, said on stdout, if there is none); else the
+    path."""
     if resume_from is None:
         return None
     if resume_from == "latest":
         checkpoints = completed_checkpoints(output_dir)
+        if not checkpoints and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}: starting at step 0", flush=True)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from)
     if not (path / TRAINER_STATE).exists():
@@ -131,7 +157,40 @@ def check_resumable(path, data_order, num_processes, schedule=None):
                if not (path / f"random_states_{rank}.pkl").exists()]
     if missing:
         raise UsageError(f"{path}: missing {', '.join(missing)} (each process's random state)")
+    check_checkpoint_files(path)
     return state
+
+
+def check_checkpoint_files(path):
+    """Refuse a checkpoint with a truncated or damaged file (named), or with a pickle of arbitrary objects.
+
+    Which files are trusted: accelerate loads the weights (safetensors), the optimizer, scheduler, sampler and
+    random states with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only.
+    ``custom_checkpoint_<n>.pkl`` (``register_for_checkpointing``) is unpickled with ``weights_only=False``, so
+    it could run code: these scripts never write one (the DHNM state is a safetensors file), and a checkpoint
+    holding one is refused unread.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    pickles = sorted(p.name for p in Path(path).glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise UsageError(f"{path}: holds {', '.join(pickles)}, a pickle that resuming would unpickle (it could run "
+                         "code); the training scripts never write one: resume only from checkpoints they wrote")
+    for file in sorted(Path(path).rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix in (".bin", ".pt", ".pkl"):
+                with zipfile.ZipFile(file) as archive:  # torch.save's format; a truncated file has no directory
+                    damaged = archive.testzip()
+                if damaged:
+                    raise ValueError(f"damaged entry {damaged}")
+        except Exception as error:  # noqa: BLE001 - every reader error means the same: this file is damaged
+            raise UsageError(f"{file}: damaged or truncated ({str(error).splitlines()[0]}); resume from an earlier "
+                             "checkpoint") from None
 
 
 def _differences(saved, current, name=""):

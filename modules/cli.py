@@ -23,8 +23,25 @@ def run_cli(main):
     try:
         main()
     except UsageError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+        line = f"{Path(sys.argv[0]).name}: error: {error}"
+        print(line, file=sys.stderr, flush=True)
+        report_to_launcher(line)
         sys.exit(2)
+
+
+def report_to_launcher(line):
+    """Under ``accelerate launch --multi_gpu`` (torch elastic), hand the error line to the launcher through the
+    worker's error file: its failure report then shows the line as the root cause instead of "To enable
+    traceback see ...", as the report's last line (``accelerate launch -q`` prints nothing else)."""
+    import json
+    import os
+    import time
+
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not os.path.exists(error_file):
+        with open(error_file, "w") as handle:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, handle)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -6,12 +6,14 @@ Record kinds (one kind per dataset, from a ``type`` column or the meta list):
   cosent          text, text_pair, label (number)
 
 Every record is checked when the data is loaded, so bad input stops the run before step one with
-the file and line named, never mid-run.
+the file and line named, never mid-run; under --skip_bad_records a record that is bad on its own
+(``BadRecord``: invalid JSON, a missing, non-text or empty text column) is skipped and counted instead.
 """
 
 import gzip
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,32 @@ from .flags import META_LINE
 
 TASK_KINDS = ("retri_contrast", "cls_contrast", "cosent")
 CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")
+
+
+class BadRecord(DataError):
+    """A record that is bad on its own (invalid JSON, a missing, non-text or empty text): refused, or skipped under
+    --skip_bad_records. The message is built only when shown, so skipping costs no line count (see streaming)."""
+
+    def __init__(self, where, problem):
+        super().__init__(where, problem)
+
+    def __str__(self):
+        return f"{self.args[0]}: {self.args[1]}"
+
+
+@dataclass
+class SkippedRecords:
+    """How many bad records were skipped, and the first one's error."""
+
+    count: int = 0
+    first: str = ""
+
+    def add(self, error):
+        self.count += 1
+        self.first = self.first or str(error)
+
+    def line(self, name):
+        return f"skipped {self.count} bad record{'s' * (self.count != 1)} of {name} (first: {self.first})"
 
 
 # --------------------------------------------------------------------------- meta lists
@@ -49,8 +77,8 @@ def iter_meta_lines(meta_file, root_dir, expected):
         raise DataError(f"meta list {meta_file} does not exist")
     root = Path(root_dir) if root_dir is not None else meta_file.parent
     found = False
-    for line_no, line in enumerate(meta_file.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
+    for line_no, line in enumerate(meta_file.read_bytes().splitlines(), start=1):
+        line = decode_line(line, f"{meta_file}:{line_no}").split("#", 1)[0].strip()
         if not line:
             continue
         fields = line.split()
@@ -102,7 +130,7 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
             elif key == "batch_size":
                 entry.batch_size = _positive_int(value, where, "batch_size")
             elif key == "weight":
-                entry.weight = _positive_float(value, where, "weight")
+                entry.weight = positive_number(value, where, "weight")
             elif key == "name" and value:
                 entry.name = value
             else:
@@ -124,7 +152,8 @@ def _strip_suffix(file_name):
     return Path(file_name).stem
 
 
-def _positive_float(text, where, name):
+def positive_number(text, where, name):
+    """A meta-list number > 0 and finite (an infinite weight would make every probability NaN)."""
     try:
         value = float(text)
     except ValueError:
@@ -175,51 +204,84 @@ def iter_raw_records(path: Path, on_invalid_json=None):
                 yield f"{path} row {row_no}", record
                 row_no += 1
     elif path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")
-                except DataError as error:
-                    if on_invalid_json is None:
-                        raise
-                    on_invalid_json(error)
+        for line_no, line in iter_file_lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")
+            except BadRecord as error:
+                if on_invalid_json is None:
+                    raise
+                on_invalid_json(error)
     else:
         raise DataError(f"{path}: unsupported format; use .jsonl, .jsonl.gz, .parquet or a saved datasets directory")
 
 
-def parse_json_line(line, where):
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def iter_file_lines(path):
+    """Yield (line number, bytes) of a text file, through gzip for ``.gz``; a truncated or corrupt ``.gz`` is one
+    DataError naming the file and its last whole line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    line_no = 0
     try:
-        return json.loads(line)
+        with opener(path, "rb") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                yield line_no, line
+    except GZIP_ERRORS as error:
+        raise DataError(f"{path}: truncated or corrupt gzip file, unreadable after line {line_no} ({error})") from None
+
+
+def decode_line(line: bytes, where):
+    """A line of a data file or meta list as text, a UTF-8 BOM dropped (Windows editors write one); bytes that are
+    not UTF-8 are refused naming the line, never replaced (a latin-1 file would train on garbled text)."""
+    try:
+        return line.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); convert "
+                        "the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def parse_json_line(line: bytes, where):
+    try:
+        return json.loads(decode_line(line, where))
     except json.JSONDecodeError as error:
-        raise DataError(f"{where}: invalid JSON ({error.msg})") from None
+        raise BadRecord(where, f"invalid JSON ({error.msg})") from None
 
 
 def text_column(record, column, where):
     """A record's string column; anything else is a DataError naming the file and line."""
     value = record.get(column)
     if not isinstance(value, str):
-        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+        raise BadRecord(where, f"column {column!r} must be a string, got {type(value).__name__}")
     return value
 
 
-def _text_list(record, column, where, allow_empty):
+def nonempty_text(text, what, where):
+    """``text`` unless it is empty or only whitespace (``what``: "'text_pair'", for the message)."""
+    if not text or text.isspace():  # (no copy of a huge text, unlike strip)
+        raise BadRecord(where, f"empty {what}")
+    return text
+
+
+def _text_list(record, column, where):
     value = record.get(column)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{where}: column {column!r} must be a string or a list of strings")
-    if not value and not allow_empty:
-        raise DataError(f"{where}: column {column!r} is empty")
-    return value
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(v, str) for v in texts):
+        raise BadRecord(where, f"column {column!r} must be a string or a list of strings")
+    if not texts:
+        raise BadRecord(where, f"column {column!r} is empty")
+    for number, text in enumerate(texts, start=1):
+        nonempty_text(text, repr(column) if isinstance(value, str) else f"{column!r} (item {number} of {len(texts)})",
+                      where)
+    return texts
 
 
 def _number(record, column, where):
     value = record.get(column)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: column {column!r} must be a number, got {value!r}")
+        raise BadRecord(where, f"column {column!r} must be a number, got {value!r}")
     return float(value)
 
 
@@ -230,16 +292,16 @@ def parse_record(record, kind, where, negatives_needed=0, corpus_root=None):
     """
     needs_negatives = negatives_needed > 0
     if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        raise BadRecord(where, f"a record must be a JSON object, got {type(record).__name__}")
     for column in REQUIRED_COLUMNS[kind](needs_negatives):
         if column not in record or record[column] is None:
-            raise DataError(f"{where}: missing column {column!r} for type {kind}")
+            raise BadRecord(where, f"missing column {column!r} for type {kind}")
     if kind == "cosent":
-        return {"text": text_column(record, "text", where), "text_pair": text_column(record, "text_pair", where),
+        return {"text": _training_text(record, "text", where), "text_pair": _training_text(record, "text_pair", where),
                 "label": _number(record, "label", where)}
-    parsed = {"text": text_column(record, "text", where), "text_pos": _text_list(record, "text_pos", where, False)}
+    parsed = {"text": _training_text(record, "text", where), "text_pos": _text_list(record, "text_pos", where)}
     if needs_negatives:
-        parsed["text_neg"] = _text_list(record, "text_neg", where, allow_empty=False)
+        parsed["text_neg"] = _text_list(record, "text_neg", where)
     if kind == "retri_contrast" and ("candidates" in record or "candidate_ids" in record):
         parsed.update(_mined_candidates(record, where, Path(corpus_root or ".")))
     if needs_negatives and len(parsed["text_neg"]) < negatives_needed:
@@ -249,11 +311,15 @@ def parse_record(record, kind, where, negatives_needed=0, corpus_root=None):
     return parsed
 
 
+def _training_text(record, column, where):
+    return nonempty_text(text_column(record, column, where), repr(column), where)
+
+
 def _mined_candidates(record, where, corpus_root):
     """The ranked list tools/mine_hard_negatives.py writes, which dynamic hard-negative mining draws from:
     corpus ids (``candidate_ids``, texts read from the ``corpus`` file) or, in older files, the texts (``candidates``)."""
     if "candidates" in record:
-        candidates = _text_list(record, "candidates", where, allow_empty=False)
+        candidates = _text_list(record, "candidates", where)
     else:
         from .corpus import corpus_candidates  # corpus.py reads its files with this module's readers
 
@@ -285,16 +351,18 @@ class TaskDataset:
     source: str = ""  # "meta.txt:3"
     path: Path | None = None
     weight: float | None = None  # share of an epoch's batches (relative); None: follows size x repeat
+    skipped: SkippedRecords = field(default_factory=SkippedRecords)  # under --skip_bad_records
 
     def __len__(self):
         return len(self.records)
 
 
-def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict) -> TaskDataset:
-    """Read and check every record of one meta-list entry."""
+def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict, skip_bad=False) -> TaskDataset:
+    """Read and check every record of one meta-list entry; ``skip_bad``: skip and count every BadRecord (a record
+    with one empty negative among many is skipped whole: its pool would otherwise differ from what the file says)."""
     kind = entry.kind
-    records = []
-    for where, raw in iter_raw_records(entry.path):
+    records, skipped = [], SkippedRecords()
+    for where, raw in iter_raw_records(entry.path, skipped.add if skip_bad else None):
         record_kind = raw.get("type") if isinstance(raw, dict) else None
         if record_kind is not None:
             if record_kind not in TASK_KINDS:
@@ -305,16 +373,27 @@ def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict) -> TaskDataset
                 raise DataError(f"{where}: type {record_kind!r} but the dataset is {kind!r} ({entry.source})")
         if kind is None:
             raise DataError(f"{where}: no 'type' column and no type=KIND in the meta list ({entry.source})")
-        records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0), entry.path.parent))
+        try:
+            records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0), entry.path.parent))
+        except BadRecord as error:
+            if not skip_bad:
+                raise
+            skipped.add(error)
     if not records:
-        raise DataError(f"{entry.path}: empty dataset ({entry.source})")
+        raise DataError(f"{entry.path}: empty dataset ({entry.source})"
+                        + (f"; every record was bad: {skipped.line(entry.path)}" if skipped.count else ""))
     return TaskDataset(entry.name or entry.path.name, kind, records, entry.repeat, entry.batch_size, entry.source,
-                       entry.path, entry.weight)
+                       entry.path, entry.weight, skipped)
 
 
-def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None) -> list[TaskDataset]:
+def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None, skip_bad=False) -> list[TaskDataset]:
     negatives_per_kind = negatives_per_kind or {}
-    return [load_task_dataset(entry, negatives_per_kind) for entry in read_meta_list(meta_file, root_dir)]
+    return [load_task_dataset(entry, negatives_per_kind, skip_bad) for entry in read_meta_list(meta_file, root_dir)]
+
+
+def skipped_record_lines(datasets):
+    """One start-up line for each dataset that had bad records skipped (--skip_bad_records)."""
+    return [d.skipped.line(d.name) for d in datasets if d.skipped.count]
 
 
 # --------------------------------------------------------------------------- batches
@@ -581,8 +660,22 @@ class TaskCollator:
         return self.query_prefix if isinstance(self.query_prefix, str) else self.query_prefix.get(dataset_name, "")
 
     def _tokenize(self, texts, length_key):
-        return dict(self.tokenizer(texts, padding=True, truncation=True,
-                                   max_length=self.max_length[length_key], return_tensors="pt"))
+        return tokenize(self.tokenizer, texts, self.max_length[length_key])
+
+
+# A fast tokenizer reads a whole text (and allocates its offsets) before truncating: one 50 MB record cost 7.3 GB and
+# 95 s in one step. So each text is first cut to this many characters per token of the max length. The cut can only
+# change the ids if a text's first max_length tokens average more than 128 characters each; ordinary text averages
+# 1 (CJK) to 6 (English) and vocabulary entries are mostly far shorter, so only a text made mostly of whitespace or
+# of 100+-character "words" (one [UNK] each in WordPiece) could lose tokens to it.
+MAX_CHARS_PER_TOKEN = 128
+
+
+def tokenize(tokenizer, texts, max_length):
+    """Padded, truncated tensors of ``texts``, each cut to ``max_length * MAX_CHARS_PER_TOKEN`` characters first."""
+    budget = max_length * MAX_CHARS_PER_TOKEN
+    return dict(tokenizer([text[:budget] for text in texts], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt"))
 
 
 def read_query_prefixes(path, dataset_names, flag="--query_prefix_file"):

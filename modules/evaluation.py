@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from .cli import UsageError
+from .data import tokenize
 
 
 def load_sts_pairs(path):
@@ -35,8 +36,8 @@ def embed_texts(model, tokenizer, texts, max_length, batch_size=64, normalize=Tr
     chunks = []
     for start in range(0, len(order), batch_size):
         batch_texts = [texts[i] for i in order[start : start + batch_size]]
-        tokens = tokenizer(batch_texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        chunks.append(model(**tokens.to(device)).float().cpu())
+        tokens = tokenize(tokenizer, batch_texts, max_length)  # each text cut to a character budget first
+        chunks.append(model(**{name: tensor.to(device) for name, tensor in tokens.items()}).float().cpu())
     model.train(was_training)
     embeddings = torch.cat(chunks)[torch.argsort(torch.tensor(order))]
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
@@ -169,6 +170,13 @@ class DevSets:
 
     def __bool__(self):
         return self.sts_pairs is not None or bool(self.tasks)
+
+    def length_roles(self):
+        """The max lengths scoring uses: "pair" for STS and pair classification, "query" and "passage" for retrieval."""
+        roles = {"pair"} if self.sts_pairs is not None else set()
+        for task in self.tasks:
+            roles |= {"query", "passage"} if task.type == "Retrieval" else {"pair"}
+        return roles
 
     def metric_names(self):
         per_type = {"STS": ["cosine_spearman"], "PairClassification": ["cosine_accuracy", "cosine_ap"],

@@ -18,7 +18,6 @@ tools/export_checkpoint.py puts the two together. The layouts accelerate's ``sav
 import argparse
 import importlib
 import json
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -178,8 +177,9 @@ def checked_step(checkpoint, out, overwrite):
 
 def export_checkpoint(checkpoint, out, no_wise_ft, step):
     """Write OUT with a model card; returns (kind of checkpoint, training script, run args, whether WiSE-FT averaged)."""
-    from .checkpoints import replace_directory
+    from .checkpoints import written_whole
     from .model_card import write_model_card
+    from .nonfinite import check_finite_weights
     from .outputs import final_weights
 
     read_run_config(checkpoint.parent)  # a missing config is reported before the weights are read
@@ -188,10 +188,8 @@ def export_checkpoint(checkpoint, out, no_wise_ft, step):
     wise_ft = run_args.wise_ft_alpha < 1 and not no_wise_ft
     weights, _ = final_weights(matching_weights(weights, model, checkpoint), run_args, wise_ft)
 
-    partial = out.with_name(out.name + ".tmp")
-    if partial.exists():  # left by an interrupted export
-        shutil.rmtree(partial)
-    model.save_pretrained(partial, state_dict=weights)
-    write_model_card(partial, run_args, {"steps": step})
-    replace_directory(partial, out)
+    check_finite_weights(weights, str(checkpoint))
+    with written_whole(out) as partial:
+        model.save_pretrained(partial, state_dict=weights)
+        write_model_card(partial, run_args, {"steps": step})
     return kind, script, run_args, wise_ft

@@ -1,4 +1,4 @@
-"""Flags and choices the training scripts share. Imports nothing heavy, so ``--help`` and flag errors answer
+"""Flags and choices the training scripts share, and the ranges that keep their math defined. Imports nothing heavy, so ``--help`` and flag errors answer
 at once; the modules that use a choice (model.py, position.py, llm.py) take its names from here."""
 
 from pathlib import Path
@@ -46,6 +46,68 @@ def add_output_arguments(parser):
                    help="final/ from the best checkpoint instead of the last step (implies --keep_best)")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest checkpoint in --output_dir; none: start) or a checkpoint directory")
+    g.add_argument("--timeout_minutes", type=float, default=30,
+                   help="how long processes wait for each other in a collective before the run fails (a paused or "
+                        "dead process)")
+
+
+# The ranges of numeric flags (any script that has the flag): outside them the loss, the schedule or the
+# checkpoints are undefined or empty, and a run would train NaN or nothing and still end "successfully".
+AT_LEAST_ONE = ("retri_batch_size", "cls_batch_size", "cosent_batch_size", "batch_size", "grad_accum", "epochs",
+                "save_total_limit", "query_max_len", "passage_max_len", "pair_max_len", "max_length", "scaling_dim",
+                "length_buckets", "dhnm_interval", "shuffle_chunk", "block_mb", "loss_chunk_size", "lora_r",
+                "log_every")
+AT_LEAST_ZERO = ("lr", "scaling_lr", "weight_decay", "max_grad_norm", "retri_weight", "cls_weight", "cosent_weight",
+                 "cbb_beta", "save_every", "eval_every", "num_workers", "retri_negatives", "dhnm_skip", "lora_dropout",
+                 "mini_batch_size", "warmup_steps")
+ABOVE_ZERO = ("retri_temperature", "cls_temperature", "cosent_temperature", "temperature", "timeout_minutes",
+              "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor")
+FRACTIONS = ("warmup_ratio",)
+
+
+def check_ranges(parser, args):
+    """Refuse a numeric flag outside its range (NaN and infinity included), and flag lists that give the loss
+    no weight: one line naming the flag, exit 2, before anything is loaded."""
+    import math
+
+    def given(name):
+        value = getattr(args, name, None)
+        return value is not None and not isinstance(value, bool)
+
+    for names, holds, wanted in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (AT_LEAST_ZERO, lambda v: v >= 0, ">= 0"),
+                                 (ABOVE_ZERO, lambda v: v > 0, "> 0"), (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in filter(given, names):
+            value = getattr(args, name)
+            if not (math.isfinite(value) and holds(value)):
+                parser.error(f"--{name} must be {wanted}, got {value}")
+    task_weights = [getattr(args, f"{kind}_weight", None) for kind in ("retri", "cls", "cosent")]
+    if None not in task_weights and not any(task_weights):
+        parser.error("the loss weights are all 0 (--retri_weight, --cls_weight, --cosent_weight): nothing would train")
+    if getattr(args, "mrl_dims", None) is not None:
+        check_matryoshka_flags(parser, args.mrl_dims, args.mrl_weights)
+
+
+def check_matryoshka_flags(parser, dims, weights):
+    """--mrl_dims ('piccolo' or positive integers) and --mrl_weights (one per dim, >= 0, not all 0); that the dims
+    fit the model's output is checked once it is loaded (modules.losses.matryoshka_from_flags)."""
+    import math
+
+    if dims and dims != "piccolo":
+        try:
+            values = [int(d) for d in dims.split(",")]
+        except ValueError:
+            parser.error(f"--mrl_dims {dims}: expected 'piccolo' or a comma list of integers")
+        if min(values) < 1:
+            parser.error(f"--mrl_dims {dims}: every dim must be >= 1")
+    if weights and not dims:
+        parser.error("--mrl_weights needs --mrl_dims")
+    if weights:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            parser.error(f"--mrl_weights {weights}: expected a comma list of numbers")
+        if not all(math.isfinite(w) and w >= 0 for w in values) or not any(values):
+            parser.error(f"--mrl_weights {weights}: weights must be >= 0 and not all 0")
 
 
 def check_output_arguments(parser, args):
@@ -57,8 +119,7 @@ def check_output_arguments(parser, args):
     if args.metric_for_best and not (args.eval_every > 0 and (args.eval_sts_file or args.eval_dir)):
         parser.error("--metric_for_best needs dev data (--eval_dir / --eval_sts_file) and --eval_every N")
     args.keep_best = args.keep_best or args.final_is_best
-    if args.log_every < 1:
-        parser.error(f"--log_every must be >= 1, got {args.log_every}")
+    check_ranges(parser, args)
     trackers = [t.strip() for t in args.report_to.split(",") if t.strip()]
     unknown = [t for t in trackers if t not in (*TRACKERS, "all", "none")]
     if unknown or not trackers or (len(trackers) > 1 and {"all", "none"} & set(trackers)):

@@ -17,18 +17,19 @@ loads with the same tokenizer (EOS, left padding), so it embeds exactly as the t
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel
 
 from .cli import UsageError
 from .flags import ROPE_SCALINGS
 from .model import (
-    DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, model_load_errors,
-    scaling_layer_for,
+    DTYPES, EmbeddingModel, _read_sentence_transformers_layout, _without_zero3_loading, load_tokenizer,
+    model_load_errors, scaling_layer_for,
 )
 
 ADAPTER_DIR = "adapter"
@@ -103,6 +104,10 @@ def instruction_prompts(template, tasks, default_task=None):
     read as a newline. Documents get no prompt (E5-mistral).
     """
     template = template.replace("\\n", "\n")
+    unknown = sorted(set(re.findall(r"\{(\w*)\}", template)) - {"task", "text"})
+    if unknown:
+        raise LLMSetupError(f"--instruction_template {template!r}: unknown field {{{unknown[0]}}}; the fields are "
+                            "{task} and {text}")
     if "{task}" not in template:
         raise LLMSetupError(f"--instruction_template {template!r} has no {{task}}")
     if "{text}" in template and not template.endswith("{text}"):
@@ -199,8 +204,7 @@ class LLMEmbeddingModel(EmbeddingModel):
             kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
             backbone = AutoModel.from_pretrained(st["transformer_path"], config=config, dtype=DTYPES[dtype],
                                                  trust_remote_code=trust_remote_code, **kwargs)
-            tokenizer = append_eos(AutoTokenizer.from_pretrained(st["transformer_path"],
-                                                                 trust_remote_code=trust_remote_code))
+            tokenizer = append_eos(load_tokenizer(st["transformer_path"], trust_remote_code=trust_remote_code))
         try:
             scaling_layer = scaling_layer_for(st, scaling_dim, config.hidden_size, path, backbone.dtype)
         except ValueError as error:  # the command line prints LLMSetupError without a traceback

@@ -19,12 +19,15 @@ the negatives have become easy, and the i-th replacement takes the candidates ra
 """
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from modules.data import DataError
 from modules.progress import StageProgress
+
+DHNM_STATE = "dhnm_state.safetensors"
 
 # --------------------------------------------------------------------------- offline mining
 
@@ -129,7 +132,7 @@ class MiningState:
     Per dataset: the ranks of each record's current negatives [records, n], their score S0 when
     chosen, and the replacement count i. The records' ``text_neg`` always mirror the ranks, so the
     collator needs nothing new. ``state_dict`` / ``load_state_dict`` let
-    ``accelerator.register_for_checkpointing`` save it with every checkpoint.
+    ``checkpoint_files`` / ``load_checkpoint_files`` keep it in every checkpoint as safetensors.
     """
 
     def __init__(self, datasets):
@@ -170,6 +173,22 @@ class MiningState:
 
     def state_dict(self):
         return {"ranks": self.ranks, "initial_scores": self.initial_scores, "replacements": self.replacements}
+
+    def checkpoint_files(self):
+        """{file name: tensors} the checkpoint holds (safetensors: nothing is unpickled on resume)."""
+        return {DHNM_STATE: {f"{key}.{index}": tensor.contiguous() for key, by_dataset in self.state_dict().items()
+                             for index, tensor in by_dataset.items()}}
+
+    def load_checkpoint_files(self, checkpoint):
+        from safetensors.torch import load_file
+
+        file = Path(checkpoint) / DHNM_STATE
+        if not file.is_file():
+            raise DataError(f"{checkpoint}: no {DHNM_STATE}; it was not saved by a --dhnm run of this version")
+        tensors = load_file(str(file))
+        state = {key: {index: tensors[f"{key}.{index}"] for index in self.datasets}
+                 for key in ("ranks", "initial_scores", "replacements")}
+        self.load_state_dict(state)
 
     def load_state_dict(self, state):
         self.ranks, self.initial_scores = state["ranks"], state["initial_scores"]

@@ -125,8 +125,8 @@ class EmbeddingModel(nn.Module):
         """
         with model_load_errors(path):
             st = _read_sentence_transformers_layout(Path(path))
+            tokenizer = load_tokenizer(st["transformer_path"])
             backbone = AutoModel.from_pretrained(st["transformer_path"], dtype=dtype, **model_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(st["transformer_path"])
         scaling_layer = scaling_layer_for(st, scaling_dim, backbone.config.hidden_size, path, backbone.dtype)
         return cls(
             backbone,
@@ -213,6 +213,23 @@ def model_load_errors(path):
         raise
     except (OSError, ValueError, KeyError) as error:
         raise UsageError(f"model {path}: cannot be loaded: {str(error).strip().splitlines()[0]}") from None
+
+
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "vocab.model")
+
+
+def load_tokenizer(folder, **kwargs):
+    """The tokenizer of a model folder, refused when the folder has no vocabulary: transformers would build a
+    tokenizer of special tokens alone, every word would become [UNK], and the run would still succeed."""
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        raise UsageError(f"model {folder}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); copy the "
+                         "tokenizer of the model it was trained from into the folder")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:
+        raise UsageError(f"model {folder}: its tokenizer knows {len(tokenizer)} tokens, only special ones")
+    return tokenizer
 
 
 def scaling_layer_for(layout, scaling_dim, hidden_size, path, backbone_dtype=torch.float32):

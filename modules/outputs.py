@@ -9,7 +9,9 @@ import torch
 from accelerate.utils import DistributedType
 
 from .averaging import interpolate_with_start, start_state_dict
+from .checkpoints import written_whole
 from .model_card import write_model_card
+from .nonfinite import check_finite_weights
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,9 +73,11 @@ def finish_run(accelerator, model, args, summary, eval_history=None):
         if args.wise_ft_alpha < 1:
             print(f"final/ = {args.wise_ft_alpha} x trained + {1 - args.wise_ft_alpha:.3g} x start weights (WiSE-FT)"
                   + (f"; as trained: {', '.join(kept)}" if kept else ""))
+        check_finite_weights(state_dict, "final/")
         final_dir = Path(args.output_dir) / "final"
-        accelerator.unwrap_model(model).save_pretrained(final_dir, state_dict=state_dict)
-        write_model_card(final_dir, args, summary, eval_history)  # over sentence-transformers' blank card
+        with written_whole(final_dir) as partial:  # a kill mid-save leaves final.tmp, never a half final/
+            accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
+            write_model_card(partial, args, summary, eval_history)  # over sentence-transformers' blank card
         (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
         if eval_history:
@@ -97,15 +101,16 @@ def write_run_config(output_dir, args, copy_files=()):
     """Record the command line, every argument and the data lists of a run in its output dir; the first thing
     a run writes there, after emptying it under ``--overwrite_output_dir``."""
     output_dir = Path(output_dir)
+    # read before emptying: a meta list may lie in output_dir itself (a resume with the run's saved copy)
+    copies = {Path(path).name: Path(path).read_bytes() for path in copy_files if path}
     if args.overwrite_output_dir and output_dir.is_dir():
         for path in output_dir.iterdir():
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {"command": sys.argv, "args": {k: v for k, v in vars(args).items()}}
     (output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
-    for path in copy_files:
-        if path:
-            shutil.copy(path, output_dir / Path(path).name)
+    for name, content in copies.items():
+        (output_dir / name).write_bytes(content)
 
 
 def _write_eval_results(args, history, best):

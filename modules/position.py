@@ -28,6 +28,7 @@ References:
 import torch
 from torch import nn
 
+from .cli import UsageError
 from .flags import PE_METHODS
 
 
@@ -69,6 +70,21 @@ def find_position_table(backbone) -> tuple[str, nn.Embedding, int]:
         f"{model_type}: no learned absolute position table (embeddings.position_embeddings) to extend; "
         "models with rotary or relative positions take longer inputs through their own config (e.g. rope_scaling)"
     )
+
+
+def check_lengths_fit(backbone, lengths: dict, remedy="") -> None:
+    """Refuse max-length flags (``{"--passage_max_len": 512}``) beyond a learned position table, at start: the
+    first long batch would otherwise crash the run with a tensor-size error and nothing saved. Backbones
+    without such a table (rotary, relative) are not checked."""
+    try:
+        _, table, offset = find_position_table(backbone)
+    except ValueError:
+        return
+    positions = table.num_embeddings - offset
+    beyond = [f"{flag} {length}" for flag, length in lengths.items() if length > positions]
+    if beyond:
+        raise UsageError(f"{', '.join(beyond)}: the model has {positions} positions; lower it to <= {positions}"
+                         + remedy)
 
 
 def extend_position_embeddings(backbone, max_length: int, method: str = "hierarchical", alpha: float = 0.4,

@@ -21,10 +21,13 @@ draws from the same source at every step with no communication, and a resumed ru
 same sequence. A record whose query or positive text is already in the batch is held back for the
 next batch of that source (duplicates are false negatives in in-batch InfoNCE); held-back records
 are part of the saved position, so nothing is lost.
+
+A record is checked when it is taken (JSON lines are parsed then, not when read): a bad one stops the
+run naming its file and line, or under --skip_bad_records is skipped and counted. A skipped record
+is a record taken, so a resumed run skips exactly the same ones.
 """
 
 import glob as globbing
-import gzip
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.data import DataError, assign_dataset_names, iter_meta_lines, parse_json_line
+from modules.data import (
+    BadRecord, DataError, SkippedRecords, assign_dataset_names, iter_file_lines, iter_meta_lines, nonempty_text,
+    parse_json_line, positive_number, tokenize,
+)
 from modules.flags import PRETRAIN_META_LINE
 
 PAIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -54,12 +60,7 @@ def read_pretrain_meta_list(meta_file, root_dir=None) -> list:
     sources = []
     for where, root, fields in iter_meta_lines(meta_file, root_dir, PRETRAIN_META_LINE):
         files = _expand(fields[0], root, where)
-        try:
-            weight = float(fields[1])
-        except ValueError:
-            raise DataError(f"{where}: weight must be a number, got {fields[1]!r}") from None
-        if not weight > 0:
-            raise DataError(f"{where}: weight must be > 0, got {weight}")
+        weight = positive_number(fields[1], where, "weight")
         path = Path(fields[0]) if Path(fields[0]).is_absolute() else root / fields[0]
         source = PairSource(None, files, weight, source=where, path=path)
         for option in fields[2:]:
@@ -117,8 +118,25 @@ def list_blocks(files, block_bytes):
     return blocks
 
 
+@dataclass(frozen=True)
+class LineAt:
+    """Where a JSONL record of a block starts; shown as ``file:line``, the line counted only when a message is
+    shown (a block knows its byte offset, not its first line number)."""
+
+    path: str
+    offset: int
+
+    def __str__(self):
+        newlines, left = 0, self.offset
+        with open(self.path, "rb") as handle:
+            while left > 0 and (part := handle.read(min(left, 1 << 24))):
+                newlines, left = newlines + part.count(b"\n"), left - len(part)
+        return f"{self.path}:{newlines + 1}"
+
+
 def read_chunks(block, position, chunk_size):
-    """Yield (chunk position, [(where, raw record)]) from ``position`` on, ``chunk_size`` records a chunk.
+    """Yield (chunk position, [(where, raw record)]) from ``position`` on, ``chunk_size`` records a chunk; a raw
+    record is a parquet row (dict) or a JSON line (bytes, parsed when taken).
 
     A position is a byte offset (JSONL), a row in the row group (parquet) or a line (gz); a chunk's
     position is where reading must start to get that chunk again.
@@ -151,8 +169,7 @@ def _jsonl_chunks(path, offset, end, at_line_start, chunk_size):
                 continue
             if not chunk:
                 chunk_position = line_start
-            where = f"{path} at byte {line_start}"
-            chunk.append((where, parse_json_line(line.decode("utf-8", errors="replace"), where)))
+            chunk.append((LineAt(path, line_start), line))
             if len(chunk) == chunk_size:
                 yield chunk_position, chunk
                 chunk = []
@@ -161,20 +178,19 @@ def _jsonl_chunks(path, offset, end, at_line_start, chunk_size):
 
 
 def _gzip_chunks(path, first_line, chunk_size):
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        chunk, chunk_position = [], first_line
-        for line_no, line in enumerate(handle):
-            if line_no < first_line or not line.strip():
-                continue
-            if not chunk:
-                chunk_position = line_no
-            where = f"{path}:{line_no + 1}"
-            chunk.append((where, parse_json_line(line, where)))
-            if len(chunk) == chunk_size:
-                yield chunk_position, chunk
-                chunk = []
-        if chunk:
+    """``first_line`` and the chunk positions count lines from 0."""
+    chunk, chunk_position = [], first_line
+    for line_no, line in iter_file_lines(path):
+        if line_no <= first_line or not line.strip():
+            continue
+        if not chunk:
+            chunk_position = line_no - 1
+        chunk.append((f"{path}:{line_no}", line))
+        if len(chunk) == chunk_size:
             yield chunk_position, chunk
+            chunk = []
+    if chunk:
+        yield chunk_position, chunk
 
 
 def _parquet_chunks(path, group, first_row, chunk_size):
@@ -189,18 +205,25 @@ def _parquet_chunks(path, group, first_row, chunk_size):
 def parse_pair(raw, columns, where):
     """A raw record -> (query, positive); a list positive takes its first item."""
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+        raise BadRecord(where, f"a record must be a JSON object, got {type(raw).__name__}")
     texts = []
     for column in columns:
         value = raw.get(column)
         if value is None:
-            raise DataError(f"{where}: missing column {column!r}")
+            raise BadRecord(where, f"missing column {column!r}")
         if isinstance(value, list) and value and isinstance(value[0], str):
             value = value[0]
         if not isinstance(value, str):
-            raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+            raise BadRecord(where, f"column {column!r} must be a string, got {type(value).__name__}")
         texts.append(value)
     return tuple(texts)
+
+
+def training_pair(raw, columns, where):
+    """A taken record (a parquet row or a JSON line) -> (query, positive), both texts non-empty."""
+    record = parse_json_line(raw, where) if isinstance(raw, bytes) else raw
+    return tuple(nonempty_text(text, repr(column), where) for text, column in zip(parse_pair(record, columns, where),
+                                                                                   columns))
 
 
 # --------------------------------------------------------------------------- one source, one rank
@@ -209,7 +232,8 @@ def parse_pair(raw, columns, where):
 class SourceStream:
     """This rank's endless, shuffled stream of (query, positive) pairs from one source."""
 
-    def __init__(self, source: PairSource, source_index, seed, rank, world_size, chunk_size, block_bytes, state=None):
+    def __init__(self, source: PairSource, source_index, seed, rank, world_size, chunk_size, block_bytes, state=None,
+                 skip_bad=False):
         self.source, self.source_index, self.seed = source, source_index, seed
         self.rank, self.world_size, self.chunk_size = rank, world_size, chunk_size
         self.blocks = list_blocks(source.files, block_bytes)
@@ -217,11 +241,14 @@ class SourceStream:
         state = state or {"epoch": 0, "block": 0, "chunk_position": None, "taken": 0, "held_back": []}
         self.epoch, self.block = state["epoch"], state["block"]
         self.held_back = deque(tuple(pair) for pair in state["held_back"])
+        self.skip_bad = skip_bad
+        self.skipped = SkippedRecords(state.get("skipped", 0), state.get("first_skipped", ""))
         self._open(state["chunk_position"], state["taken"])
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "block": self.block, "chunk_position": self.chunk_position,
-                "taken": self.taken, "held_back": [list(pair) for pair in self.held_back]}
+                "taken": self.taken, "held_back": [list(pair) for pair in self.held_back],
+                "skipped": self.skipped.count, "first_skipped": self.skipped.first}
 
     def _my_blocks(self, epoch):
         order = np.random.default_rng([self.seed, self.source_index, epoch]).permutation(len(self.blocks))
@@ -257,6 +284,21 @@ class SourceStream:
     def next_pair(self):
         if self.held_back:
             return self.held_back.popleft()
+        first_epoch = self.epoch
+        while True:
+            where, raw = self._take()
+            try:
+                return training_pair(raw, self.source.columns, where)
+            except BadRecord as error:
+                if not self.skip_bad:
+                    raise
+                self.skipped.add(error)
+            if self.epoch > first_epoch + 1:  # a whole epoch of this rank's records went by, every one bad
+                raise DataError(f"{self.source.source}: every record rank {self.rank} reads is bad; "
+                                f"{self.skipped.line(self.source.name)}")
+
+    def _take(self):
+        """The next (where, raw record) of this rank's stream, on to the next chunk, block and epoch as needed."""
         empty_blocks = 0
         while self.taken >= len(self.chunk) and not self._next_chunk():
             empty_blocks += 1
@@ -266,9 +308,8 @@ class SourceStream:
             if self.block >= len(self._my_blocks(self.epoch)):
                 self.epoch, self.block = self.epoch + 1, 0
             self._open(None, 0)
-        where, raw = self.chunk[self.taken]
         self.taken += 1
-        return parse_pair(raw, self.source.columns, where)
+        return self.chunk[self.taken - 1]
 
 
 def choose_source(seed, step, weights):
@@ -302,24 +343,33 @@ class PretrainBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, sources, batch_size, tokenizer, max_length, seed, rank=0, world_size=1,
-                 chunk_size=8192, block_bytes=64 << 20, query_prefix="", state=None):
+                 chunk_size=8192, block_bytes=64 << 20, query_prefix="", state=None, skip_bad=False):
         self.sources, self.batch_size, self.tokenizer = sources, batch_size, tokenizer
         self.max_length, self.seed, self.rank, self.world_size = max_length, seed, rank, world_size
         self.chunk_size, self.block_bytes, self.query_prefix = chunk_size, block_bytes, query_prefix
+        self.skip_bad = skip_bad
         self.state = state or {"step": 0, "sources": [None] * len(sources)}
         if len(self.state["sources"]) != len(sources):
             raise DataError(f"the checkpoint's loader state has {len(self.state['sources'])} sources, the meta list "
                             f"{len(sources)}; resume with the meta list the run started with")
 
     def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        try:
+            yield from self._batches(*((worker.id, worker.num_workers) if worker else (0, 1)))
+        except DataError as error:
+            if worker is None:
+                raise
+            yield {"data_error": str(error)}  # raised, it would reach the training process inside a worker traceback
+
+    def _batches(self, worker_id, num_workers):
         streams = [SourceStream(source, i, self.seed, self.rank, self.world_size, self.chunk_size, self.block_bytes,
-                                state) for i, (source, state) in enumerate(zip(self.sources, self.state["sources"]))]
+                                state, self.skip_bad)
+                   for i, (source, state) in enumerate(zip(self.sources, self.state["sources"]))]
         weights = [source.weight for source in self.sources]
         step = self.state["step"]
         # With W DataLoader workers, every worker reads the whole stream (reading is ~50x cheaper than
         # tokenizing) and tokenizes every W-th batch; the DataLoader takes workers in turn, so order holds.
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         while True:
             source_index = choose_source(self.seed, step, weights)
             pairs = take_unique_pairs(streams[source_index], self.batch_size)
@@ -334,5 +384,26 @@ class PretrainBatches(torch.utils.data.IterableDataset):
             }
 
     def _tokenize(self, texts, role):
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length[role],
-                                   return_tensors="pt"))
+        return tokenize(self.tokenizer, texts, self.max_length[role])
+
+
+def checked_batch(batch):
+    """A batch from a PretrainBatches loader; the DataError a loader worker met is raised here, as one line."""
+    if "data_error" in batch:
+        raise DataError(batch["data_error"])
+    return batch
+
+
+def _source_states(loader_state):
+    return [state or {} for state in loader_state["sources"]] if loader_state else []
+
+
+def skipped_record_count(loader_state):
+    """Bad records this process skipped so far (--skip_bad_records), over all sources."""
+    return sum(state.get("skipped", 0) for state in _source_states(loader_state))
+
+
+def skipped_record_lines(sources, loader_state):
+    """'skipped N bad records of NAME (first: ...)' for each source this process skipped records of."""
+    return [SkippedRecords(state["skipped"], state["first_skipped"]).line(source.name)
+            for source, state in zip(sources, _source_states(loader_state)) if state.get("skipped")]

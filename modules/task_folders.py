@@ -127,17 +127,15 @@ def _read_pairs(task, split):
 def _read_retrieval(task, split):
     from .data import iter_raw_records
 
-    corpus = {}
+    corpus, first_seen = {}, {}
     for where, record in iter_raw_records(task.folder / "corpus.jsonl"):
-        doc_id = _record_id(record, where)
-        if doc_id in corpus:
-            raise DataError(f"{where}: document id {doc_id!r} occurs twice")
+        doc_id = _unique_id(record, where, first_seen)
         title, text = record.get("title") or "", record.get("text") or ""
         if not (isinstance(title, str) and isinstance(text, str) and (title + text).strip()):
             raise DataError(f"{where}: a document needs a non-empty 'text' or 'title' (strings)")
         corpus[doc_id] = {"title": title, "text": text}
     qrels_file = task._qrels_file(split)
-    qrels = {}
+    qrels, judged_at = {}, {}
     for line_no, line in enumerate(qrels_file.read_text(encoding="utf-8").splitlines()[1:], start=2):
         if not line.strip():
             continue
@@ -149,20 +147,31 @@ def _read_retrieval(task, split):
             raise DataError(f"{qrels_file}:{line_no}: document {doc_id!r} is not in corpus.jsonl")
         if grade > 0:
             qrels.setdefault(query_id, {})[doc_id] = grade
-    queries = {}
+            judged_at.setdefault(query_id, line_no)
+    queries, first_seen = {}, {}
     for where, record in iter_raw_records(task.folder / "queries.jsonl"):
-        query_id = _record_id(record, where)
+        query_id = _unique_id(record, where, first_seen)
         if query_id in qrels:
             text = record.get("text")
             if not (isinstance(text, str) and text.strip()):
                 raise DataError(f"{where}: 'text' must be a non-empty string")
             queries[query_id] = text
-    unknown = sorted(set(qrels) - set(queries))
+    unknown = sorted(set(qrels) - set(queries), key=judged_at.get)
     if unknown:
-        raise DataError(f"{qrels_file}: queries {unknown[:3]} are judged but not in queries.jsonl")
+        raise DataError(f"{qrels_file}:{judged_at[unknown[0]]}: query {unknown[0]!r} is not in queries.jsonl"
+                        + (f" ({len(unknown) - 1} more judged queries are not)" if len(unknown) > 1 else ""))
     if not queries:
         raise DataError(f"{qrels_file}: no query has a relevant document")
     return {"queries": queries, "corpus": corpus, "qrels": qrels}
+
+
+def _unique_id(record, where, first_seen):
+    """The record's id, refused when an earlier record of the file (``first_seen``: id -> where) has it."""
+    record_id = _record_id(record, where)
+    if record_id in first_seen:
+        raise DataError(f"{where}: id {record_id!r} occurs twice (first at {first_seen[record_id]})")
+    first_seen[record_id] = where
+    return record_id
 
 
 def _record_id(record, where):

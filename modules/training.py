@@ -2,6 +2,7 @@
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -11,9 +12,10 @@ from .cli import UsageError
 from .model import name_the_device_for_deepspeed
 
 
-def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.0, report_to=("tensorboard",)):
+def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.0, report_to=("tensorboard",),
+                     timeout_minutes=30):
     """The run's Accelerator: trackers (``--report_to``) writing under output_dir; gloo for multi-process runs
-    on CPU.
+    on CPU; collectives that wait ``timeout_minutes`` for a paused or dead process before the run fails.
 
     Under DeepSpeed, gradients are clipped inside the engine's step (``accelerator.clip_grad_norm_``
     does nothing there) at the config's ``gradient_clipping``, which accelerate turns from "auto"
@@ -32,7 +34,7 @@ def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.
         step_scheduler_with_optimizer=False,  # the scripts step the scheduler once per optimizer step
         log_with=trackers(report_to, output_dir),
         project_dir=output_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
+        kwargs_handlers=[process_group_kwargs(on_cpu, timeout_minutes)] if launched else [],
     )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
@@ -42,6 +44,12 @@ def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.
                              f"{configured}: set it to \"auto\" (the flag decides) or pass the same value")
         plugin.deepspeed_config["gradient_clipping"] = float(max_grad_norm)
     return accelerator
+
+
+def process_group_kwargs(on_cpu, timeout_minutes):
+    """gloo on CPU (the device's own backend otherwise) and --timeout_minutes for every collective."""
+    timeout = timedelta(minutes=timeout_minutes)
+    return InitProcessGroupKwargs(backend="gloo", timeout=timeout) if on_cpu else InitProcessGroupKwargs(timeout=timeout)
 
 
 def trackers(report_to, output_dir):

@@ -6,6 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from modules.data import BalancedBatchSampler, TaskCollator, load_meta_list
 from modules.losses import CoSENT, InfoNCE, Matryoshka
@@ -141,11 +142,11 @@ def test_cbb_with_dhnm_on_two_processes(tiny_bert, tiny_data, tmp_path):
     run(tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["dhnm"]["checks"] == 2 and summary["dhnm"]["checked"] == 8  # the shared queries, counted once
-    assert (tmp_path / "run" / "checkpoint-4" / "custom_checkpoint_0.pkl").exists()
+    assert (tmp_path / "run" / "checkpoint-4" / "dhnm_state.safetensors").exists()
     # stopped at step 2 and resumed == never stopped: weights and mining state
     run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2"))
     assert_same_final_weights(tmp_path / "run", tmp_path / "resumed")
-    full, resumed = (torch.load(tmp_path / run_dir / "checkpoint-4" / "custom_checkpoint_0.pkl", weights_only=False)
+    full, resumed = (load_file(tmp_path / run_dir / "checkpoint-4" / "dhnm_state.safetensors")
                      for run_dir in ("run", "resumed"))
-    for key in ("ranks", "initial_scores", "replacements"):
-        assert torch.equal(full[key][0], resumed[key][0]), key
+    for key in ("ranks.0", "initial_scores.0", "replacements.0"):
+        assert torch.equal(full[key], resumed[key]), key

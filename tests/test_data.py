@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 from modules.data import (
     DataError, EpochBatches, TaskBatchSampler, TaskCollator, build_sampler, load_meta_list, read_meta_list,
@@ -191,9 +192,23 @@ GOOD_STS = {"text": "a", "text_pair": "b", "label": 1.0}
     (None, "", "cosent", r"d.jsonl: empty dataset"),
     (None, '{"text": "a", "text_pair": "b", "label": 1}\n{"text": "a",\n', "cosent", r"d.jsonl:2: invalid JSON"),
     (None, '["a", "b"]\n', "cosent", r"d.jsonl:1: a record must be a JSON object"),
+    # empty or whitespace-only texts: trained on before
+    ([GOOD_STS, {"text": "a", "text_pair": "", "label": 1}], None, "cosent", r"d.jsonl:2: empty 'text_pair'$"),
+    ([{"text": " \t", "text_pair": "b", "label": 1}], None, "cosent", r"d.jsonl:1: empty 'text'$"),
+    ([{"text": "\n", "text_pos": "p", "text_neg": ["n"]}], None, "retri_contrast", r"d.jsonl:1: empty 'text'$"),
+    ([{"text": "q", "text_pos": " ", "text_neg": ["n"]}], None, "retri_contrast", r"d.jsonl:1: empty 'text_pos'$"),
+    ([{"text": "q", "text_pos": ["p", ""], "text_neg": ["n"]}], None, "retri_contrast",
+     r"d.jsonl:1: empty 'text_pos' \(item 2 of 2\)"),
+    ([{"text": "q", "text_pos": "p", "text_neg": ["n", "m", "\u3000"]}], None, "retri_contrast",
+     r"d.jsonl:1: empty 'text_neg' \(item 3 of 3\)"),
+    # bytes that are not UTF-8 (a bare UnicodeDecodeError before, no file named) and a BOM (invalid JSON before)
+    (None, '{"text": "a", "text_pair": "b", "label": 1}\n{"text": "caf\udce9", "text_pair": "b", "label": 1}\n',
+     "cosent", r"d.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\); convert the file to UTF-8"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, records, raw, kind, message):
-    meta = meta_for(tmp_path, "d.jsonl 1" + (f" type={kind}" if kind else ""), records, raw)
+    if raw is not None:  # surrogate escapes stand for raw bytes
+        (tmp_path / "d.jsonl").write_bytes(raw.encode("utf-8", "surrogateescape"))
+    meta = meta_for(tmp_path, "d.jsonl 1" + (f" type={kind}" if kind else ""), records)
     with pytest.raises(DataError, match=message):
         load_meta_list(meta, negatives_per_kind={"retri_contrast": 1})
 
@@ -208,6 +223,8 @@ def test_bad_records_name_file_and_line(tmp_path, records, raw, kind, message):
     ("d.jsonl 1 weight=x", r"meta.txt:1: weight must be a positive number, got 'x'"),
     ("d.jsonl 1 size=2", r"meta.txt:1: unknown option 'size=2'"),
     ("# only a comment", r"lists no datasets"),
+    ("d.jsonl 1 weight=inf", r"meta.txt:1: weight must be a positive number, got inf"),
+    ("d.jsonl 1 weight=nan", r"meta.txt:1: weight must be a positive number, got nan"),
 ])
 def test_bad_meta_lists_name_the_line(tmp_path, line, message):
     meta = meta_for(tmp_path, line, [GOOD_STS])
@@ -274,3 +291,158 @@ def test_pretraining_sources_get_unique_names(tmp_path):
     assert [s.name for s in read_pretrain_meta_list(meta)] == ["pairs", "reddit"]
     meta.write_text("a/pairs.jsonl 1\nb/pairs.jsonl 2\n")
     assert [s.name for s in read_pretrain_meta_list(meta)] == ["a/pairs", "b/pairs"]
+
+
+# ---------------------------------------------------------------- --skip_bad_records, encodings, gzip, huge texts
+
+
+def test_skip_bad_records_skips_whole_records_and_counts_them(tmp_path):
+    """A record with one empty negative among good ones is skipped whole: its pool would otherwise differ from the file."""
+    from modules.data import skipped_record_lines
+
+    good = [{"text": f"q{i}", "text_pos": [f"p{i}"], "text_neg": [f"n{i}", f"m{i}"]} for i in range(5)]
+    lines = [json.dumps(r) for r in good]
+    lines[1:1] = ['{"text": "q", "text_pos": "p", "text_neg": ["n", " "]}', '{"text": "q", "text_pos":']
+    lines[5:5] = ['{"text": "", "text_pos": "p", "text_neg": ["n"]}', '{"text": "q", "text_neg": ["n"]}',
+                  '{"text": "q", "text_pos": 7, "text_neg": ["n"]}', '"a string"']
+    meta = meta_for(tmp_path, "d.jsonl 1 type=retri_contrast name=mixed", raw="\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: empty 'text_neg' \(item 2 of 2\)"):
+        load_meta_list(meta, negatives_per_kind={"retri_contrast": 1})
+    [dataset] = load_meta_list(meta, negatives_per_kind={"retri_contrast": 1}, skip_bad=True)
+    assert [r["text"] for r in dataset.records] == [r["text"] for r in good]
+    assert skipped_record_lines([dataset]) == [
+        f"skipped 6 bad records of mixed (first: {tmp_path / 'd.jsonl'}:2: empty 'text_neg' (item 2 of 2))"]
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"text": "q", "text_pos": "p", "text_neg": ["n"], "type": "cls_contrast"},
+      {"text": "", "text_pair": "p", "label": 1, "type": "cosent"}],
+     r"d.jsonl:2: type 'cosent' but the dataset is 'cls_contrast'"),
+    ([{"text": "", "text_pos": "p", "text_neg": ["n"]}] * 3,
+     r"d.jsonl: empty dataset .*every record was bad: skipped 3 bad records of .*d.jsonl \(first: .*d.jsonl:1: "
+     r"empty 'text'\)"),
+    ([{"text": "q", "text_pos": "p", "text_neg": ["n"]}], r"d.jsonl:1: 1 negatives in 'text_neg', fewer than the 2"),
+])
+def test_skip_bad_records_still_refuses_what_is_not_a_bad_record(tmp_path, records, message):
+    """A dataset of mixed kinds, one left with no record, or negatives fewer than the flags need are the setup's
+    problem, not a record's: skipping them would silently drop a dataset."""
+    meta = meta_for(tmp_path, "d.jsonl 1" + ("" if "type" in records[0] else " type=retri_contrast"), records)
+    with pytest.raises(DataError, match=message):
+        load_meta_list(meta, negatives_per_kind={"retri_contrast": 2, "cls_contrast": 1}, skip_bad=True)
+
+
+def gzip_bytes(text: str, encoding="utf-8"):
+    import gzip
+
+    return gzip.compress(text.encode(encoding))
+
+
+STS_LINES = "".join(json.dumps(dict(GOOD_STS, label=float(i))) + "\n" for i in range(200))
+
+
+@pytest.mark.parametrize("content, message", [
+    (gzip_bytes(STS_LINES + '{"text": "café", "text_pair": "b", "label": 1}\n', "latin-1"),
+     r"d.jsonl.gz:201: not UTF-8 \(byte 0xe9 at column 14\)"),
+    (STS_LINES.encode(), r"d.jsonl.gz: truncated or corrupt gzip file, unreadable after line 0 \(Not a gzipped file"),
+])
+def test_unreadable_gzip_or_non_utf8_names_the_file_and_line(tmp_path, content, message):
+    """A bare UnicodeDecodeError, EOFError or BadGzipFile (a traceback, no file named) before."""
+    (tmp_path / "d.jsonl.gz").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_meta_list(meta_for(tmp_path, "d.jsonl.gz 1 type=cosent"))
+
+
+def test_a_truncated_gzip_file_names_the_file_and_its_last_good_line(tmp_path):
+    import zlib
+
+    cut = gzip_bytes(STS_LINES * 20)[:-300]
+    good_lines = zlib.decompressobj(31).decompress(cut).count(b"\n")
+    (tmp_path / "d.jsonl.gz").write_bytes(cut)
+    with pytest.raises(DataError, match=rf"d.jsonl.gz: truncated or corrupt gzip file, unreadable after line "
+                                        rf"{good_lines} \(Compressed file ended before the end-of-stream marker"):
+        load_meta_list(meta_for(tmp_path, "d.jsonl.gz 1 type=cosent"))
+
+
+def test_meta_list_and_data_saved_with_a_bom_are_read(tmp_path):
+    """Windows Notepad's UTF-8 starts with a BOM: glued to the first path, it "did not exist"."""
+    (tmp_path / "d.jsonl").write_text(STS_LINES, encoding="utf-8-sig")
+    (tmp_path / "meta.txt").write_text("d.jsonl 1 type=cosent\n", encoding="utf-8-sig")
+    assert len(load_meta_list(tmp_path / "meta.txt")[0]) == 200
+    (tmp_path / "meta.txt").write_bytes("# données\nd.jsonl 1 type=cosent\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"meta.txt:1: not UTF-8 \(byte 0xe9 at column 7\)"):
+        read_meta_list(tmp_path / "meta.txt")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_meta_list_inside_the_output_dir_is_kept(tmp_path, overwrite):
+    """Resuming with the meta list a run saved crashed with shutil.SameFileError; --overwrite_output_dir deleted it
+    before copying it."""
+    from argparse import Namespace
+
+    from modules.outputs import write_run_config
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "meta.txt").write_text("d.jsonl 1 type=cosent\n")
+    (output_dir / "old_checkpoint").mkdir()
+    write_run_config(output_dir, Namespace(overwrite_output_dir=overwrite), [str(output_dir / "meta.txt")])
+    assert (output_dir / "meta.txt").read_text() == "d.jsonl 1 type=cosent\n"
+    assert (output_dir / "old_checkpoint").exists() != overwrite and (output_dir / "run_config.json").exists()
+
+
+class RecordingTokenizer:
+    """A tokenizer that notes the length of every text it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, texts, **kwargs):
+        self.lengths += [len(text) for text in texts]
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tmp_path, tiny_bert):
+    """One 50 MB record cost 7.3 GB and 95 s: the tokenizer reads a text whole before truncating it."""
+    from transformers import AutoTokenizer
+
+    from modules.data import MAX_CHARS_PER_TOKEN
+
+    huge = " ".join(f"word{i % 97} déjà 東京 x" for i in range(120_000))  # ~2 MB
+    records = [{"text": "question", "text_pos": huge, "text_neg": ["n"]}, {"text": "q", "text_pos": "p", "text_neg": [huge]}]
+    [dataset] = load_meta_list(meta_for(tmp_path, "d.jsonl 1 type=retri_contrast", records),
+                               negatives_per_kind={"retri_contrast": 1})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    recording = RecordingTokenizer(tokenizer)
+    batch = TaskCollator(recording, {"query": 8, "passage": 48}, {"retri_contrast": 1})(dataset, [0, 1], 0)
+    assert len(huge) > 2_000_000 and max(recording.lengths) == 48 * MAX_CHARS_PER_TOKEN
+    expected = tokenizer([huge], truncation=True, max_length=48, return_tensors="pt")["input_ids"][0]
+    passages = batch["passage"]["input_ids"]  # [positives | negatives]
+    assert torch.equal(passages[0], expected) and torch.equal(passages[3], expected)
+
+
+def finetune_args(tiny_bert, meta, output_dir, *extra):
+    return ["--model_name_or_path", str(tiny_bert), "--meta_list", str(meta), "--output_dir", str(output_dir),
+            "--cosent_batch_size", "4", "--query_max_len", "16", "--passage_max_len", "16", "--pair_max_len", "16",
+            "--max_steps", "1", "--report_to", "none", *extra]
+
+
+def test_fine_tuning_refuses_an_empty_text_in_one_line_or_skips_it(tiny_bert, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import train_finetune
+    from tests.conftest import REPO
+
+    records = [dict(GOOD_STS, label=float(i)) for i in range(8)]
+    records[4]["text_pair"] = " "
+    write_jsonl(tmp_path / "en-stsb" / "train.jsonl", records)
+    (tmp_path / "meta.txt").write_text("en-stsb/train.jsonl 1 type=cosent\n")
+    result = subprocess.run([sys.executable, "train_finetune.py",
+                             *finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "refused")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train_finetune.py: error: {tmp_path / 'en-stsb' / 'train.jsonl'}:5: empty 'text_pair'")
+    train_finetune.main(finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "skipped", "--skip_bad_records"))
+    assert (f"skipped 1 bad record of train (first: {tmp_path / 'en-stsb' / 'train.jsonl'}:5: empty 'text_pair')"
+            in capsys.readouterr().out.splitlines())

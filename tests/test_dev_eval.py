@@ -84,6 +84,24 @@ def test_training_format_pairs_and_bad_folders(tmp_path):
         read_task_folder(folder)
 
 
+@pytest.mark.parametrize("corpus, queries, qrels, message", [
+    (["d1", "d2", "d1"], ["q1"], ["q1\td1\t1"], r"corpus.jsonl:3: id 'd1' occurs twice \(first at .*corpus.jsonl:1\)"),
+    (["d1"], ["q1", "q1"], ["q1\td1\t1"], r"queries.jsonl:2: id 'q1' occurs twice"),
+    (["d1", "d2"], ["q1"], ["q1\td1\t1", "q7\td2\t1", "q8\td2\t1"],
+     r"qrels.tsv:3: query 'q7' is not in queries.jsonl \(1 more judged queries are not\)"),
+    (["d1"], ["q1"], ["q1\td5\t1"], r"qrels.tsv:2: document 'd5' is not in corpus.jsonl"),
+])
+def test_retrieval_folders_with_repeated_ids_or_unknown_judgements_name_the_line(tmp_path, corpus, queries, qrels,
+                                                                                 message):
+    """A repeated id or a judgement of a missing query would change the score silently."""
+    write_jsonl(tmp_path / "corpus.jsonl", [{"_id": d, "text": f"document {d}"} for d in corpus])
+    write_jsonl(tmp_path / "queries.jsonl", [{"_id": q, "text": f"query {q}"} for q in queries])
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{row}\n" for row in qrels))
+    (tmp_path / "task.json").write_text(json.dumps({"name": "Tiny", "type": "Retrieval", "splits": ["test"]}))
+    with pytest.raises(DataError, match=message):
+        read_task_folder(tmp_path).split_data("test")
+
+
 def test_a_run_scores_its_task_folders_and_keeps_the_best_checkpoint(tiny_bert, tiny_data, cranfield_local, tmp_path,
                                                                      monkeypatch):
     """--eval_dir logs nDCG@10 at each evaluation; --keep_best saves and spares the best checkpoint (named in

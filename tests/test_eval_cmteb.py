@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import time
 import sys
@@ -452,7 +453,8 @@ def test_unknown_task_type_and_bad_dims_are_clear_errors():
 
 def test_local_task_keeps_the_real_mteb_class(tmp_path):
     fixtures.write_jsonl(
-        tmp_path / "STSB" / "test.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 1.0}]
+        tmp_path / "STSB" / "test.jsonl",
+        [{"sentence1": "a", "sentence2": "b", "score": 1.0}, {"sentence1": "c", "sentence2": "d", "score": 2.0}],
     )
     (task,) = cmteb.select_tasks(cmteb.BENCHMARK, ["STSB"], [])
     local = local_tasks.as_local_task(task, tmp_path)
@@ -489,7 +491,7 @@ def test_missing_column_is_a_clear_error(tmp_path):
         tmp_path / "LCQMC" / "test.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 1}]
     )
     with pytest.raises(
-        local_tasks.LocalDataError, match=r"test\.jsonl, line 1: missing column\(s\) \['score'\]"
+        local_tasks.LocalDataError, match=r"test\.jsonl:1: missing column\(s\) \['score'\]"
     ):
         local_task("LCQMC", tmp_path)
     fixtures.write_jsonl(
@@ -498,7 +500,7 @@ def test_missing_column_is_a_clear_error(tmp_path):
     )
     task = local_task("Ocnli", tmp_path)  # the first record is checked up front, every record at loading
     with pytest.raises(
-        local_tasks.LocalDataError, match=r"line 2: missing column\(s\) \['sentence2', 'label'\]"
+        local_tasks.LocalDataError, match=r"validation\.jsonl:2: missing column\(s\) \['sentence2', 'label'\]"
     ):
         task.load_data()
 
@@ -753,11 +755,14 @@ def test_local_task_is_an_mteb_task_of_its_type(tmp_path):
         ({"name": "X", "type": "STS", "main_score": "ndcg_at_10"}, None, r"main_score 'ndcg_at_10' is not a score"),
         ({"name": "X", "type": "STS"}, [{"text": "a", "text_pair": "b", "label": 1.0}, {"text": "c", "label": 2.0}],
          r"test\.jsonl:2: expected sentence1 and sentence2"),
+        ({"name": "X", "type": "STS"}, [{"text": "a", "text_pair": "b", "label": 3.0}, {"text": "c", "text_pair": "d",
+         "label": 3.0}], r"test\.jsonl: every score is 3\.0; an STS task's correlations .* are undefined"),
     ],
 )
 def test_local_task_errors_are_one_line_naming_the_file(tmp_path, capsys, spec, data, message):
     folder = fixtures.write_task_json(tmp_path / "task", language=["eng"], **spec)
-    fixtures.write_jsonl(folder / "test.jsonl", data or [{"text": "a", "text_pair": "b", "label": 1.0}])
+    fixtures.write_jsonl(folder / "test.jsonl", data or [{"text": "a", "text_pair": "b", "label": 1.0},
+                                                         {"text": "c", "text_pair": "d", "label": 2.0}])
     assert run_cmteb.main(["--model", "unused", "--local-task", str(folder)]) == 2  # before any model is loaded
     error = capsys.readouterr().err
     assert error.startswith("run_cmteb.py: error: ") and error.count("\n") == 1 and str(folder) in error
@@ -789,3 +794,231 @@ def test_help_is_fast_and_shows_defaults():
              "heavy = [m for m in ('mteb', 'torch', 'sentence_transformers') if m in sys.modules]; "
              "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", check], cwd=REPO, check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and line (or the option), exit status 2, and never a wrong number.
+# Most cases call run_cmteb.main in-process (the code path of the command line but for sys.exit; importing
+# mteb in a fresh process alone takes ~10 s); the subprocess tests check the command line itself.
+
+QRELS_HEADER = "query-id\tcorpus-id\tscore\n"
+SMALL_CORPUS = [{"_id": f"d{i}", "title": "", "text": text} for i, text in enumerate(("alpha", "beta", "gamma"), 1)]
+SMALL_STS = [
+    {"sentence1": "a cat sleeps", "sentence2": "a cat naps", "score": 4.0},
+    {"sentence1": "a car drives", "sentence2": "a bus stops", "score": 2.0},
+    {"sentence1": "red", "sentence2": "blue sky", "score": 0.5},
+]
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def write_small_tasks(data_dir: Path) -> Path:
+    """DuRetrieval (split dev) and STSB (split test) in the --data-dir layout, a few records each, all valid."""
+    fixtures.write_jsonl(data_dir / "DuRetrieval" / "corpus.jsonl", SMALL_CORPUS)
+    fixtures.write_jsonl(data_dir / "DuRetrieval" / "queries.jsonl",
+                         [{"_id": "q1", "text": "alpha?"}, {"_id": "q2", "text": "beta?"}])
+    (data_dir / "DuRetrieval" / "qrels").mkdir()
+    (data_dir / "DuRetrieval" / "qrels" / "dev.tsv").write_text(QRELS_HEADER + "q1\td1\t1\nq2\td2\t1\n")
+    fixtures.write_jsonl(data_dir / "STSB" / "test.jsonl", SMALL_STS)
+    return data_dir
+
+
+def write_sts_folder(folder: Path) -> Path:
+    """A valid task.json STS folder (--local-task) of three pairs."""
+    fixtures.write_task_json(folder, name="TinySts", type="STS", language=["eng"])
+    fixtures.write_jsonl(folder / "test.jsonl", SMALL_STS)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(model_path, tmp_path_factory) -> Path:
+    return fixtures.save_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny") / "model", 3, model_path)
+
+
+def error_line(code: int, stderr: str, pattern: str) -> str:
+    """The error line of a run that must have failed with exit status 2 and one line matching `pattern`."""
+    assert "Traceback" not in stderr, stderr
+    line = stderr.rstrip("\n").splitlines()[-1] if stderr.strip() else ""
+    assert code == 2 and line.startswith("run_cmteb.py: error: "), (code, stderr[-2000:])
+    assert re.search(pattern, line), line
+    return line
+
+
+def run_small(tiny_model, data_dir: Path, output_dir: Path, *extra: str) -> int:
+    return run_cmteb.main(["--model", str(tiny_model), "--data-dir", str(data_dir), "--tasks", "DuRetrieval,STSB",
+                           "--output-dir", str(output_dir), "--no-progress", *extra])
+
+
+BAD_DATA = {  # case: (file under the data dir, its content, what the error line must say)
+    "qrels_document_not_in_corpus": (
+        "DuRetrieval/qrels/dev.tsv", QRELS_HEADER + "q1\td1\t1\nq2\td9\t1\n",
+        r"DuRetrieval/qrels/dev\.tsv:3: document 'd9' is not in corpus\.jsonl"),
+    "duplicate_corpus_id": (
+        "DuRetrieval/corpus.jsonl", jsonl_text([*SMALL_CORPUS, {"_id": "d1", "title": "", "text": "other"}]),
+        r"DuRetrieval/corpus\.jsonl:4: id 'd1' occurs twice \(first at line 1\)"),
+    "text_score": (
+        "STSB/test.jsonl", jsonl_text([*SMALL_STS[:2], {**SMALL_STS[2], "score": "high"}]),
+        r"STSB/test\.jsonl:3: column 'score' must be a finite number, got 'high'"),
+    "qrels_text_score": (
+        "DuRetrieval/qrels/dev.tsv", QRELS_HEADER + "q1\td1\thigh\n",
+        r"DuRetrieval/qrels/dev\.tsv:2: column 'score' must be a number, got 'high'"),
+    "qrels_match_no_query": (
+        "DuRetrieval/qrels/dev.tsv", QRELS_HEADER + "qx\td1\t1\nqy\td2\t1\n",
+        r"DuRetrieval/qrels/dev\.tsv:2: query 'qx' is not in queries\.jsonl"),
+    "qrels_some_rows_name_unknown_queries": (
+        "DuRetrieval/qrels/dev.tsv", QRELS_HEADER + "q1\td1\t1\nqy\td2\t1\nqz\td3\t1\n",
+        r"DuRetrieval/qrels/dev\.tsv:3: query 'qy' is not in queries\.jsonl"),
+    "qrels_header_only": (
+        "DuRetrieval/qrels/dev.tsv", QRELS_HEADER, r"DuRetrieval/qrels/dev\.tsv holds no judgements"),
+    "constant_sts_scores": (  # mteb's Spearman and Pearson would be NaN
+        "STSB/test.jsonl", jsonl_text([{**pair, "score": 2.0} for pair in SMALL_STS]),
+        r"STSB/test\.jsonl: every score is 2\.0; an STS task's correlations .* are undefined"),
+}
+
+
+@pytest.mark.parametrize("file, content, message", BAD_DATA.values(), ids=BAD_DATA)
+def test_bad_local_data_is_one_line_naming_file_and_line(tiny_model, tmp_path, capsys, file, content, message):
+    data_dir = write_small_tasks(tmp_path / "data")
+    (data_dir / file).write_text(content)
+    code = run_small(tiny_model, data_dir, tmp_path / "out")
+    line = error_line(code, capsys.readouterr().err, message)
+    assert str(data_dir / file) in line
+    assert not (tmp_path / "out" / "summary.json").exists()  # no summary of a run that did not finish
+
+
+def test_cli_bad_data_exits_2_with_one_line(tiny_model, tmp_path):
+    file, content, message = BAD_DATA["duplicate_corpus_id"]
+    data_dir = write_small_tasks(tmp_path / "data")
+    (data_dir / file).write_text(content)
+    command = [sys.executable, str(REPO / "eval" / "run_cmteb.py"), "--model", str(tiny_model), "--data-dir",
+               str(data_dir), "--tasks", "DuRetrieval,STSB", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    error_line(completed.returncode, completed.stderr, message)
+
+
+def test_documents_without_a_title_get_an_empty_one(tmp_path):
+    """A corpus where only some records have a title: mteb would read the others' title as None and fail."""
+    data_dir = write_small_tasks(tmp_path)
+    corpus = [SMALL_CORPUS[0], {"_id": "d2", "text": "beta"}, {**SMALL_CORPUS[2], "title": None}]
+    fixtures.write_jsonl(data_dir / "DuRetrieval" / "corpus.jsonl", corpus)
+    task = local_task("DuRetrieval", data_dir)
+    task.load_data()
+    assert task.dataset["default"]["dev"]["corpus"]["title"] == ["", "", ""]
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # the NaN this test is about
+def test_non_finite_score_is_null_flagged_and_left_out_of_the_averages(tiny_model, tmp_path, capsys, monkeypatch):
+    """A NaN main score (mteb's Spearman of constant gold scores, with the data check that refuses them switched
+    off) must reach neither summary.json (NaN is not JSON) nor an average, and the run must not exit 0."""
+    monkeypatch.setattr(local_tasks, "check_gold_varies", lambda *args: None, raising=False)
+    data_dir = write_small_tasks(tmp_path / "data")
+    (data_dir / "STSB" / "test.jsonl").write_text(BAD_DATA["constant_sts_scores"][1])
+    out = tmp_path / "out"
+    code = run_small(tiny_model, data_dir, out, "--dims", "16")
+    error_line(code, capsys.readouterr().err, re.escape(str(out / "summary.json")) + r": score not finite, recorded "
+               r"as null and left out of the averages: STSB: cosine_spearman = nan \(dim 16\); STSB: cosine_spearman "
+               r"= nan \(dim 32\)$")
+
+    def reject(constant):
+        raise AssertionError(f"summary.json holds {constant}, which is not JSON")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=reject)
+    for row in [summary, *summary["dims"]]:
+        assert row["tasks"]["STSB"] is None and row["types"]["STS"] is None
+        assert row["average"] == row["average_by_type"] == row["tasks"]["DuRetrieval"] is not None
+        assert row["not_finite"] == ["STSB: cosine_spearman = nan"]
+    assert summary["coverage"]["label"] == "partial (1 of 31 tasks); left out (score not finite): STSB"
+    markdown = (out / "summary.md").read_text()
+    assert "| STS | STSB | test | n/a | n/a |" in markdown and "**Not finite**" in markdown
+
+
+def test_nan_embeddings_are_a_clear_error(tiny_model, tmp_path, capsys):
+    """A model whose embeddings are NaN (as fp16 overflow gives): mteb would fail in sklearn, or rank by noise."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model_dir = Path(shutil.copytree(tiny_model, tmp_path / "nan_model"))
+    weights = load_file(model_dir / "model.safetensors")
+    (key,) = [key for key in weights if key.endswith("word_embeddings.weight")]
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    data_dir = write_small_tasks(tmp_path / "data")
+    code = run_cmteb.main(["--model", str(model_dir), "--data-dir", str(data_dir), "--tasks", "STSB",
+                           "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    error_line(code, capsys.readouterr().err, r"non-finite \(NaN or infinite\) embeddings for 3 of 3 texts of task STSB")
+
+
+def test_truncated_weight_file_is_named(tiny_model, tmp_path, capsys):
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_model, tmp_path / "truncated"))
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    folder = write_sts_folder(tmp_path / "sts")
+    code = run_cmteb.main(["--model", str(model_dir), "--local-task", str(folder), "--output-dir",
+                           str(tmp_path / "out"), "--no-progress"])
+    error_line(code, capsys.readouterr().err, re.escape(str(weights)) + r": cannot be read \(.+\); is the file truncated\?")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"query": "q: ",}', r"prompts\.json:1: --prompts: invalid JSON \(Expecting property name enclosed in "
+                              r"double quotes, column 17\)"),
+        ('{\n  "query": "q: "\n  "document": "d: "\n}', r"prompts\.json:3: --prompts: invalid JSON \(Expecting ','"),
+        ('["query: "]', r"prompts\.json: --prompts must hold a JSON object mapping prompt keys to prompt strings, "
+                        r"not a list"),
+        ('{"query": 3}', r"prompts\.json: --prompts: the prompt of 'query' must be a string, got 3"),
+    ],
+    ids=["trailing_comma", "missing_comma_line_3", "list", "number"],
+)
+def test_bad_prompts_file_is_one_line(tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(content)
+    folder = write_sts_folder(tmp_path / "sts")
+    code = run_cmteb.main(["--model", "unused", "--local-task", str(folder), "--prompts", str(prompts)])
+    assert str(prompts) in error_line(code, capsys.readouterr().err, message)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("Instruct: {instruction}\\nQuery: {query}", r"unknown field \{query\}; the only field allowed is \{instruction\}"),
+        ("{}: {instruction}", r"unknown field \{\}"),
+        ("Instruct: {instruction", r"expected '\}' before end of string"),
+    ],
+)
+def test_bad_instruction_template_is_refused_before_the_model_loads(tmp_path, capsys, template, message):
+    folder = write_sts_folder(tmp_path / "sts")  # --model unused: loading it would fail differently
+    code = run_cmteb.main(["--model", "unused", "--local-task", str(folder), "--instruction-template", template])
+    error_line(code, capsys.readouterr().err, r"--instruction-template '.*': " + message)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("runs/no_such_run/final", "no such directory"),  # more parts than a hub id ('org/name')
+        ("./no_such_model", "no such directory"),
+        ("~/no_such_model", "no such directory"),
+        ("{tmp}/no_such_model", "no such directory"),
+        ("runs/final", "no such directory"),  # shaped like a hub id, but runs/ is a folder here
+        ("weights.bin", "not a directory"),
+    ],
+)
+def test_missing_model_path_is_refused_before_anything_heavy(tmp_path, model, message):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"")
+    model = model.format(tmp=tmp_path)
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "run_cmteb.py"), "--model", model, "--tasks", "STSB"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+    )
+    assert completed.returncode == 2 and completed.stderr == f"run_cmteb.py: error: --model {model}: {message}\n"
+    assert time.perf_counter() - start < 5  # answered before mteb, torch and the model are imported

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BatchEncoding
 
 from modules.corpus import read_corpus
@@ -327,14 +328,15 @@ def test_resume_keeps_the_mining_state(tiny_bert, retrieval_data, tmp_path):
     summary = json.loads((tmp_path / "full" / "train_summary.json").read_text())
     assert summary["dhnm"]["checks"] == 6 and summary["dhnm"]["replaced"] > 0
     run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3"))
-    full, resumed = (torch.load(tmp_path / run_dir / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=False)
+    full, resumed = (load_file(tmp_path / run_dir / "checkpoint-6" / "dhnm_state.safetensors")
                      for run_dir in ("full", "resumed"))
-    assert full["replacements"][0].sum() > 0
-    for key in ("ranks", "initial_scores", "replacements"):
-        assert torch.equal(full[key][0], resumed[key][0])
+    assert full["replacements.0"].sum() > 0
+    for key in ("ranks.0", "initial_scores.0", "replacements.0"):
+        assert torch.equal(full[key], resumed[key])
     assert_same_final_weights(tmp_path / "full", tmp_path / "resumed")
-    before = torch.load(tmp_path / "full" / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=False)
-    assert not torch.equal(before["replacements"][0], full["replacements"][0])  # the state did change after step 3
+    before = load_file(tmp_path / "full" / "checkpoint-3" / "dhnm_state.safetensors")
+    assert not torch.equal(before["replacements.0"], full["replacements.0"])  # the state did change after step 3
+    assert not list((tmp_path / "full").glob("checkpoint-*/*custom_checkpoint*")), "a pickle of ours was saved"
 
 
 def test_dhnm_rule_for_scores_at_or_below_zero():

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -16,6 +17,7 @@ from modules.streaming import (
     PairSource, PretrainBatches, SourceStream, choose_source, read_pretrain_meta_list, take_unique_pairs,
 )
 from tests.conftest import minilm_path, write_jsonl
+from tests.test_data import RecordingTokenizer
 
 
 def pair_records(n, prefix="q"):
@@ -63,9 +65,9 @@ def test_shuffles_and_reshuffles_each_epoch(corpus):
     assert first != in_file_order and second != first and sorted(first) == sorted(second)
 
 
-def stream_batches(sources, tokenizer, state=None, count=30, rank=0, world_size=1):
+def stream_batches(sources, tokenizer, state=None, count=30, rank=0, world_size=1, **options):
     batches = PretrainBatches(sources, 8, tokenizer, {"query": 16, "passage": 16}, seed=3, rank=rank,
-                              world_size=world_size, chunk_size=10, block_bytes=700, state=state)
+                              world_size=world_size, chunk_size=10, block_bytes=700, state=state, **options)
     iterator = iter(batches)
     return [next(iterator) for _ in range(count)]
 
@@ -128,7 +130,8 @@ def test_meta_list_and_record_errors_name_the_place(corpus, tmp_path):
     (tmp_path / "meta.txt").write_text(f"{corpus}/a.jsonl 2\n{corpus}/*.parquet 1 columns=text,text_pos\n{corpus} 0.5\n")
     sources = read_pretrain_meta_list(tmp_path / "meta.txt")
     assert [len(s.files) for s in sources] == [1, 1, 3] and sources[2].weight == 0.5
-    for line, message in [(f"{corpus}/a.jsonl heavy", "weight must be a number"), (f"{corpus}/a.jsonl 0", "weight must be > 0"),
+    for line, message in [(f"{corpus}/a.jsonl heavy", "weight must be a positive number, got 'heavy'"),
+                          (f"{corpus}/a.jsonl 0", "weight must be a positive number, got 0.0"),
                           (f"{tmp_path}/none.jsonl 1", "no .jsonl/.jsonl.gz/.parquet files"),
                           (f"{corpus}/a.jsonl 1 cols=a,b", "unknown option")]:
         (tmp_path / "bad.txt").write_text("# header\n" + line + "\n")
@@ -140,8 +143,16 @@ def test_meta_list_and_record_errors_name_the_place(corpus, tmp_path):
         read_pretrain_meta_list(tmp_path / "bad.txt")
     write_jsonl(tmp_path / "broken.jsonl", [{"text": "q", "text_pos": "p"}, {"text": "q2", "answer": "p2"}])
     stream = SourceStream(PairSource("broken", [tmp_path / "broken.jsonl"], 1.0, source="m.txt:1"), 0, 0, 0, 1, 4, 1 << 20)
-    with pytest.raises(DataError, match=r"broken.jsonl at byte \d+: missing column 'text_pos'"):
+    with pytest.raises(DataError, match=r"broken.jsonl:2: missing column 'text_pos'"):  # the line, not a byte offset
         [stream.next_pair() for _ in range(2)]
+
+
+@pytest.mark.parametrize("weight", ["inf", "nan", "-inf"])
+def test_a_weight_that_is_not_finite_is_refused(corpus, tmp_path, weight):
+    """An infinite weight made every draw's probabilities NaN ("Probabilities contain NaN") at step one."""
+    (tmp_path / "meta.txt").write_text(f"{corpus}/a.jsonl 1\n{corpus}/c.parquet {weight}\n")
+    with pytest.raises(DataError, match=rf"meta.txt:2: weight must be a positive number, got {weight}"):
+        read_pretrain_meta_list(tmp_path / "meta.txt")
 
 
 def test_dataloader_workers_keep_the_batch_order(corpus):
@@ -155,3 +166,170 @@ def test_dataloader_workers_keep_the_batch_order(corpus):
         got = next(loader)
         assert torch.equal(got["query"]["input_ids"], expected["query"]["input_ids"])
         assert got["loader_state"] == expected["loader_state"]
+
+
+# ---------------------------------------------------------------- bad records, encodings, huge texts
+
+
+def write_gzip(path, data: bytes):
+    with gzip.open(path, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def stream_of(path, skip_bad=False, block_bytes=200):
+    """One rank's stream of one file, small blocks (a record's line is counted across blocks), 4-record chunks."""
+    options = {"skip_bad": True} if skip_bad else {}  # (so the refusals also run on code without the flag)
+    return SourceStream(PairSource("s", [path], 1.0, source="m.txt:1"), 0, 0, 0, 1, 4, block_bytes, **options)
+
+
+def read_all(stream, count):
+    return [stream.next_pair() for _ in range(count)]
+
+
+BAD_PAIRS = [  # (raw line, the problem the refusal names); the first three also fit a parquet table of strings
+    ('{"text": "q", "text_pos": ""}', "empty 'text_pos'"),
+    ('{"text": " \\t\\n", "text_pos": "p"}', "empty 'text'"),
+    ('{"text": "q", "text_pos": null}', "missing column 'text_pos'"),
+    ('{"text": "q", "text_pos": ["  ", "second"]}', "empty 'text_pos'"),  # a list positive takes its first item
+    ('{"text": "q", "text_pos": 3}', "column 'text_pos' must be a string"),
+    ('{"text": "q", "text_pos": "p"', "invalid JSON"),
+]
+
+
+@pytest.mark.parametrize("suffix, bad_line, problem", [(suffix, *bad) for suffix in (".jsonl", ".jsonl.gz")
+                                                        for bad in BAD_PAIRS]
+                         + [(".parquet", *bad) for bad in BAD_PAIRS[:3]])
+def test_a_bad_record_is_refused_naming_file_and_line(tmp_path, suffix, bad_line, problem):
+    lines = [json.dumps(r) for r in pair_records(9)]
+    lines.insert(6, bad_line)
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("\n".join(lines) + "\n")
+        where = r"pairs.jsonl:7"
+    elif suffix == ".jsonl.gz":
+        write_gzip(path, ("\n".join(lines) + "\n").encode())
+        where = r"pairs.jsonl.gz:7"
+    else:
+        pq.write_table(pa.Table.from_pylist([json.loads(line) for line in lines]), path, row_group_size=4)
+        where = r"pairs.parquet row group 1 row 2"
+    with pytest.raises(DataError, match=rf"{where}: {problem}"):
+        read_all(stream_of(path), 10)
+
+
+def test_skip_bad_records_skips_and_counts_them_and_resumes_exactly(tmp_path):
+    from modules.streaming import skipped_record_lines
+
+    good = pair_records(60, "g")
+    lines = [json.dumps(r) for r in good]
+    for position, (bad_line, _) in zip((3, 17, 18, 30, 44, 58), BAD_PAIRS):
+        lines.insert(position, bad_line)
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    stream = stream_of(tmp_path / "mixed.jsonl", skip_bad=True)
+    assert sorted(one_epoch(stream)) == sorted((r["text"], r["text_pos"]) for r in good)
+    assert stream.skipped.count == len(BAD_PAIRS)
+    source = PairSource("mixed", [tmp_path / "mixed.jsonl"], 1.0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    full = stream_batches([source], tokenizer, count=24, skip_bad=True)
+    [line] = skipped_record_lines([source], full[-1]["loader_state"])
+    count = re.fullmatch(rf"skipped (\d+) bad records of mixed \(first: {re.escape(str(tmp_path))}/mixed.jsonl:\d+: .+\)",
+                         line).group(1)
+    assert int(count) >= 3 * len(BAD_PAIRS)  # 24 batches of 8: over three passes through the 60 good records
+    for cut in (5, 13):  # resumed in a chunk that skipped records, and later
+        state = json.loads(json.dumps(full[cut - 1]["loader_state"]))
+        resumed = stream_batches([source], tokenizer, state, count=24 - cut, skip_bad=True)
+        for before, after in zip(full[cut:], resumed):
+            assert torch.equal(before["query"]["input_ids"], after["query"]["input_ids"])
+            assert before["loader_state"] == after["loader_state"]  # skip counts included
+
+
+def test_a_source_of_only_bad_records_is_refused_when_skipping(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "", "text_pos": "p"}\n' * 5)
+    with pytest.raises(DataError, match=r"m.txt:1: every record rank 0 reads is bad; skipped \d+ bad records of s "
+                                        r"\(first: .*bad.jsonl:\d: empty 'text'\)"):
+        stream_of(tmp_path / "bad.jsonl", skip_bad=True).next_pair()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_text_that_is_not_utf8_is_refused_like_fine_tuning_does(tmp_path, suffix):
+    """It was read with errors="replace" (.jsonl: garbled text trained on) or raised a bare UnicodeDecodeError (.gz)."""
+    data = ('{"text": "q", "text_pos": "p"}\n' * 5 + '{"text": "café", "text_pos": "p"}\n').encode("latin-1")
+    path = tmp_path / f"latin1{suffix}"
+    write_gzip(path, data) if suffix.endswith(".gz") else path.write_bytes(data)
+    with pytest.raises(DataError, match=rf"latin1{suffix}:6: not UTF-8 \(byte 0xe9 at column 14\)"):
+        read_all(stream_of(path), 6)
+
+
+def test_a_truncated_gzip_file_names_the_file_and_last_good_line(tmp_path):
+    import zlib
+
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in pair_records(3000)).encode())
+    cut = whole[: len(whole) // 2]
+    good_lines = zlib.decompressobj(31).decompress(cut).count(b"\n")
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+    with pytest.raises(DataError, match=rf"cut.jsonl.gz: truncated or corrupt gzip file, unreadable after line "
+                                        rf"{good_lines} \(Compressed file ended"):
+        read_all(stream_of(tmp_path / "cut.jsonl.gz"), 3000)
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "q", "text_pos": "p"}\n')
+    with pytest.raises(DataError, match=r"plain.jsonl.gz: truncated or corrupt gzip file, unreadable after line 0 "
+                                        r"\(Not a gzipped file"):
+        stream_of(tmp_path / "plain.jsonl.gz").next_pair()
+
+
+def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tmp_path):
+    """One 50 MB record cost 7.3 GB and 95 s: the tokenizer reads it all before truncating."""
+    from modules.data import MAX_CHARS_PER_TOKEN
+
+    huge = " ".join(f"word{i % 97} déjà 東京" for i in range(100_000))  # ~1.6 MB
+    write_jsonl(tmp_path / "huge.jsonl", [{"text": "question", "text_pos": huge}])
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    recording = RecordingTokenizer(tokenizer)
+    batch = next(iter(PretrainBatches([PairSource("huge", [tmp_path / "huge.jsonl"], 1.0)], 1, recording,
+                                      {"query": 16, "passage": 32}, seed=0)))
+    assert len(huge) > 1_000_000 and max(recording.lengths) == 32 * MAX_CHARS_PER_TOKEN
+    expected = tokenizer([huge], truncation=True, max_length=32, return_tensors="pt")["input_ids"]
+    assert torch.equal(batch["passage"]["input_ids"], expected)
+
+
+def test_a_bad_record_met_in_a_loader_worker_is_one_line(tmp_path):
+    """A worker's exception reaches the training process wrapped in the worker's traceback; run_cli would print it."""
+    from modules.streaming import checked_batch
+
+    records = pair_records(12)
+    records[5]["text_pos"] = ""
+    write_jsonl(tmp_path / "pairs.jsonl", records)
+    batches = PretrainBatches([PairSource("p", [tmp_path / "pairs.jsonl"], 1.0)], 4,
+                              AutoTokenizer.from_pretrained(minilm_path()), {"query": 8, "passage": 8}, seed=0)
+    loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
+    with pytest.raises(DataError) as refused:
+        for _ in range(4):
+            checked_batch(next(loader))
+    assert str(refused.value) == f"{tmp_path / 'pairs.jsonl'}:6: empty 'text_pos'"
+
+
+def pretrain_args(tiny_bert, meta, output_dir, *extra):
+    return ["--model_name_or_path", str(tiny_bert), "--meta_list", str(meta), "--output_dir", str(output_dir),
+            "--batch_size", "4", "--max_steps", "12", "--query_max_len", "16", "--passage_max_len", "16",
+            "--report_to", "none", *extra]
+
+
+def test_pretraining_refuses_a_bad_record_in_one_line_or_skips_it(tiny_bert, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import train_pretrain
+    from tests.conftest import REPO
+
+    records = pair_records(40)
+    records[6]["text_pos"] = "   "
+    write_jsonl(tmp_path / "pairs.jsonl", records)
+    (tmp_path / "meta.txt").write_text("pairs.jsonl 1\n")
+    result = subprocess.run([sys.executable, "train_pretrain.py",  # two loader workers, the default
+                             *pretrain_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "refused")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train_pretrain.py: error: {tmp_path / 'pairs.jsonl'}:7: empty 'text_pos'")
+    train_pretrain.main(pretrain_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "skipped", "--skip_bad_records"))
+    assert re.search(rf"^skipped \d+ bad records? of pairs \(first: {re.escape(str(tmp_path))}/pairs.jsonl:7: "
+                     r"empty 'text_pos'\)$", capsys.readouterr().out, re.MULTILINE)
