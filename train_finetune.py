@@ -77,6 +77,21 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     g.add_argument("--cls_weight", type=float, default=0.2)
     g.add_argument("--cosent_weight", type=float, default=0.04)
     g.add_argument("--retri_hard_negatives_only", action="store_true", help="no in-batch negatives for retrieval")
+    g.add_argument("--mask_duplicates", action="store_true",
+                   help="false negatives: drop from each query's softmax every candidate whose text equals the query or "
+                        "one of its record's positives (other than the labelled one)")
+    g.add_argument("--mask_margin", type=float, default=None,
+                   help="false negatives: drop candidates scoring above the positive's cosine + M (Qwen3-Embedding: 0.1)")
+    g.add_argument("--mask_relative", type=float, default=None,
+                   help="false negatives: drop candidates scoring above R x the positive's cosine (NV-Retriever: 0.95)")
+    g.add_argument("--hard_negative_alpha", type=float, default=0.0,
+                   help="weight each query's own hard negatives by exp(A x their cosine) in the softmax (EmbeddingGemma: 5)")
+    g.add_argument("--in_batch_alpha", type=float, default=0.0,
+                   help="weight every other negative by exp(A x its cosine) (0: weight 1)")
+    g.add_argument("--improved_contrastive", action="store_true",
+                   help="retrieval: also query-query and positive-positive similarities in the denominator (GTE, Qwen3)")
+    g.add_argument("--spread_out_weight", type=float, default=0.0,
+                   help="retrieval: add W x the global orthogonal regulariser of the queries and of the positives")
     g.add_argument("--mrl_dims", default="", help="comma list of Matryoshka dims, or 'piccolo' for 256..1792 (<= output)")
     g.add_argument("--mrl_weights", default="", help="comma list, one per MRL dim (default equal)")
     g = p.add_argument_group("Conan: dynamic hard-negative mining (data from tools/mine_hard_negatives.py) and CBB")
@@ -116,6 +131,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
             if length > args.max_length]
         if too_long:
             p.error(f"{', '.join(too_long)} above --max_length {args.max_length}")
+    if args.improved_contrastive and (args.cbb or args.retri_hard_negatives_only):
+        p.error("--improved_contrastive needs in-batch negatives without --cbb (it compares every query and positive "
+                "of the batch)")
     if args.dhnm and args.retri_negatives < 1:
         p.error("--dhnm needs --retri_negatives >= 1 (the mined negatives it replaces)")
     if args.retri_hard_negatives_only and args.retri_negatives < 1:
@@ -158,11 +176,11 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from modules.checkpoints import (
         BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
     )
-    from modules.data import EpochBatches, TaskCollator, build_sampler, describe_data_order, load_meta_list
-    from modules.data import read_query_prefixes, skipped_record_lines
+    from modules.data import EpochBatches, TaskCollator, finetune_data, read_query_prefixes
+    from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import batch_size_and_tokens, task_loss, to_device
-    from modules.losses import CoSENT, InfoNCE, matryoshka_from_flags, relative_task_weights
+    from modules.losses import contrastive_masks, task_losses
     from modules.mining import MiningState, dhnm_round
     from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
@@ -175,31 +193,19 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                                    args.timeout_minutes)
     set_seed(args.seed)  # before anything random is built (Piccolo builds its sampler first)
 
-    # ---- data: every record checked now, so bad input fails before step one
+    # ---- data: every record checked now, so bad input fails before step one; the batch sampler (task-homogeneous
+    # batches, or one of every kind a step under --cbb); data_order, stored with every checkpoint (a resume under
+    # another setup is refused)
+    datasets, batch_sizes, sampler, data_order = finetune_data(args, accelerator)
     negatives = {"retri_contrast": args.retri_negatives, "cls_contrast": args.cls_negatives}
-    # CBB: every process holds its own n of each retrieval record's negatives, so a record needs n x processes
-    negative_parts = accelerator.num_processes if args.cbb else 1
-    datasets = load_meta_list(args.meta_list, args.root_dir,
-                              {**negatives, "retri_contrast": args.retri_negatives * negative_parts},
-                              args.skip_bad_records)
-    for line in skipped_record_lines(datasets):  # --skip_bad_records
-        accelerator.print(line)
-    default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
-                     "cosent": args.cosent_batch_size}
-    batch_sizes = [d.batch_size or default_batch[d.kind] for d in datasets]
-    # --cbb: each step one batch per task kind, retrieval queries shared by all processes
-    sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
-                            args.cbb)
-    # what fixes the data order, stored with every checkpoint: a resume under another setup is refused
-    data_order = describe_data_order(datasets, batch_sizes, processes=accelerator.num_processes, seed=args.seed,
-                                     grad_accum=args.grad_accum, cbb=args.cbb)
+    negative_parts = accelerator.num_processes if args.cbb else 1  # CBB: each process its own n negatives a record
     # the schedule in optimizer steps, also checked on resume
     steps_per_epoch = len(sampler) // args.grad_accum
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps * args.grad_accum / len(sampler))
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     schedule = {"total_steps": total_steps, "warmup_steps": warmup_steps, "lr": args.lr, "scaling_lr": args.scaling_lr,
-                "lr_scheduler": args.lr_scheduler}
+                "lr_scheduler": args.lr_scheduler, **({"ema_decay": args.ema_decay} if args.ema_decay else {})}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         check_resumable(checkpoint, data_order, accelerator.num_processes, schedule)
@@ -223,19 +229,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         model.prompts.update(read_query_prefixes(args.query_prefix_file, [d.name for d in datasets]))
     query_prefix = {d.name: model.prompts.get(d.name, args.query_prefix) for d in datasets}
     collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, query_prefix, negative_part)
-    losses = {
-        "retri_contrast": InfoNCE(args.retri_temperature, in_batch_negatives=not args.retri_hard_negatives_only,
-                                  shared_queries=args.cbb),
-        "cls_contrast": InfoNCE(args.cls_temperature, in_batch_negatives=False),
-        "cosent": CoSENT(args.cosent_temperature),
-    }
-    loss_weights = relative_task_weights({"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight,
-                                          "cosent": args.cbb_beta if args.cbb else args.cosent_weight},
-                                         {d.kind for d in datasets})
+    losses, loss_weights = task_losses(args, {d.kind for d in datasets}, model.output_dim)  # every loss flag
     accelerator.print("loss weights (relative to the largest): "
                       + ", ".join(f"{kind} {weight:.3g}" for kind, weight in loss_weights.items()))
-    losses = {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, model.output_dim)
-              for kind, loss in losses.items()}
     if args.mrl_dims:
         accelerator.print(f"Matryoshka dims: {losses['cosent'].dims}")
 
@@ -244,17 +240,17 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     scheduler = make_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     tokenizer = accelerator.unwrap_model(model).tokenizer
+    ema = WeightEMA(accelerator, model, args.ema_decay) if args.ema_decay else None  # --ema_decay
+    saved_beside = [state for state in (mining, ema) if state is not None]  # safetensors files in every checkpoint
     setup = finetune_setup(args, accelerator, datasets, batch_sizes, sampler, total_steps, warmup_steps, loss_weights)
     accelerator.print("\n".join(startup_lines(setup, args)))
 
     # ---- resume
     global_step, start_epoch, start_batch, best_state = 0, 0, 0, None
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, saved_beside)
         global_step, start_epoch, start_batch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         best_state = state.get("best")
-        if mining is not None:
-            mining.load_checkpoint_files(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {global_step} (epoch {start_epoch}, batch {start_batch})")
 
     if accelerator.is_main_process:
@@ -315,6 +311,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 continue
 
             scheduler.step()
+            if ema is not None:
+                ema.update()
             global_step += 1
             seconds = step_clock.stop()
             window["seconds"] += seconds
@@ -323,11 +321,12 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
             warm = True
             progress.update()
             if global_step % args.log_every == 0 or global_step == total_steps:
-                task_losses = accelerator.reduce(window["loss"].to(accelerator.device), "mean").cpu()
-                metrics = {f"loss/{k}": (task_losses[i] / window["count"][i]).item()
+                mean_losses = accelerator.reduce(window["loss"].to(accelerator.device), "mean").cpu()
+                metrics = {f"loss/{k}": (mean_losses[i] / window["count"][i]).item()
                            for i, k in enumerate(KINDS) if window["count"][i]}
                 metrics.update({"lr": scheduler.get_last_lr()[0], "pairs_per_s": window["pairs"] / window["seconds"],
-                                "tokens_per_s": window["tokens"] / window["seconds"], "epoch": epoch})
+                                "tokens_per_s": window["tokens"] / window["seconds"], "epoch": epoch,
+                                **contrastive_masks(losses)})  # candidates the false-negative masks removed
                 accelerator.log(metrics, step=global_step)
                 progress.log(global_step, metrics)
                 window.update(loss=torch.zeros(len(KINDS)), count=torch.zeros(len(KINDS)), pairs=0, tokens=0,
@@ -344,8 +343,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1,
                          "data_order": data_order, "schedule": schedule, "best": best.state()}
                 save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                                keep=best.kept(), model=model,
-                                tensor_files=mining.checkpoint_files() if mining is not None else None)
+                                keep=best.kept(), model=model, states=saved_beside)
             if global_step >= total_steps:
                 done = True
                 break
@@ -358,10 +356,10 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     if mining is not None:
         measured["dhnm"] = dhnm_log
     if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
-        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}")
+        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}", saved_beside)
         accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
     finish_run(accelerator, model, args, {**setup, "steps": global_step, **measured, **best.summary(args.output_dir)},
-               eval_history)
+               eval_history, ema)
 
 
 if __name__ == "__main__":

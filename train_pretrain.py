@@ -92,6 +92,7 @@ def main(argv=None):
     from modules.checkpoints import (
         BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
     )
+    from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import embed, to_device
     from modules.gradcache import cached_loss_backward, check_gradcache_supported
@@ -115,7 +116,7 @@ def main(argv=None):
     data_order = {"processes": accelerator.num_processes, "seed": args.seed, "batch_size": args.batch_size,
                   "shuffle_chunk": args.shuffle_chunk, "block_mb": args.block_mb, "sources": describe_sources(sources)}
     schedule = {"max_steps": args.max_steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
-                "lr_scheduler": args.lr_scheduler}
+                "lr_scheduler": args.lr_scheduler, **({"ema_decay": args.ema_decay} if args.ema_decay else {})}
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         check_resumable(checkpoint, data_order, accelerator.num_processes, schedule)
@@ -133,12 +134,14 @@ def main(argv=None):
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = make_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = WeightEMA(accelerator, model, args.ema_decay) if args.ema_decay else None  # --ema_decay
+    saved_beside = [ema] if ema is not None else []  # safetensors files in every checkpoint
     setup = pretrain_setup(args, accelerator, sources)
     accelerator.print("\n".join(startup_lines(setup, args)))
 
     global_step, loader_state, source_batches, best_state = 0, None, [0] * len(sources), None
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, saved_beside)
         global_step, loader_state = state["global_step"], state["process_states"][accelerator.process_index]
         source_batches = state.get("source_batches", source_batches)  # counted since this resume if not saved
         best_state = state.get("best")
@@ -188,6 +191,8 @@ def main(argv=None):
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         optimizer.zero_grad()
         global_step += 1
         seconds = step_clock.stop()
@@ -219,13 +224,13 @@ def main(argv=None):
             state = {"global_step": global_step, "data_order": data_order, "schedule": schedule,
                      "source_batches": source_batches, "best": best.state()}
             save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                            process_state=loader_state, keep=best.kept(), model=model)
+                            process_state=loader_state, keep=best.kept(), model=model, states=saved_beside)
     progress.close()
 
     if dev_sets and global_step not in eval_history:
         eval_history[global_step] = evaluate()
     if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
-        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}")
+        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}", saved_beside)
         accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
     by_source = {source.name: count for source, count in zip(sources, source_batches)}
     accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
@@ -233,7 +238,7 @@ def main(argv=None):
     for line in skipped_record_lines(sources, loader_state):  # every process: each reads its own records
         print(f"process {accelerator.process_index}: {line}" if accelerator.num_processes > 1 else line, flush=True)
     finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured,
-                                          **best.summary(args.output_dir)}, eval_history)
+                                          **best.summary(args.output_dir)}, eval_history, ema)
 
 
 if __name__ == "__main__":

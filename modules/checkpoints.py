@@ -19,10 +19,10 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_limit=None, process_state=None, keep=(),
-                    model=None, tensor_files=None):
-    """``save_state`` into checkpoint-<step>.tmp, add the trainer state (and ``tensor_files``, {file name: {name:
-    tensor}} saved as safetensors, e.g. the DHNM state), then rename; refused when ``model``'s weights are not
-    finite.
+                    model=None, states=()):
+    """``save_state`` into checkpoint-<step>.tmp, add the trainer state (and the ``checkpoint_files()`` of ``states``,
+    {file name: {name: tensor}} saved as safetensors: the DHNM state, the weight average), then rename; refused when
+    ``model``'s weights are not finite.
 
     ``process_state`` (e.g. a streaming loader's position, different on every process) is
     gathered and saved as ``trainer_state["process_states"][process_index]``. The rename is the
@@ -44,8 +44,9 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
         trainer_state = dict(trainer_state, process_states=gather_object([process_state]))
     if accelerator.is_main_process:
         (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        for name, tensors in (tensor_files or {}).items():
-            save_file(tensors, str(partial / name))
+        for state in states:
+            for name, tensors in state.checkpoint_files().items():
+                save_file(tensors, str(partial / name))
         _fsync_tree(partial)  # on disk before the rename makes it look whole
         replace_directory(partial, final)
         if save_total_limit:
@@ -204,7 +205,10 @@ def _differences(saved, current, name=""):
     return [] if saved == current else [f"{name}: {saved!r} -> {current!r}"]
 
 
-def load_checkpoint(accelerator, path):
+def load_checkpoint(accelerator, path, states=()):
+    """``load_state`` and the ``states`` saved beside it; returns the trainer state."""
+    for state in states:
+        state.load_checkpoint_files(path)
     accelerator.load_state(str(path))
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 

@@ -11,6 +11,7 @@ the file and line named, never mid-run; under --skip_bad_records a record that i
 """
 
 import gzip
+import hashlib
 import json
 import math
 import zlib
@@ -654,6 +655,7 @@ class TaskCollator:
             "num_negatives": num_negatives,
             "query": self._tokenize([self.prefix_for(dataset.name) + r["text"] for r in records], "query"),
             "passage": self._tokenize(positives + negatives, "passage"),
+            "text_ids": text_ids(records, positives, negatives, num_negatives),
         }
 
     def prefix_for(self, dataset_name):
@@ -661,6 +663,24 @@ class TaskCollator:
 
     def _tokenize(self, texts, length_key):
         return tokenize(self.tokenizer, texts, self.max_length[length_key])
+
+
+def text_hashes(texts):
+    """A 64-bit hash of each text (the same in every process, unlike ``hash``), as a LongTensor."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+                         for text in texts], dtype=torch.long)
+
+
+def text_ids(records, positives, negatives, num_negatives):
+    """What the duplicate mask of InfoNCE compares (modules.losses.CandidateMask): hashes of the query texts
+    (without prefix: documents have none) [B], the positives used [B], the negatives [B, K], and every positive of
+    each record [B, P] (padded with the query's own hash, which is masked anyway)."""
+    queries = text_hashes([r["text"] for r in records])
+    widest = max(len(r["text_pos"]) for r in records)
+    positive_sets = torch.stack([torch.cat([text_hashes(r["text_pos"]), query.repeat(widest - len(r["text_pos"]))])
+                                 for r, query in zip(records, queries)])
+    return {"query": queries, "positive": text_hashes(positives),
+            "negative": text_hashes(negatives).view(len(records), num_negatives), "positive_sets": positive_sets}
 
 
 # A fast tokenizer reads a whole text (and allocates its offsets) before truncating: one 50 MB record cost 7.3 GB and
@@ -690,3 +710,22 @@ def read_query_prefixes(path, dataset_names, flag="--query_prefix_file"):
     if unknown:
         raise DataError(f"{flag} {path}: {unknown} are not datasets of the meta list ({sorted(dataset_names)})")
     return prefixes
+
+
+def finetune_data(args, accelerator):
+    """train_finetune.py's data: (datasets, per-process batch sizes, batch sampler, data order). Every record is
+    checked (skipped ones counted and printed under --skip_bad_records); under --cbb every process holds its own n
+    of each retrieval record's negatives, so a record needs n x processes."""
+    negative_parts = accelerator.num_processes if args.cbb else 1
+    negatives = {"retri_contrast": args.retri_negatives * negative_parts, "cls_contrast": args.cls_negatives}
+    datasets = load_meta_list(args.meta_list, args.root_dir, negatives, args.skip_bad_records)
+    for line in skipped_record_lines(datasets):
+        accelerator.print(line)
+    default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
+                     "cosent": args.cosent_batch_size}
+    batch_sizes = [d.batch_size or default_batch[d.kind] for d in datasets]
+    sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
+                            args.cbb)
+    data_order = describe_data_order(datasets, batch_sizes, processes=accelerator.num_processes, seed=args.seed,
+                                     grad_accum=args.grad_accum, cbb=args.cbb)
+    return datasets, batch_sizes, sampler, data_order

@@ -175,8 +175,10 @@ def checked_step(checkpoint, out, overwrite):
     return json.loads(state_file.read_text())["global_step"]
 
 
-def export_checkpoint(checkpoint, out, no_wise_ft, step):
-    """Write OUT with a model card; returns (kind of checkpoint, training script, run args, whether WiSE-FT averaged)."""
+def export_checkpoint(checkpoint, out, no_wise_ft, step, no_ema=False):
+    """Write OUT with a model card; returns (kind of checkpoint, training script, run args, whether WiSE-FT averaged).
+    A run with --ema_decay exports the checkpoint's weight average (ema.safetensors), as its final/, unless
+    ``no_ema``."""
     from .checkpoints import written_whole
     from .model_card import write_model_card
     from .nonfinite import check_finite_weights
@@ -186,10 +188,29 @@ def export_checkpoint(checkpoint, out, no_wise_ft, step):
     kind, weights = read_checkpoint(checkpoint)
     script, run_args, model = rebuild_model(checkpoint.parent)
     wise_ft = run_args.wise_ft_alpha < 1 and not no_wise_ft
-    weights, _ = final_weights(matching_weights(weights, model, checkpoint), run_args, wise_ft)
+    weights = matching_weights(weights, model, checkpoint)
+    if getattr(run_args, "ema_decay", 0) and not no_ema:
+        weights = averaged_weights(weights, checkpoint)
+    weights, _ = final_weights(weights, run_args, wise_ft)
 
     check_finite_weights(weights, str(checkpoint))
     with written_whole(out) as partial:
         model.save_pretrained(partial, state_dict=weights)
         write_model_card(partial, run_args, {"steps": step})
     return kind, script, run_args, wise_ft
+
+
+def averaged_weights(weights, checkpoint):
+    """``weights`` with the checkpoint's moving average (--ema_decay) in place of the trained weights it averages."""
+    from safetensors.torch import load_file
+
+    from .ema import EMA_STATE
+
+    file = checkpoint / EMA_STATE
+    if not file.is_file():
+        raise UsageError(f"{checkpoint}: the run averages its weights (--ema_decay) but {EMA_STATE} is missing")
+    average = load_file(str(file))
+    unknown = sorted(set(average) - set(weights))
+    if unknown:
+        raise UsageError(f"{file}: {unknown[0]} is not a weight of the model")
+    return {key: average[key].to(value.dtype) if key in average else value for key, value in weights.items()}

@@ -9,6 +9,7 @@ TORCH_DTYPE_HELP = ("dtype of the trained (master) weights, whatever the checkpo
                     "accelerate's --mixed_precision. bfloat16 halves the memory of a frozen LoRA base; 'auto': the "
                     "checkpoint's own dtype")
 PE_METHODS = ("hierarchical", "tile")
+MERGE_METHODS = ("mean", "slerp")  # tools/merge_checkpoints.py
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -26,6 +27,9 @@ def add_output_arguments(parser):
                    help="dtype of the final model's weights (training keeps float32 masters)")
     g.add_argument("--wise_ft_alpha", type=float, default=1.0,
                    help="final/ = alpha x trained + (1 - alpha) x start weights (WiSE-FT; 1: the trained weights)")
+    g.add_argument("--ema_decay", type=float, default=0,
+                   help="keep an exponential moving average of the weights (e.g. 0.999) and write final/ from it; "
+                        "saved with every checkpoint (0: off)")
     g.add_argument("--log_every", type=int, default=10,
                    help="optimizer steps between logged metrics (a plain log line when stderr is not a terminal)")
     g.add_argument("--report_to", default="tensorboard",
@@ -59,9 +63,9 @@ AT_LEAST_ONE = ("retri_batch_size", "cls_batch_size", "cosent_batch_size", "batc
                 "log_every")
 AT_LEAST_ZERO = ("lr", "scaling_lr", "weight_decay", "max_grad_norm", "retri_weight", "cls_weight", "cosent_weight",
                  "cbb_beta", "save_every", "eval_every", "num_workers", "retri_negatives", "dhnm_skip", "lora_dropout",
-                 "mini_batch_size", "warmup_steps")
+                 "mini_batch_size", "warmup_steps", "spread_out_weight")
 ABOVE_ZERO = ("retri_temperature", "cls_temperature", "cosent_temperature", "temperature", "timeout_minutes",
-              "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor")
+              "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor", "mask_relative")
 FRACTIONS = ("warmup_ratio",)
 
 
@@ -74,12 +78,17 @@ def check_ranges(parser, args):
         value = getattr(args, name, None)
         return value is not None and not isinstance(value, bool)
 
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name} must be a finite number, got {value}")
     for names, holds, wanted in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (AT_LEAST_ZERO, lambda v: v >= 0, ">= 0"),
                                  (ABOVE_ZERO, lambda v: v > 0, "> 0"), (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]")):
         for name in filter(given, names):
             value = getattr(args, name)
             if not (math.isfinite(value) and holds(value)):
                 parser.error(f"--{name} must be {wanted}, got {value}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     task_weights = [getattr(args, f"{kind}_weight", None) for kind in ("retri", "cls", "cosent")]
     if None not in task_weights and not any(task_weights):
         parser.error("the loss weights are all 0 (--retri_weight, --cls_weight, --cosent_weight): nothing would train")

@@ -52,7 +52,7 @@ def task_loss(model, batch, losses, length_buckets=1):
     passages = embed(model, batch["passage"], length_buckets)
     rows, num_negatives = queries.size(0), batch["num_negatives"]
     negatives = passages[rows:].view(rows, num_negatives, -1) if num_negatives else None
-    return losses[kind](queries, passages[:rows], negatives)
+    return losses[kind](queries, passages[:rows], negatives, batch.get("text_ids"))
 
 
 def batch_size_and_tokens(batch):

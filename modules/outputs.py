@@ -62,13 +62,17 @@ def _deepspeed_fp32_state_dict(accelerator, model):
     return {key: state_dict[key] for key in keys}
 
 
-def finish_run(accelerator, model, args, summary, eval_history=None):
-    """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, averaged with
-    the start model when ``--wise_ft_alpha`` < 1) with its model card, train_summary.json (with pairs/s) and,
-    when there was a dev set, eval_results.json (with the summary's ``best`` evaluation); then end the trackers."""
+def finish_run(accelerator, model, args, summary, eval_history=None, ema=None):
+    """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, from the weight average
+    ``ema`` when given, averaged with the start model when ``--wise_ft_alpha`` < 1) with its model card,
+    train_summary.json (with pairs/s) and, when there was a dev set, eval_results.json (with the summary's ``best``
+    evaluation); then end the trackers."""
     summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
+        if ema is not None:
+            state_dict = ema.apply_to(state_dict)
+            print(f"final/ from the moving average of the weights (--ema_decay {ema.decay})")
         state_dict, kept = final_weights(state_dict, args)
         if args.wise_ft_alpha < 1:
             print(f"final/ = {args.wise_ft_alpha} x trained + {1 - args.wise_ft_alpha:.3g} x start weights (WiSE-FT)"

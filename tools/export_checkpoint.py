@@ -8,7 +8,8 @@ process, DDP, DeepSpeed ZeRO-1/2/3 or FSDP: see modules/export.py for the layout
 run's run_config.json (in the checkpoint's parent) with the script's own builder, given the checkpoint's weights
 (every key must match) and saved with the save_pretrained the run uses, in the run's --save_dtype: a LoRA run gives
 the merged model and the adapter in OUT/adapter, as final/. A run with --wise_ft_alpha < 1 is averaged with its start
-model as final/ is; --no_wise_ft exports the weights as trained. Prompts that a run reads from its files
+model as final/ is; --no_wise_ft exports the weights as trained. A run with --ema_decay exports the checkpoint's
+moving average of the weights, as final/ holds it; --no_ema the trained weights. Prompts that a run reads from its files
 (--query_prefix_file, --instruction_template with --task_instructions) are read again from where run_config.json
 says. OUT is written as OUT.tmp, then renamed.
 """
@@ -28,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--no_wise_ft", action="store_true",
                    help="export the weights as trained, also when the run averages final/ with its start model "
                         "(--wise_ft_alpha < 1)")
+    p.add_argument("--no_ema", action="store_true",
+                   help="export the trained weights, also when the run writes final/ from their moving average "
+                        "(--ema_decay)")
     return p.parse_args(argv)
 
 
@@ -38,7 +42,7 @@ def main(argv=None):
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     step = checked_step(checkpoint, out, args.overwrite)
     with contextlib.redirect_stdout(sys.stderr):  # what the libraries print; stdout is the one line below
-        kind, script, run_args, wise_ft = export_checkpoint(checkpoint, out, args.no_wise_ft, step)
+        kind, script, run_args, wise_ft = export_checkpoint(checkpoint, out, args.no_wise_ft, step, args.no_ema)
     averaged = f", WiSE-FT alpha {run_args.wise_ft_alpha}" if wise_ft else ""
     print(f"exported the {kind} checkpoint of {script} at step {step}{averaged} ({run_args.save_dtype}) to {out}")
 

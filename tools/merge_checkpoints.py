@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Merge trained models in weight space (model soup, or the merge step of Qwen3-Embedding).
+
+    python tools/merge_checkpoints.py runs/a/final runs/b/final runs/c/checkpoint-800 --output runs/soup \
+        [--weights 1,1,2] [--method mean|slerp]
+
+MODEL: a model directory (a run's final/, any sentence-transformers or transformers directory with safetensors
+weights) or a checkpoint-<step> folder of a run (exported first as tools/export_checkpoint.py does: what final/
+would be at that step). ``mean`` (default) averages any number of models, uniformly or by ``--weights``;
+``slerp`` interpolates two along the arc between them, tensor by tensor, at t = w2 / (w1 + w2). The merged model
+keeps the first model's config, tokenizer, pooling and prompts; OUT is written as OUT.tmp, then renamed. See
+modules/merging.py for the formulas.
+"""
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from modules.cli import ArgumentParser, UsageError, run_cli
+from modules.flags import MERGE_METHODS
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("models", nargs="+", help="model directories or checkpoint-<step> folders (two or more)")
+    p.add_argument("--output", required=True, help="model directory to write (new or empty)")
+    p.add_argument("--weights", default=None, help="comma list, one per model, >= 0 (default: equal)")
+    p.add_argument("--method", choices=MERGE_METHODS, default="mean")
+    args = p.parse_args(argv)
+    if len(args.models) < 2:
+        p.error("give two or more models")
+    if args.method == "slerp" and len(args.models) != 2:
+        p.error("--method slerp merges exactly two models")
+    try:
+        args.weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(args.models)
+    except ValueError:
+        p.error(f"--weights {args.weights}: expected a comma list of numbers")
+    if len(args.weights) != len(args.models) or min(args.weights) < 0 or not sum(args.weights) > 0:
+        p.error(f"--weights: one number >= 0 per model ({len(args.models)}), not all 0")
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        p.error(f"--output {output} exists and is not an empty directory")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from modules.checkpoints import TRAINER_STATE, written_whole  # after parsing: --help answers at once
+    from modules.merging import merge_model_dirs
+
+    with tempfile.TemporaryDirectory() as exports:
+        model_dirs = [exported(Path(model), Path(exports) / str(i)) if (Path(model) / TRAINER_STATE).is_file()
+                      else Path(model) for i, model in enumerate(args.models)]
+        for model_dir in model_dirs:
+            if not model_dir.is_dir():
+                raise UsageError(f"{model_dir}: no such directory")
+        with written_whole(Path(args.output)) as partial:
+            shutil.copytree(model_dirs[0], partial)
+            (partial / "README.md").unlink(missing_ok=True)  # the first model's card would describe another model
+            files = merge_model_dirs(model_dirs, args.weights, args.method, partial)
+            (partial / "README.md").write_text(merge_card(args))
+    print(f"merged {len(args.models)} models ({args.method}, weights {args.weights}; {', '.join(files)}) into "
+          f"{args.output}")
+
+
+def exported(checkpoint, out):
+    """A checkpoint exported as its run's final/ would be at that step."""
+    from modules.export import checked_step, export_checkpoint
+
+    step = checked_step(checkpoint, out, overwrite=False)
+    export_checkpoint(checkpoint, out, no_wise_ft=False, step=step)
+    return out
+
+
+def merge_card(args):
+    rows = "\n".join(f"| {model} | {weight:g} |" for model, weight in zip(args.models, args.weights))
+    return (f"# {Path(args.output).name}\n\nMerged in weight space by tools/merge_checkpoints.py ({args.method}).\n\n"
+            f"| model | weight |\n|---|---|\n{rows}\n\nCommand: `{' '.join(sys.argv)}`\n")
+
+
+if __name__ == "__main__":
+    run_cli(main)
