@@ -196,9 +196,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- data: every record checked now, so bad input fails before step one; the batch sampler (task-homogeneous
     # batches, or one of every kind a step under --cbb); data_order, stored with every checkpoint (a resume under
     # another setup is refused)
-    datasets, batch_sizes, sampler, data_order = finetune_data(args, accelerator)
     negatives = {"retri_contrast": args.retri_negatives, "cls_contrast": args.cls_negatives}
     negative_parts = accelerator.num_processes if args.cbb else 1  # CBB: each process its own n negatives a record
+    datasets, batch_sizes, sampler, data_order = finetune_data(args, accelerator, negatives, negative_parts)
     # the schedule in optimizer steps, also checked on resume
     steps_per_epoch = len(sampler) // args.grad_accum
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
@@ -228,7 +228,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     if args.query_prefix_file:
         model.prompts.update(read_query_prefixes(args.query_prefix_file, [d.name for d in datasets]))
     query_prefix = {d.name: model.prompts.get(d.name, args.query_prefix) for d in datasets}
-    collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, query_prefix, negative_part)
+    collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, query_prefix, negative_part,
+                            hash_texts=args.mask_duplicates)  # the text hashes --mask_duplicates compares
     losses, loss_weights = task_losses(args, {d.kind for d in datasets}, model.output_dim)  # every loss flag
     accelerator.print("loss weights (relative to the largest): "
                       + ", ".join(f"{kind} {weight:.3g}" for kind, weight in loss_weights.items()))

@@ -626,6 +626,7 @@ class TaskCollator:
     seed: int = 0
     query_prefix: str | dict = ""  # one prefix, or {dataset name: prefix} (datasets not named: none)
     negative_part: tuple = (0, 1)  # (part, parts): CBB gives process r part r of each retrieval record's negatives
+    hash_texts: bool = False  # add "text_ids" (for InfoNCE's duplicate mask) to contrastive batches
 
     def __call__(self, dataset: TaskDataset, indices, draw):
         """``draw``: the sampler's draw key (epoch, occurrence), or an epoch."""
@@ -655,7 +656,7 @@ class TaskCollator:
             "num_negatives": num_negatives,
             "query": self._tokenize([self.prefix_for(dataset.name) + r["text"] for r in records], "query"),
             "passage": self._tokenize(positives + negatives, "passage"),
-            "text_ids": text_ids(records, positives, negatives, num_negatives),
+            **({"text_ids": text_ids(records, positives, negatives, num_negatives)} if self.hash_texts else {}),
         }
 
     def prefix_for(self, dataset_name):
@@ -712,13 +713,13 @@ def read_query_prefixes(path, dataset_names, flag="--query_prefix_file"):
     return prefixes
 
 
-def finetune_data(args, accelerator):
+def finetune_data(args, accelerator, negatives, negative_parts):
     """train_finetune.py's data: (datasets, per-process batch sizes, batch sampler, data order). Every record is
-    checked (skipped ones counted and printed under --skip_bad_records); under --cbb every process holds its own n
-    of each retrieval record's negatives, so a record needs n x processes."""
-    negative_parts = accelerator.num_processes if args.cbb else 1
-    negatives = {"retri_contrast": args.retri_negatives * negative_parts, "cls_contrast": args.cls_negatives}
-    datasets = load_meta_list(args.meta_list, args.root_dir, negatives, args.skip_bad_records)
+    checked (skipped ones counted and printed under --skip_bad_records) to hold the ``negatives`` of its kind; under
+    --cbb every process holds its own n of each retrieval record's negatives (``negative_parts`` = processes), so a
+    record needs n x processes."""
+    needed = {**negatives, "retri_contrast": negatives["retri_contrast"] * negative_parts}
+    datasets = load_meta_list(args.meta_list, args.root_dir, needed, args.skip_bad_records)
     for line in skipped_record_lines(datasets):
         accelerator.print(line)
     default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
