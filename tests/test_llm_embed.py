@@ -182,7 +182,7 @@ def test_script_saves_rope_and_prompts_and_resumes_exactly(tiny_decoders, tiny_d
     import train_llm_embed
 
     prefixes, collator_class = [], modules.data.TaskCollator  # train_finetune.main imports it when it runs
-    monkeypatch.setattr(modules.data, "TaskCollator", lambda *a: prefixes.append(a[4]) or collator_class(*a))
+    monkeypatch.setattr(modules.data, "TaskCollator", lambda *a, **k: prefixes.append(a[4]) or collator_class(*a, **k))
 
     (tmp_path / "tasks.json").write_text(json.dumps({"retri": "Retrieve the caption"}))
     extra = ["--rope_scaling", "linear", "--rope_factor", "4", "--scaling_dim", "40", "--gradient_checkpointing",
