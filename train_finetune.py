@@ -16,7 +16,7 @@ from modules.flags import (
     DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
 )
 
-KINDS = ("retri_contrast", "cls_contrast", "cosent")
+KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
 
 
 def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False):
@@ -94,6 +94,17 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
                    help="retrieval: add W x the global orthogonal regulariser of the queries and of the positives")
     g.add_argument("--mrl_dims", default="", help="comma list of Matryoshka dims, or 'piccolo' for 256..1792 (<= output)")
     g.add_argument("--mrl_weights", default="", help="comma list, one per MRL dim (default equal)")
+    g = p.add_argument_group("distillation (modules/distillation.py)")
+    g.add_argument("--teacher_model", default=None,
+                   help="frozen teacher embedding model, run on the fly: scores for --distill_weight, embeddings for "
+                        "type=parallel corpora")
+    g.add_argument("--distill_weight", type=float, default=0.0,
+                   help="retrieval: add W x KL(teacher || student softmax) over the same candidates; the teacher's "
+                        "scores from --teacher_model, else from the records' pos_scores / neg_scores")
+    g.add_argument("--teacher_temperature", type=float, default=None,
+                   help="temperature of the teacher's softmax (default: --retri_temperature; 1 for cross-encoder logits)")
+    g.add_argument("--parallel_weight", type=float, default=1.0, help="weight of type=parallel corpora (MSE)")
+    g.add_argument("--parallel_batch_size", type=int, default=32, help="per process")
     g = p.add_argument_group("Conan: dynamic hard-negative mining (data from tools/mine_hard_negatives.py) and CBB")
     g.add_argument("--dhnm", action="store_true", help="re-mine easy negatives of retri_contrast data with candidates")
     g.add_argument("--dhnm_interval", type=int, default=100, help="check the last retrieval batch every N steps")
@@ -134,6 +145,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     if args.improved_contrastive and (args.cbb or args.retri_hard_negatives_only):
         p.error("--improved_contrastive needs in-batch negatives without --cbb (it compares every query and positive "
                 "of the batch)")
+    if args.distill_weight and args.dhnm and not args.teacher_model:
+        p.error("--distill_weight with --dhnm needs --teacher_model: DHNM replaces negatives the data's teacher scores "
+                "belong to")
     if args.dhnm and args.retri_negatives < 1:
         p.error("--dhnm needs --retri_negatives >= 1 (the mined negatives it replaces)")
     if args.retri_hard_negatives_only and args.retri_negatives < 1:
@@ -161,7 +175,7 @@ def build_encoder(args, accelerator):
 
 def max_lengths_in_use(max_lengths, datasets, dev_sets):
     """{flag: length} of the texts this run tokenizes: CoSENT pairs, contrastive queries and passages, dev sets."""
-    roles = {role for d in datasets for role in (("pair",) if d.kind == "cosent" else ("query", "passage"))}
+    roles = {role for d in datasets for role in (("pair",) if d.kind in ("cosent", "parallel") else ("query", "passage"))}
     return {f"--{role}_max_len": max_lengths[role] for role in sorted(roles | dev_sets.length_roles())}
 
 
@@ -177,6 +191,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
     )
     from modules.data import EpochBatches, TaskCollator, finetune_data, read_query_prefixes
+    from modules.distillation import build_teacher
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import batch_size_and_tokens, task_loss, to_device
@@ -220,8 +235,10 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- model and losses
     model = build_model(args, accelerator)
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
-    check_lengths_fit(model.backbone, max_lengths_in_use(max_lengths, datasets, dev_sets),
+    lengths_in_use = max_lengths_in_use(max_lengths, datasets, dev_sets)
+    check_lengths_fit(model.backbone, lengths_in_use,
                       ", or extend the position table with --extend_pe --max_length N")  # not a crash mid-run
+    teacher = build_teacher(args, accelerator.device, model.output_dim, datasets, lengths_in_use)  # --teacher_model
     negative_part = (accelerator.process_index if args.cbb else 0, negative_parts)
     # query prefix of a dataset: the model's prompt of that name (--query_prefix_file, train_llm_embed.py's
     # instructions), else --query_prefix
@@ -229,7 +246,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         model.prompts.update(read_query_prefixes(args.query_prefix_file, [d.name for d in datasets]))
     query_prefix = {d.name: model.prompts.get(d.name, args.query_prefix) for d in datasets}
     collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, query_prefix, negative_part,
-                            hash_texts=args.mask_duplicates)  # the text hashes --mask_duplicates compares
+                            hash_texts=args.mask_duplicates,  # the text hashes --mask_duplicates compares
+                            teacher_tokenizer=teacher and teacher.tokenizer, teacher_prefix=teacher and teacher.query_prefix,
+                            distill=bool(args.distill_weight))
     losses, loss_weights = task_losses(args, {d.kind for d in datasets}, model.output_dim)  # every loss flag
     accelerator.print("loss weights (relative to the largest): "
                       + ", ".join(f"{kind} {weight:.3g}" for kind, weight in loss_weights.items()))
@@ -286,8 +305,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         for batch_in_epoch, batch in enumerate(loader, start=first):
             parts = batch["parts"] if args.cbb else [batch]  # CBB: one batch of every task kind
             with accelerator.accumulate(model):
-                part_losses = [task_loss(model, to_device(part, accelerator.device), losses, args.length_buckets)
-                               for part in parts]
+                part_losses = [task_loss(model, to_device(part, accelerator.device), losses, args.length_buckets,
+                                         teacher) for part in parts]
                 stop_on_non_finite_loss(accelerator, global_step + 1, part_losses, [
                     f"{part['kind']} loss of {datasets[part['dataset_index']].name} "
                     f"({datasets[part['dataset_index']].source})" for part in parts])

@@ -24,7 +24,7 @@ import torch
 from .cli import DataError
 from .flags import META_LINE
 
-TASK_KINDS = ("retri_contrast", "cls_contrast", "cosent")
+TASK_KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
 CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")
 
 
@@ -286,10 +286,12 @@ def _number(record, column, where):
     return float(value)
 
 
-def parse_record(record, kind, where, negatives_needed=0, corpus_root=None):
+def parse_record(record, kind, where, negatives_needed=0, corpus_root=None, teacher_scores=False):
     """Check one raw record and return it in the normal form of its kind (with at least ``negatives_needed``).
 
     A mined record's ``corpus`` path is relative to ``corpus_root`` (the folder of the record's file).
+    ``teacher_scores``: a retrieval record also needs ``pos_scores`` / ``neg_scores``, one number per positive /
+    negative (score distillation from the data).
     """
     needs_negatives = negatives_needed > 0
     if not isinstance(record, dict):
@@ -301,6 +303,8 @@ def parse_record(record, kind, where, negatives_needed=0, corpus_root=None):
         return {"text": _training_text(record, "text", where), "text_pair": _training_text(record, "text_pair", where),
                 "label": _number(record, "label", where)}
     parsed = {"text": _training_text(record, "text", where), "text_pos": _text_list(record, "text_pos", where)}
+    if kind == "parallel":
+        return parsed
     if needs_negatives:
         parsed["text_neg"] = _text_list(record, "text_neg", where)
     if kind == "retri_contrast" and ("candidates" in record or "candidate_ids" in record):
@@ -309,7 +313,21 @@ def parse_record(record, kind, where, negatives_needed=0, corpus_root=None):
         raise DataError(f"{where}: {len(parsed['text_neg'])} negatives in 'text_neg', fewer than the {negatives_needed} "
                         "each record needs (--retri_negatives / --cls_negatives; for retrieval under --cbb, times the "
                         "number of processes): repeating negatives would count them twice in the softmax")
+    if teacher_scores and kind == "retri_contrast":
+        parsed["pos_scores"] = _scores(record, "pos_scores", len(parsed["text_pos"]), where)
+        parsed["neg_scores"] = _scores(record, "neg_scores", len(parsed.get("text_neg", [])), where)
     return parsed
+
+
+def _scores(record, column, count, where):
+    """A list of ``count`` finite numbers (a teacher's score of each positive or negative)."""
+    values = record.get(column)
+    if not (isinstance(values, list) and len(values) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        raise BadRecord(where, f"column {column!r} must list {count} finite numbers, one per text of "
+                               f"{'text_pos' if column == 'pos_scores' else 'text_neg'} (distillation from the data's "
+                               "teacher scores; or give --teacher_model)")
+    return [float(v) for v in values]
 
 
 def _training_text(record, column, where):
@@ -339,6 +357,7 @@ REQUIRED_COLUMNS = {
     "retri_contrast": lambda needs_negatives: ("text", "text_pos") + (("text_neg",) if needs_negatives else ()),
     "cls_contrast": lambda needs_negatives: ("text", "text_pos") + (("text_neg",) if needs_negatives else ()),
     "cosent": lambda needs_negatives: ("text", "text_pair", "label"),
+    "parallel": lambda needs_negatives: ("text", "text_pos"),
 }
 
 
@@ -358,9 +377,10 @@ class TaskDataset:
         return len(self.records)
 
 
-def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict, skip_bad=False) -> TaskDataset:
+def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict, skip_bad=False, teacher_scores=False) -> TaskDataset:
     """Read and check every record of one meta-list entry; ``skip_bad``: skip and count every BadRecord (a record
-    with one empty negative among many is skipped whole: its pool would otherwise differ from what the file says)."""
+    with one empty negative among many is skipped whole: its pool would otherwise differ from what the file says);
+    ``teacher_scores``: retrieval records need their teacher scores (see parse_record)."""
     kind = entry.kind
     records, skipped = [], SkippedRecords()
     for where, raw in iter_raw_records(entry.path, skipped.add if skip_bad else None):
@@ -375,7 +395,8 @@ def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict, skip_bad=False
         if kind is None:
             raise DataError(f"{where}: no 'type' column and no type=KIND in the meta list ({entry.source})")
         try:
-            records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0), entry.path.parent))
+            records.append(parse_record(raw, kind, where, negatives_per_kind.get(kind, 0), entry.path.parent,
+                                        teacher_scores))
         except BadRecord as error:
             if not skip_bad:
                 raise
@@ -387,9 +408,11 @@ def load_task_dataset(entry: MetaEntry, negatives_per_kind: dict, skip_bad=False
                        entry.path, entry.weight, skipped)
 
 
-def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None, skip_bad=False) -> list[TaskDataset]:
+def load_meta_list(meta_file, root_dir=None, negatives_per_kind=None, skip_bad=False,
+                   teacher_scores=False) -> list[TaskDataset]:
     negatives_per_kind = negatives_per_kind or {}
-    return [load_task_dataset(entry, negatives_per_kind, skip_bad) for entry in read_meta_list(meta_file, root_dir)]
+    return [load_task_dataset(entry, negatives_per_kind, skip_bad, teacher_scores)
+            for entry in read_meta_list(meta_file, root_dir)]
 
 
 def skipped_record_lines(datasets):
@@ -627,6 +650,10 @@ class TaskCollator:
     query_prefix: str | dict = ""  # one prefix, or {dataset name: prefix} (datasets not named: none)
     negative_part: tuple = (0, 1)  # (part, parts): CBB gives process r part r of each retrieval record's negatives
     hash_texts: bool = False  # add "text_ids" (for InfoNCE's duplicate mask) to contrastive batches
+    teacher_tokenizer: object = None  # --teacher_model: "teacher" tokens of parallel batches (its own tokenizer)
+    teacher_prefix: str = ""  # the teacher's query prompt
+    distill: bool = False  # retrieval batches too: "teacher" tokens, or without a teacher model the records'
+    # "teacher_scores" [B, 1 + K] of the positive and negatives drawn
 
     def __call__(self, dataset: TaskDataset, indices, draw):
         """``draw``: the sampler's draw key (epoch, occurrence), or an epoch."""
@@ -635,22 +662,32 @@ class TaskCollator:
             texts = [r["text"] for r in records] + [r["text_pair"] for r in records]
             return {"kind": "cosent", "task": dataset.name, "pair": self._tokenize(texts, "pair"),
                     "labels": torch.tensor([r["label"] for r in records], dtype=torch.float64)}
+        key = list(draw) if isinstance(draw, (tuple, list)) else [draw]
+        if dataset.kind == "parallel":  # [sources | one translation of each], the teacher embeds the sources
+            sources = [r["text"] for r in records]
+            translations = [r["text_pos"][np.random.default_rng([self.seed, *key, i]).integers(len(r["text_pos"]))]
+                            for i, r in zip(indices, records)]
+            return {"kind": "parallel", "task": dataset.name, "pair": self._tokenize(sources + translations, "pair"),
+                    "teacher": {"query": tokenize(self.teacher_tokenizer, sources, self.max_length["pair"])}}
         num_negatives = self.negatives_per_kind.get(dataset.kind, 0)
-        positives, negatives = [], []
+        positives, negatives, scores = [], [], []
         # CBB's processes share the retrieval records and take disjoint parts of their negatives (the pools
         # were checked at load to hold parts x n); other kinds are sliced by record and use part 0
         part = self.negative_part[0] * num_negatives if dataset.kind == "retri_contrast" else 0
-        key = list(draw) if isinstance(draw, (tuple, list)) else [draw]
         for index, record in zip(indices, records):
             rng = np.random.default_rng([self.seed, *key, index])
-            positives.append(record["text_pos"][rng.integers(len(record["text_pos"]))])
+            chosen = [int(rng.integers(len(record["text_pos"])))]
+            positives.append(record["text_pos"][chosen[0]])
             if num_negatives:
                 pool = record["text_neg"]
                 if len(pool) < part + num_negatives:  # load_meta_list checks pools against the run's needs
                     raise DataError(f"{dataset.source}: record {index} has {len(pool)} negatives, part "
                                     f"{self.negative_part} of {num_negatives} each needs {part + num_negatives}")
-                negatives.extend(pool[i] for i in rng.permutation(len(pool))[part : part + num_negatives])
-        return {
+                chosen += [int(i) for i in rng.permutation(len(pool))[part : part + num_negatives]]
+                negatives.extend(pool[i] for i in chosen[1:])
+            if self.distill and "pos_scores" in record:
+                scores.append([record["pos_scores"][chosen[0]], *(record["neg_scores"][i] for i in chosen[1:])])
+        batch = {
             "kind": dataset.kind,
             "task": dataset.name,
             "num_negatives": num_negatives,
@@ -658,6 +695,14 @@ class TaskCollator:
             "passage": self._tokenize(positives + negatives, "passage"),
             **({"text_ids": text_ids(records, positives, negatives, num_negatives)} if self.hash_texts else {}),
         }
+        if self.distill and self.teacher_tokenizer is not None and dataset.kind == "retri_contrast":
+            batch["teacher"] = {"query": tokenize(self.teacher_tokenizer, [self.teacher_prefix + r["text"] for r in records],
+                                                  self.max_length["query"]),
+                                "passage": tokenize(self.teacher_tokenizer, positives + negatives,
+                                                    self.max_length["passage"])}
+        elif scores:
+            batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float32)
+        return batch
 
     def prefix_for(self, dataset_name):
         return self.query_prefix if isinstance(self.query_prefix, str) else self.query_prefix.get(dataset_name, "")
@@ -719,11 +764,15 @@ def finetune_data(args, accelerator, negatives, negative_parts):
     --cbb every process holds its own n of each retrieval record's negatives (``negative_parts`` = processes), so a
     record needs n x processes."""
     needed = {**negatives, "retri_contrast": negatives["retri_contrast"] * negative_parts}
-    datasets = load_meta_list(args.meta_list, args.root_dir, needed, args.skip_bad_records)
+    datasets = load_meta_list(args.meta_list, args.root_dir, needed, args.skip_bad_records,
+                              teacher_scores=bool(args.distill_weight) and not args.teacher_model)
+    if not args.teacher_model and any(d.kind == "parallel" for d in datasets):
+        raise DataError(f"{next(d.source for d in datasets if d.kind == 'parallel')}: a parallel corpus is distilled "
+                         "from a teacher's embeddings: give --teacher_model")
     for line in skipped_record_lines(datasets):
         accelerator.print(line)
     default_batch = {"retri_contrast": args.retri_batch_size, "cls_contrast": args.cls_batch_size,
-                     "cosent": args.cosent_batch_size}
+                     "cosent": args.cosent_batch_size, "parallel": args.parallel_batch_size}
     batch_sizes = [d.batch_size or default_batch[d.kind] for d in datasets]
     sampler = build_sampler(datasets, batch_sizes, args.seed, accelerator.num_processes, accelerator.process_index,
                             args.cbb)

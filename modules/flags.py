@@ -60,12 +60,14 @@ def add_output_arguments(parser):
 AT_LEAST_ONE = ("retri_batch_size", "cls_batch_size", "cosent_batch_size", "batch_size", "grad_accum", "epochs",
                 "save_total_limit", "query_max_len", "passage_max_len", "pair_max_len", "max_length", "scaling_dim",
                 "length_buckets", "dhnm_interval", "shuffle_chunk", "block_mb", "loss_chunk_size", "lora_r",
-                "log_every")
+                "log_every", "parallel_batch_size")
 AT_LEAST_ZERO = ("lr", "scaling_lr", "weight_decay", "max_grad_norm", "retri_weight", "cls_weight", "cosent_weight",
                  "cbb_beta", "save_every", "eval_every", "num_workers", "retri_negatives", "dhnm_skip", "lora_dropout",
-                 "mini_batch_size", "warmup_steps", "spread_out_weight")
+                 "mini_batch_size", "warmup_steps", "spread_out_weight",
+                 "distill_weight", "parallel_weight")
 ABOVE_ZERO = ("retri_temperature", "cls_temperature", "cosent_temperature", "temperature", "timeout_minutes",
-              "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor", "mask_relative")
+              "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor", "mask_relative",
+              "teacher_temperature")
 FRACTIONS = ("warmup_ratio",)
 
 

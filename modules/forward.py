@@ -2,6 +2,8 @@
 
 import torch
 
+from .distillation import teacher_inputs
+
 
 def to_device(batch, device):
     """Move every tensor of a (nested) batch dict to ``device``."""
@@ -38,27 +40,30 @@ def embed(model, tokens, length_buckets=1):
     return outputs[torch.argsort(torch.cat([rows for rows, _ in sub_batches]))]
 
 
-def task_loss(model, batch, losses, length_buckets=1):
+def task_loss(model, batch, losses, length_buckets=1, teacher=None):
     """Embed one task-homogeneous batch and return its (unweighted) loss.
 
     Contrastive batches embed queries and passages separately (their max lengths differ);
-    ``passage`` holds [positives | negatives of row 0 | negatives of row 1 | ...].
+    ``passage`` holds [positives | negatives of row 0 | negatives of row 1 | ...]. The teacher's part
+    (``teacher``, a modules.distillation.Teacher, or scores in the batch) goes to the loss when there is one.
     """
     kind = batch["kind"]
-    if kind == "cosent":
+    teacher_part = teacher_inputs(teacher, batch)
+    if kind in ("cosent", "parallel"):
         first, second = embed(model, batch["pair"], length_buckets).chunk(2)
-        return losses[kind](first, second, batch["labels"])
+        return losses[kind](first, second, batch["labels"] if kind == "cosent" else teacher_part)
     queries = embed(model, batch["query"], length_buckets)
     passages = embed(model, batch["passage"], length_buckets)
     rows, num_negatives = queries.size(0), batch["num_negatives"]
     negatives = passages[rows:].view(rows, num_negatives, -1) if num_negatives else None
-    return losses[kind](queries, passages[:rows], negatives, batch.get("text_ids"))
+    extra = (teacher_part,) if teacher_part is not None else ()
+    return losses[kind](queries, passages[:rows], negatives, batch.get("text_ids"), *extra)
 
 
 def batch_size_and_tokens(batch):
     """(records, non-padding tokens) in one batch, for throughput logging."""
-    if batch["kind"] == "cosent":
-        return batch["labels"].numel(), int(batch["pair"]["attention_mask"].sum())
+    if "pair" in batch:  # cosent, parallel: [texts | their pairs]
+        return batch["pair"]["input_ids"].size(0) // 2, int(batch["pair"]["attention_mask"].sum())
     return batch["query"]["input_ids"].size(0), int(
         batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
     )

@@ -435,7 +435,8 @@ def matryoshka_from_flags(loss, dims_flag, weights_flag, output_dim):
 
 def task_losses(args, kinds, output_dim):
     """The fine-tuning losses of each task kind from the flags (temperatures, CBB, false-negative masks, hardness
-    weights, the improved contrastive loss, the spread-out regulariser, Matryoshka), and each kind's weight relative
+    weights, the improved contrastive loss, the spread-out regulariser, distillation, Matryoshka), and each kind's
+    weight relative
     to the largest among the run's ``kinds``."""
     candidates = {"mask_duplicates": args.mask_duplicates, "mask_margin": args.mask_margin,
                   "mask_relative": args.mask_relative, "hard_alpha": args.hard_negative_alpha,
@@ -447,12 +448,21 @@ def task_losses(args, kinds, output_dim):
         "cls_contrast": InfoNCE(args.cls_temperature, in_batch_negatives=False, **candidates),
         "cosent": CoSENT(args.cosent_temperature),
     }
+    from .distillation import ParallelMSE, ScoreDistillation  # it builds on this module's helpers
+
     if args.spread_out_weight:
         losses["retri_contrast"] = SpreadOut(losses["retri_contrast"], args.spread_out_weight)
+    if args.distill_weight:
+        losses["retri_contrast"] = ScoreDistillation(losses["retri_contrast"], args.distill_weight,
+                                                     args.retri_temperature,
+                                                     args.teacher_temperature or args.retri_temperature)
     weights = relative_task_weights({"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight,
-                                     "cosent": args.cbb_beta if args.cbb else args.cosent_weight}, kinds)
-    return {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, output_dim)
-            for kind, loss in losses.items()}, weights
+                                     "cosent": args.cbb_beta if args.cbb else args.cosent_weight,
+                                     "parallel": args.parallel_weight}, kinds)
+    losses = {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, output_dim)
+              for kind, loss in losses.items()}
+    losses["parallel"] = ParallelMSE()  # the teacher's embeddings are whole: no Matryoshka
+    return losses, weights
 
 
 def contrastive_masks(losses):

@@ -43,7 +43,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_COLUMNS = (("kind", "Kind"), ("records", "Records"), ("weight", "Weight"), ("share", "Share of steps"),
                  ("batch_size", "Batch per process"), ("global_batch_size", "Global batch"),
                  ("batches_per_epoch", "Batches an epoch"), ("batches", "Batches"), ("files", "Files"))
-_KIND_FLAG_PREFIX = {"retri_contrast": "retri", "cls_contrast": "cls", "cosent": "cosent"}
+_KIND_FLAG_PREFIX = {"retri_contrast": "retri", "cls_contrast": "cls", "cosent": "cosent", "parallel": "parallel"}
+_PICCOLO_KINDS = ("retri_contrast", "cls_contrast", "cosent")  # a card's kinds where the run did not list them
 
 
 def write_model_card(final_dir, args, summary, eval_history=None, cmteb=None):
@@ -215,13 +216,14 @@ def _loss_section(args, summary, rows):
         text += f"; GradCache mini batch {args.mini_batch_size}" if args.mini_batch_size else ""
         return "## Loss\n\n" + text
     weights = summary.get("loss_weights")
-    kinds = list(weights or dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _KIND_FLAG_PREFIX)
+    kinds = list(weights or dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _PICCOLO_KINDS)
     described = {"cosent": "CoSENT",
                  "cls_contrast": f"InfoNCE, its {args.cls_negatives} negative(s) only (no in-batch)",
                  "retri_contrast": (f"InfoNCE, its {args.retri_negatives} hard negative(s) only (no in-batch)"
                                     if args.retri_hard_negatives_only else
                                     f"InfoNCE, in-batch + {args.retri_negatives} hard negative(s) per query"
-                                    if args.retri_negatives else "InfoNCE, in-batch negatives")}
+                                    if args.retri_negatives else "InfoNCE, in-batch negatives"),
+                 "parallel": "MSE of S(source) and S(translation) to the teacher's T(source)"}
     lines = ["## Losses", "", "Each batch comes from one dataset and gets its kind's loss.", "",
              f"| Task kind | Loss | Temperature | Weight{' (relative to the largest)' if weights else ''} |",
              "|---|---|---:|---:|"]
@@ -229,9 +231,14 @@ def _loss_section(args, summary, rows):
         prefix = _KIND_FLAG_PREFIX[kind]
         weight = (weights[kind] if weights else args.cbb_beta if args.cbb and kind == "cosent"
                   else getattr(args, f"{prefix}_weight"))
-        temperature = getattr(args, f"{prefix}_temperature")
-        lines.append(f"| {kind} | {described[kind]} | {_num(temperature)} | {_num(weight)} |")
+        temperature = getattr(args, f"{prefix}_temperature", None)
+        lines.append(f"| {kind} | {described[kind]} | {_num(temperature) if temperature else '-'} | {_num(weight)} |")
     lines.append("")
+    if getattr(args, "distill_weight", 0):
+        lines.append(f"- Distillation: retrieval loss + {_num(args.distill_weight)} x KL(teacher || student) over "
+                     + (f"the batch's candidates, scored by {args.teacher_model}" if args.teacher_model else
+                        "each query's positive and negatives, scored in the data (pos_scores, neg_scores)")
+                     + f"; teacher temperature {_num(args.teacher_temperature or args.retri_temperature)}")
     if args.cbb:
         lines.append(f"- CBB: every step one batch of every kind, retrieval queries shared by all processes (each "
                      f"with its own negatives); loss = retrieval + {_num(args.cbb_beta)} x CoSENT")
@@ -252,7 +259,7 @@ def _training_section(args, summary, rows):
     ratio = "" if fixed is not None else f" ({_num(args.warmup_ratio)} of the steps)"
     lines.append(f"- Warmup steps: {warmup}{ratio}" if warmup is not None else f"- Warmup:{ratio}")
     if hasattr(args, "retri_batch_size"):
-        kinds = dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _KIND_FLAG_PREFIX
+        kinds = dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _PICCOLO_KINDS
         lines.append("- Batch per process: " + ", ".join(
             f"{kind} {getattr(args, _KIND_FLAG_PREFIX[kind] + '_batch_size')}" for kind in kinds)
             + (" (a meta list's batch_size=N overrides; see the data table)" if rows else ""))
