@@ -13,7 +13,9 @@ from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
-    DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
+    DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
+    add_output_arguments,
+    check_output_arguments,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
@@ -36,6 +38,7 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
                    help="learning rate of the ScalingLayer (default: --lr); a new one starts semi-orthogonal")
     g.add_argument("--torch_dtype", choices=DTYPE_NAMES, default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    add_attention_arguments(g, implementation=not decoder)  # train_llm_embed.py has its own --attn_implementation
     if decoder:  # a rotary decoder is extended with --rope_scaling instead
         p.set_defaults(extend_pe=False, max_length=None, freeze_position_embeddings=False)
     else:
@@ -63,8 +66,7 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
                    help="JSON {dataset name: query prefix}, saved with the model as prompts of those names; "
                         "other datasets get --query_prefix")
     g.add_argument("--num_workers", type=int, default=1, help="tokenizing dataloader workers")
-    g.add_argument("--length_buckets", type=int, default=4,
-                   help="split each forward into N length-sorted sub-batches to skip padding (1: off)")
+    add_bucket_arguments(g)
     g.add_argument("--skip_bad_records", action="store_true",
                    help="skip (and count at start-up) records with invalid JSON or a missing, non-text or empty text, "
                         "instead of stopping at the first")
@@ -148,6 +150,8 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     if args.distill_weight and args.dhnm and not args.teacher_model:
         p.error("--distill_weight with --dhnm needs --teacher_model: DHNM replaces negatives the data's teacher scores "
                 "belong to")
+    if args.padding_free:
+        args.length_buckets = 1  # every forward is already its real tokens
     if args.dhnm and args.retri_negatives < 1:
         p.error("--dhnm needs --retri_negatives >= 1 (the mined negatives it replaces)")
     if args.retri_hard_negatives_only and args.retri_negatives < 1:
@@ -161,8 +165,9 @@ def build_encoder(args, accelerator):
     from modules.model import DTYPES, EmbeddingModel
     from modules.position import extend_model_positions, freeze_position_embeddings
 
+    attention = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim,
-                                           dtype=DTYPES[args.torch_dtype])
+                                           dtype=DTYPES[args.torch_dtype], **attention)
     if args.extend_pe:
         trained = extend_model_positions(model, args.max_length, args.pe_extension, args.pe_alpha)
         accelerator.print(f"position table: {trained} trained positions -> {args.max_length} ({args.pe_extension})")
@@ -199,9 +204,11 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from modules.mining import MiningState, dhnm_round
     from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
+    from modules.padding_free import check_padding_free
     from modules.position import check_lengths_fit
     from modules.progress import Progress, Stopwatch
     from modules.run_summary import finetune_setup, startup_lines
+    from modules.throughput import FlopCounter, peak_tflops, speed_metrics
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
     accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm, args.report_to,
@@ -234,6 +241,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
     # ---- model and losses
     model = build_model(args, accelerator)
+    if args.padding_free:
+        check_padding_free(model, accelerator.device)
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
     lengths_in_use = max_lengths_in_use(max_lengths, datasets, dev_sets)
     check_lengths_fit(model.backbone, lengths_in_use,
@@ -254,6 +263,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                       + ", ".join(f"{kind} {weight:.3g}" for kind, weight in loss_weights.items()))
     if args.mrl_dims:
         accelerator.print(f"Matryoshka dims: {losses['cosent'].dims}")
+
+    flops, peak = FlopCounter(model), peak_tflops(args.peak_tflops, accelerator.device)  # MFU in the log
 
     # ---- optimizer and schedule
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.scaling_lr)
@@ -287,7 +298,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     model.train()
     progress = Progress(total_steps, global_step, accelerator.is_local_main_process)
     window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS)), "pairs": 0, "tokens": 0,
-              "seconds": 0.0}
+              "flops": 0.0, "seconds": 0.0}
     done = global_step >= total_steps
     measured = {"timed_steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}  # training steps after the first
     dhnm_log, last_mined = {"checks": 0, "checked": 0, "replaced": 0, "seconds": 0.0}, None
@@ -306,7 +317,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
             parts = batch["parts"] if args.cbb else [batch]  # CBB: one batch of every task kind
             with accelerator.accumulate(model):
                 part_losses = [task_loss(model, to_device(part, accelerator.device), losses, args.length_buckets,
-                                         teacher) for part in parts]
+                                         teacher, args.split_tokens) for part in parts]
                 stop_on_non_finite_loss(accelerator, global_step + 1, part_losses, [
                     f"{part['kind']} loss of {datasets[part['dataset_index']].name} "
                     f"({datasets[part['dataset_index']].source})" for part in parts])
@@ -316,6 +327,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 optimizer.step()
                 optimizer.zero_grad()
             step_pairs, step_tokens = 0, 0
+            window["flops"] += sum(flops.of_batch(part) for part in parts) * accelerator.num_processes
             for part, loss in zip(parts, part_losses):
                 pairs, tokens = batch_size_and_tokens(part)
                 window["loss"][KINDS.index(part["kind"])] += loss.detach().float().cpu()
@@ -344,13 +356,13 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 mean_losses = accelerator.reduce(window["loss"].to(accelerator.device), "mean").cpu()
                 metrics = {f"loss/{k}": (mean_losses[i] / window["count"][i]).item()
                            for i, k in enumerate(KINDS) if window["count"][i]}
-                metrics.update({"lr": scheduler.get_last_lr()[0], "pairs_per_s": window["pairs"] / window["seconds"],
-                                "tokens_per_s": window["tokens"] / window["seconds"], "epoch": epoch,
+                metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                                **speed_metrics(window, accelerator.num_processes, peak),  # real tokens, MFU
                                 **contrastive_masks(losses)})  # candidates the false-negative masks removed
                 accelerator.log(metrics, step=global_step)
                 progress.log(global_step, metrics)
                 window.update(loss=torch.zeros(len(KINDS)), count=torch.zeros(len(KINDS)), pairs=0, tokens=0,
-                              seconds=0.0)
+                              flops=0.0, seconds=0.0)
             if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
                 counts = dhnm_round(accelerator, model, tokenizer, mining, last_mined, max_lengths,
                                     query_prefix[datasets[last_mined[0]].name], args, dhnm_log)

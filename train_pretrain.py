@@ -6,7 +6,7 @@
 
 Conan-Embedding's first stage and the 1B-pairs project (all-MiniLM-L6-v2): every step's global
 batch comes from one source, drawn by weight; every other pair in the global batch (all processes)
-is a negative; ``--mini_batch_size`` turns on GradCache so the batch can be tens of thousands of
+is a negative; ``--mini_batch_size`` (rows) or ``--mini_batch_tokens`` (padded tokens) turns on GradCache so the batch can be tens of thousands of
 pairs on limited memory. Data streams: nothing is read ahead, and a checkpoint holds every
 process's position in every source, so resuming continues with exactly the batches that would
 have come next. All hyperparameters are below; edit freely for ablations.
@@ -17,7 +17,9 @@ from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
-    DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_output_arguments, check_output_arguments,
+    DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
+    add_output_arguments,
+    check_output_arguments,
 )
 
 
@@ -28,6 +30,7 @@ def parse_args(argv=None):
     g.add_argument("--pooling", choices=["mean", "cls", "lasttoken"], default=None, help="default: the model's own, else mean")
     g.add_argument("--torch_dtype", choices=DTYPE_NAMES, default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    add_attention_arguments(g)
     g = p.add_argument_group("data")
     g.add_argument("--meta_list", required=True, help=f"lines of '{PRETRAIN_META_LINE}'")
     g.add_argument("--root_dir", default=None, help="base of relative meta-list paths (default: the meta list's dir)")
@@ -38,14 +41,13 @@ def parse_args(argv=None):
     g.add_argument("--shuffle_chunk", type=int, default=8192, help="records read and shuffled together")
     g.add_argument("--block_mb", type=int, default=64, help="JSONL files are split into blocks of this many MB")
     g.add_argument("--num_workers", type=int, default=2, help="tokenizing loader workers per process (0: in-process)")
-    g.add_argument("--length_buckets", type=int, default=4, help="without GradCache: length-sorted sub-batches per forward")
+    add_bucket_arguments(g, gradcache=True)
     g.add_argument("--skip_bad_records", action="store_true",
                    help="skip records with invalid JSON or a missing, non-text or empty text, counted in the log, "
                         "instead of stopping at the first")
     g = p.add_argument_group("loss")
     g.add_argument("--temperature", type=float, default=0.05, help="0.05 = scale 20 (MultipleNegativesRankingLoss)")
     g.add_argument("--symmetric", action="store_true", help="add the positive->query direction")
-    g.add_argument("--mini_batch_size", type=int, default=0, help="GradCache mini-batch (0: off; plain backward)")
     g.add_argument("--loss_chunk_size", type=int, default=1024, help="query rows scored at once (memory only)")
     g.add_argument("--mrl_dims", default="", help="comma list of Matryoshka dims, or 'piccolo' for 256..1792 (<= output)")
     g.add_argument("--mrl_weights", default="", help="comma list, one per MRL dim (default equal)")
@@ -75,7 +77,9 @@ def build_model(args):
     from modules.model import DTYPES, EmbeddingModel
     from modules.position import check_lengths_fit
 
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype])
+    attention = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype],
+                                           **attention)
     check_lengths_fit(model.backbone, {"--query_max_len": args.query_max_len, "--passage_max_len": args.passage_max_len})
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -103,12 +107,15 @@ def main(argv=None):
     from modules.run_summary import pretrain_setup, startup_lines
     from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
     from modules.streaming import checked_batch, skipped_record_count, skipped_record_lines
+    from modules.padding_free import check_padding_free
+    from modules.throughput import FlopCounter, peak_tflops, speed_metrics
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
     accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm, report_to=args.report_to,
                                    timeout_minutes=args.timeout_minutes)
     set_seed(args.seed)
-    if args.mini_batch_size:
+    gradcache = bool(args.mini_batch_size or args.mini_batch_tokens)  # --mini_batch_size / --mini_batch_tokens
+    if gradcache:
         check_gradcache_supported(accelerator)
 
     sources = read_pretrain_meta_list(args.meta_list, args.root_dir)
@@ -126,11 +133,15 @@ def main(argv=None):
                          f"{', '.join(dev_sets.metric_names())}")
 
     model = build_model(args)
+    if args.padding_free:
+        check_padding_free(model, accelerator.device)
     loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
                                     args.mrl_dims, args.mrl_weights, model.output_dim)
     if args.mrl_dims:
         accelerator.print(f"Matryoshka dims: {loss_fn.dims}")
     tokenizer = model.tokenizer
+    flops = FlopCounter(model, passes=4 if gradcache else 3)  # GradCache embeds twice
+    peak = peak_tflops(args.peak_tflops, accelerator.device)  # MFU in the log
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = make_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -168,7 +179,7 @@ def main(argv=None):
 
     model.train()
     progress = Progress(args.max_steps, global_step, accelerator.is_local_main_process)
-    window = {"loss": torch.zeros(()), "steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}
+    window = {"loss": torch.zeros(()), "steps": 0, "pairs": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0}
     measured = {"timed_steps": 0, "pairs": 0, "seconds": 0.0}  # training steps after the first
     warm, step_clock = False, Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     while global_step < args.max_steps:
@@ -178,12 +189,13 @@ def main(argv=None):
         batch_source = batch.pop("source")
         source_batches[batch_source] += 1
         batch = to_device(batch, accelerator.device)
-        if args.mini_batch_size:
+        if gradcache:
             loss = cached_loss_backward(model, [batch["query"], batch["passage"]], loss_fn, args.mini_batch_size,
-                                        backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+                                        backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model),
+                                        mini_batch_tokens=args.mini_batch_tokens, split_tokens=args.split_tokens)
         else:
-            loss = loss_fn(embed(model, batch["query"], args.length_buckets),
-                           embed(model, batch["passage"], args.length_buckets))
+            loss = loss_fn(embed(model, batch["query"], args.length_buckets, args.split_tokens),
+                           embed(model, batch["passage"], args.length_buckets, args.split_tokens))
             accelerator.backward(loss)
         stop_on_non_finite_loss(accelerator, global_step + 1, [loss], [f"loss of {sources[batch_source].name} "
                                                                        f"({sources[batch_source].source})"])
@@ -202,6 +214,7 @@ def main(argv=None):
         tokens = int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())
         window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1,
                       pairs=window["pairs"] + pairs, tokens=window["tokens"] + tokens * accelerator.num_processes,
+                      flops=window["flops"] + flops.of_batch(batch) * accelerator.num_processes,
                       seconds=window["seconds"] + seconds)
         if warm:
             measured.update(timed_steps=measured["timed_steps"] + 1, pairs=measured["pairs"] + pairs,
@@ -210,14 +223,13 @@ def main(argv=None):
         if global_step % args.log_every == 0 or global_step == args.max_steps:
             loss_sum = accelerator.reduce(window["loss"].to(accelerator.device), "mean").item()  # every process's part
             metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0],
-                       "pairs_per_s": window["pairs"] / window["seconds"],
-                       "tokens_per_s": window["tokens"] / window["seconds"]}
+                       **speed_metrics(window, accelerator.num_processes, peak)}  # real tokens, MFU
             if args.skip_bad_records:
                 metrics["skipped_records"] = skipped_record_count(loader_state)  # this process's, so far
             accelerator.log({**metrics, **{f"batches/{s.name}": n for s, n in zip(sources, source_batches)}},
                             step=global_step)
             progress.log(global_step, metrics)
-            window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, seconds=0.0)
+            window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, flops=0.0, seconds=0.0)
         if dev_sets and args.eval_every and (global_step % args.eval_every == 0 or global_step == args.max_steps):
             eval_history[global_step] = evaluate()
         if best.improved(global_step, eval_history) or (args.save_every and global_step % args.save_every == 0):

@@ -41,7 +41,7 @@ def query_passage_pairs():
     lines = (folder / "qrels.tsv").read_text().splitlines()[1:]
     pairs = {}
     for query_id, doc_id, *_ in (line.split("\t") for line in lines):
-        if query_id in queries and doc_id in corpus and doc_id not in pairs:  # distinct passages: no false negatives
+        if query_id in queries and corpus.get(doc_id, "").strip() and doc_id not in pairs:  # distinct, non-empty
             pairs[doc_id] = {"text": queries[query_id], "text_pos": corpus[doc_id]}
     return list(pairs.values())
 
@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--length_buckets", type=int, default=4)
+    parser.add_argument("--length_buckets", default="auto", help="our --length_buckets: auto, N or 1")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 

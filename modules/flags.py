@@ -32,6 +32,9 @@ def add_output_arguments(parser):
                         "saved with every checkpoint (0: off)")
     g.add_argument("--log_every", type=int, default=10,
                    help="optimizer steps between logged metrics (a plain log line when stderr is not a terminal)")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device, for the logged MFU (default: the bf16 datasheet peak of a known "
+                        "GPU, modules/throughput.py; none on a CPU)")
     g.add_argument("--report_to", default="tensorboard",
                    help=f"comma list of trackers ({', '.join(TRACKERS)}), 'all' (those installed) or 'none'; they "
                         "write under --output_dir (wandb offline: WANDB_MODE=offline)")
@@ -59,11 +62,11 @@ def add_output_arguments(parser):
 # checkpoints are undefined or empty, and a run would train NaN or nothing and still end "successfully".
 AT_LEAST_ONE = ("retri_batch_size", "cls_batch_size", "cosent_batch_size", "batch_size", "grad_accum", "epochs",
                 "save_total_limit", "query_max_len", "passage_max_len", "pair_max_len", "max_length", "scaling_dim",
-                "length_buckets", "dhnm_interval", "shuffle_chunk", "block_mb", "loss_chunk_size", "lora_r",
+                "dhnm_interval", "shuffle_chunk", "block_mb", "loss_chunk_size", "lora_r",
                 "log_every", "parallel_batch_size")
 AT_LEAST_ZERO = ("lr", "scaling_lr", "weight_decay", "max_grad_norm", "retri_weight", "cls_weight", "cosent_weight",
                  "cbb_beta", "save_every", "eval_every", "num_workers", "retri_negatives", "dhnm_skip", "lora_dropout",
-                 "mini_batch_size", "warmup_steps", "spread_out_weight",
+                 "mini_batch_size", "mini_batch_tokens", "split_tokens", "warmup_steps", "peak_tflops", "spread_out_weight",
                  "distill_weight", "parallel_weight")
 ABOVE_ZERO = ("retri_temperature", "cls_temperature", "cosent_temperature", "temperature", "timeout_minutes",
               "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor", "mask_relative",
@@ -147,3 +150,46 @@ def check_output_arguments(parser, args):
         parser.error(f"--output_dir {output_dir} is not empty ({shown}): continue its run with "
                      "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another "
                      "directory")
+
+
+def add_bucket_arguments(group, gradcache=False):
+    """--length_buckets and --split_tokens (modules/forward.embed); with ``gradcache`` also GradCache's
+    --mini_batch_size and --mini_batch_tokens (modules/gradcache.py)."""
+    group.add_argument("--length_buckets", type=bucket_count, default="auto",
+                       help="split each forward into length-sorted sub-batches, each padded to its own longest row: "
+                            "auto (where a cut saves more than --split_tokens padded tokens), N equal ones, 1 (off)"
+                            + ("; without GradCache" if gradcache else ""))
+    group.add_argument("--split_tokens", type=int, default=128,
+                       help="auto buckets: a forward's fixed cost in padded tokens (raise it on a GPU, where small "
+                            "forwards waste more)")
+    if gradcache:
+        group.add_argument("--mini_batch_size", type=int, default=0, help="GradCache mini-batch rows (0: no limit)")
+        group.add_argument("--mini_batch_tokens", type=int, default=0,
+                           help="GradCache mini-batch padded tokens (0: no limit); GradCache is on when either is set")
+
+
+def bucket_count(value):
+    """``auto`` or an integer >= 1."""
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {value!r}")
+    return count
+
+
+def add_attention_arguments(group, implementation=True):
+    """--padding_free (modules/padding_free.py) and, unless the script has its own, --attn_implementation."""
+    if implementation:
+        group.add_argument("--attn_implementation", default=None,
+                           help="the backbone's attention: sdpa (default) | eager | flash_attention_2 | sdpa_varlen "
+                                "(per-sequence SDPA: --padding_free anywhere, as a reference)")
+    group.add_argument("--padding_free", action="store_true",
+                       help="feed each forward's real tokens as one flattened row with per-sequence positions and "
+                            "lengths (needs a variable-length attention: flash_attention_2 or sdpa_varlen); length "
+                            "buckets are then off")

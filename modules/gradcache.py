@@ -11,7 +11,8 @@ parameters factors through the embeddings: dL/dtheta = sum_i (dL/de_i) . (de_i/d
 3. re-embed each mini-batch with a graph, replaying its random state so dropout masks match, and
    backpropagate sum_i e_i . g_i, which gives the mini-batch's share of dL/dtheta.
 
-Peak activation memory is one mini-batch's; the price is a second forward. Mini-batches are cut
+Peak activation memory is one mini-batch's (bounded in rows, ``--mini_batch_size``, or in padded
+tokens, ``--mini_batch_tokens``, as sentence-transformers 6 does); the price is a second forward. Mini-batches are cut
 from length-sorted rows and trimmed to their own longest row, so short texts are not padded to
 the batch's longest (sentence-transformers' CachedMultipleNegativesRankingLoss pads every
 mini-batch to the whole batch's length).
@@ -25,7 +26,7 @@ import contextlib
 
 import torch
 
-from modules.forward import length_sorted_sub_batches
+from modules.forward import SPLIT_TOKENS, length_sorted_sub_batches
 
 
 class RandomState:
@@ -45,10 +46,13 @@ class RandomState:
             yield
 
 
-def cached_loss_backward(model, inputs, loss_fn, mini_batch_size, backward=None, no_sync=None):
+def cached_loss_backward(model, inputs, loss_fn, mini_batch_size=0, backward=None, no_sync=None, mini_batch_tokens=0,
+                         split_tokens=SPLIT_TOKENS):
     """Accumulate into the parameters' ``.grad`` the gradient of ``loss_fn(*[model(x) for x in inputs])``.
 
-    ``inputs``: tokenized batches (e.g. [queries, passages]); ``backward``: how to backpropagate a
+    ``inputs``: tokenized batches (e.g. [queries, passages]), embedded in mini-batches of at most ``mini_batch_size``
+    rows and ``mini_batch_tokens`` padded tokens (0: no limit), cut from length-sorted rows as
+    modules.forward.plan_sub_batches cuts them; ``backward``: how to backpropagate a
     tensor (``accelerator.backward``, which applies loss scaling); ``no_sync``: a context factory
     that stops gradient synchronisation (``lambda: accelerator.no_sync(model)``). Returns the
     detached loss.
@@ -61,7 +65,8 @@ def cached_loss_backward(model, inputs, loss_fn, mini_batch_size, backward=None,
     with torch.no_grad():
         for group, tokens in enumerate(inputs):
             rows_in_order, parts = [], []
-            for rows, mini_batch in length_sorted_sub_batches(tokens, size=mini_batch_size):
+            for rows, mini_batch in length_sorted_sub_batches(tokens, size=mini_batch_size, max_tokens=mini_batch_tokens,
+                                                              split_tokens=split_tokens):
                 plan.append((group, rows, mini_batch, RandomState()))
                 parts.append(model(**mini_batch))
                 rows_in_order.append(rows)

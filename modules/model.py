@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from .cli import UsageError
 from .flags import DTYPE_NAMES
+from .padding_free import padding_free_states
 
 POOLING_MODES = ("mean", "cls", "lasttoken")
 # --torch_dtype / --save_dtype choices; "auto" (load only) keeps the checkpoint's stored dtype
@@ -79,6 +80,7 @@ class EmbeddingModel(nn.Module):
         self.scaling_layer = scaling_layer
         self.max_seq_length = max_seq_length
         self.prompts = dict(prompts or {})
+        self.padding_free = False  # set by check_padding_free (--padding_free)
 
     @property
     def _no_split_modules(self):
@@ -97,8 +99,11 @@ class EmbeddingModel(nn.Module):
         return self.scaling_layer.out_features if self.scaling_layer is not None else self.hidden_size
 
     def forward(self, input_ids, attention_mask, **tokenizer_outputs):
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **tokenizer_outputs)
-        embeddings = pool(outputs.last_hidden_state, attention_mask, self.pooling)
+        if self.padding_free:  # real tokens only (modules/padding_free.py)
+            embeddings = padding_free_states(self.backbone, input_ids, attention_mask, self.pooling, **tokenizer_outputs)
+        else:
+            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **tokenizer_outputs)
+            embeddings = pool(outputs.last_hidden_state, attention_mask, self.pooling)
         if self.scaling_layer is not None:
             embeddings = self.scaling_layer(embeddings.to(self.scaling_layer.weight.dtype))
         return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))

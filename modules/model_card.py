@@ -213,7 +213,9 @@ def _loss_section(args, summary, rows):
         text = ("- InfoNCE over in-batch negatives (every other pair of the global batch), temperature "
                 f"{_num(args.temperature)}")
         text += ", symmetric (query -> passage and passage -> query)" if args.symmetric else ""
-        text += f"; GradCache mini batch {args.mini_batch_size}" if args.mini_batch_size else ""
+        tokens = getattr(args, "mini_batch_tokens", 0)  # run configs written before the flag have none
+        text += (f"; GradCache mini batches of {args.mini_batch_size or 'any'} rows, {tokens or 'any'} padded tokens"
+                 if args.mini_batch_size or tokens else "")
         return "## Loss\n\n" + text
     weights = summary.get("loss_weights")
     kinds = list(weights or dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _PICCOLO_KINDS)

@@ -167,3 +167,15 @@ def hybrid_loss_before_and_after(model, batches, optimizer, passes):
             optimizer.step()
             optimizer.zero_grad()
     return before, total_loss()
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory):
+    """Real paraphrase pairs (STS-B train, label >= 3.5) in two sources, and a meta list with weights."""
+    rows = [json.loads(line) for line in shared_data("en-stsb/train.jsonl").read_text().splitlines()]
+    pairs = [{"text": r["text"], "text_pos": r["text_pair"]} for r in rows if r["label"] >= 3.5]
+    root = tmp_path_factory.mktemp("pairs")
+    write_jsonl(root / "stsb_a.jsonl", pairs[: len(pairs) // 2])
+    write_jsonl(root / "stsb_b.jsonl", [{"q": p["text_pos"], "a": p["text"]} for p in pairs[len(pairs) // 2 :]])
+    (root / "meta.txt").write_text("stsb_a.jsonl 3\nstsb_b.jsonl 1 columns=q,a\n")
+    return root

@@ -97,7 +97,7 @@ def test_pretraining_card_names_its_sources_and_in_batch_loss(tmp_path):
     assert front["base_model"] == "org/start-model" and front["mteb_training_datasets"] == ["LCQMC"]
     assert front["language"] == ["zh"]
     assert table_row(body, "zh-lcqmc")[1:4] == ["3", "75.0%", "7"] and table_row(body, "web")[1:4] == ["1", "25.0%", ""]
-    assert "temperature 0.02" in body and "symmetric" in body and "GradCache mini batch 64" in body
+    assert "temperature 0.02" in body and "symmetric" in body and "GradCache mini batches of 64 rows" in body
     assert "Steps: 10" in body and "Processes: 2" in body
 
 

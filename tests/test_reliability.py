@@ -83,7 +83,7 @@ LLM = ["train_llm_embed.py", "--model_name_or_path", "m", "--meta_list", "x"]
     (FINETUNE, ["--retri_weight", "0", "--cls_weight", "0", "--cosent_weight", "0"], "loss weights are all 0"),
     (FINETUNE, ["--epochs", "0"], "--epochs must be >= 1"),
     (FINETUNE, ["--query_max_len", "0"], "--query_max_len must be >= 1"),
-    (FINETUNE, ["--length_buckets", "0"], "--length_buckets must be >= 1"),
+    (FINETUNE, ["--length_buckets", "0"], "--length_buckets: expected auto or an integer >= 1"),
     (FINETUNE, ["--eval_every", "-5"], "--eval_every must be >= 0"),
     (FINETUNE, ["--save_every", "-1"], "--save_every must be >= 0"),
     (FINETUNE, ["--dhnm_interval", "0"], "--dhnm_interval must be >= 1"),

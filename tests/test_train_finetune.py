@@ -140,8 +140,9 @@ def test_deepspeed_clips_at_max_grad_norm_like_ddp(tiny_bert, tiny_data, tmp_pat
         assert torch.allclose(value, finals["deepspeed_zero1"][key], atol=1e-7, rtol=1e-5), key
 
 
+@pytest.mark.parametrize("buckets", [4, "auto"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_bert, padding_side):
+def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_bert, padding_side, buckets):
     from modules.forward import embed
     from tests.conftest import SENTENCES
 
@@ -158,11 +159,11 @@ def test_length_buckets_give_the_same_embeddings_and_gradients(tiny_bert, paddin
     model.eval()
     texts = [s * (1 + i % 3) for i, s in enumerate(SENTENCES)]  # varied lengths
     tokens = dict(model.tokenizer(texts, padding=True, return_tensors="pt"))
-    plain = embed(model, tokens)
+    plain = embed(model, tokens, length_buckets=1)
     plain.square().sum().backward()
     plain_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    bucketed = embed(model, tokens, length_buckets=4)
+    bucketed = embed(model, tokens, length_buckets=buckets, split_tokens=8)
     bucketed.square().sum().backward()
     assert torch.allclose(plain, bucketed, atol=1e-5)
     for g1, g2 in zip(plain_grads, [p.grad for p in model.parameters() if p.grad is not None]):

@@ -13,19 +13,7 @@ from modules.gradcache import cached_loss_backward
 from modules.losses import InBatchInfoNCE
 from modules.model import EmbeddingModel
 from modules.streaming import PairSource, PretrainBatches
-from tests.conftest import REPO, accelerate_cmd, run_script, shared_data, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def pair_data(tmp_path_factory):
-    """Real paraphrase pairs (STS-B train, label >= 3.5) in two sources, and a meta list with weights."""
-    rows = [json.loads(line) for line in shared_data("en-stsb/train.jsonl").read_text().splitlines()]
-    pairs = [{"text": r["text"], "text_pos": r["text_pair"]} for r in rows if r["label"] >= 3.5]
-    root = tmp_path_factory.mktemp("pairs")
-    write_jsonl(root / "stsb_a.jsonl", pairs[: len(pairs) // 2])
-    write_jsonl(root / "stsb_b.jsonl", [{"q": p["text_pos"], "a": p["text"]} for p in pairs[len(pairs) // 2 :]])
-    (root / "meta.txt").write_text("stsb_a.jsonl 3\nstsb_b.jsonl 1 columns=q,a\n")
-    return root
+from tests.conftest import REPO, accelerate_cmd, run_script
 
 
 def test_a_few_cached_steps_lower_the_loss(tiny_bert, pair_data):
