@@ -85,7 +85,7 @@ def test_parallel_mse_pulls_source_and_translation_to_the_teachers_source():
     expected = (sum(float(v) ** 2 for v in (source - target).detach().flatten()) / source.numel()
                 + sum(float(v) ** 2 for v in (translation - target).detach().flatten()) / source.numel())
     loss = ParallelMSE()(source, translation, {"source": target})
-    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
     loss.backward()
     assert torch.allclose(translation.grad, 2 * (translation - target).detach() / source.numel())
 
