@@ -14,8 +14,7 @@ from pathlib import Path
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments,
-    check_output_arguments,
+    add_output_arguments, check_output_arguments,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
@@ -150,8 +149,6 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     if args.distill_weight and args.dhnm and not args.teacher_model:
         p.error("--distill_weight with --dhnm needs --teacher_model: DHNM replaces negatives the data's teacher scores "
                 "belong to")
-    if args.padding_free:
-        args.length_buckets = 1  # every forward is already its real tokens
     if args.dhnm and args.retri_negatives < 1:
         p.error("--dhnm needs --retri_negatives >= 1 (the mined negatives it replaces)")
     if args.retri_hard_negatives_only and args.retri_negatives < 1:

@@ -6,8 +6,8 @@
 
 Conan-Embedding's first stage and the 1B-pairs project (all-MiniLM-L6-v2): every step's global
 batch comes from one source, drawn by weight; every other pair in the global batch (all processes)
-is a negative; ``--mini_batch_size`` (rows) or ``--mini_batch_tokens`` (padded tokens) turns on GradCache so the batch can be tens of thousands of
-pairs on limited memory. Data streams: nothing is read ahead, and a checkpoint holds every
+is a negative; ``--mini_batch_size`` (rows) or ``--mini_batch_tokens`` (padded tokens) turns on GradCache so the
+batch can be tens of thousands of pairs on limited memory. Data streams: nothing is read ahead, and a checkpoint holds every
 process's position in every source, so resuming continues with exactly the batches that would
 have come next. All hyperparameters are below; edit freely for ablations.
 """
@@ -18,8 +18,7 @@ from pathlib import Path
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments,
-    check_output_arguments,
+    add_output_arguments, check_output_arguments,
 )
 
 

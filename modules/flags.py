@@ -125,7 +125,10 @@ def check_matryoshka_flags(parser, dims, weights):
 
 
 def check_output_arguments(parser, args):
-    """Refuse output flags that make no sense, and an --output_dir holding another run (exit 2, flag named)."""
+    """Refuse output flags that make no sense, and an --output_dir holding another run (exit 2, flag named); settle
+    what one flag implies for another (--padding_free: no length buckets, every forward is its real tokens)."""
+    if getattr(args, "padding_free", False):
+        args.length_buckets = 1
     if not 0 < args.wise_ft_alpha <= 1:
         parser.error(f"--wise_ft_alpha must be in (0, 1] (1: the trained weights alone), got {args.wise_ft_alpha}")
     if (args.keep_best or args.final_is_best) and not args.metric_for_best:

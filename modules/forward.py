@@ -95,9 +95,9 @@ def task_loss(model, batch, losses, length_buckets=1, teacher=None, split_tokens
     """Embed one task-homogeneous batch and return its (unweighted) loss.
 
     Contrastive batches embed queries and passages separately (their max lengths differ);
-    ``passage`` holds [positives | negatives of row 0 | negatives of row 1 | ...]; see embed for the buckets. The
-    teacher's part
-    (``teacher``, a modules.distillation.Teacher, or scores in the batch) goes to the loss when there is one.
+    ``passage`` holds [positives | negatives of row 0 | negatives of row 1 | ...]; see embed for the buckets.
+    The teacher's part (``teacher``, a modules.distillation.Teacher, or scores in the batch) goes to the loss
+    when there is one.
     """
     kind = batch["kind"]
     teacher_part = teacher_inputs(teacher, batch)

@@ -436,8 +436,7 @@ def matryoshka_from_flags(loss, dims_flag, weights_flag, output_dim):
 def task_losses(args, kinds, output_dim):
     """The fine-tuning losses of each task kind from the flags (temperatures, CBB, false-negative masks, hardness
     weights, the improved contrastive loss, the spread-out regulariser, distillation, Matryoshka), and each kind's
-    weight relative
-    to the largest among the run's ``kinds``."""
+    weight relative to the largest among the run's ``kinds``."""
     candidates = {"mask_duplicates": args.mask_duplicates, "mask_margin": args.mask_margin,
                   "mask_relative": args.mask_relative, "hard_alpha": args.hard_negative_alpha,
                   "in_batch_alpha": args.in_batch_alpha}
