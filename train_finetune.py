@@ -196,7 +196,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from modules.distillation import build_teacher
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
-    from modules.forward import batch_size_and_tokens, task_loss, to_device
+    from modules.forward import task_loss, to_device
     from modules.losses import contrastive_masks, task_losses
     from modules.mining import MiningState, dhnm_round
     from modules.nonfinite import stop_on_non_finite_loss
@@ -205,7 +205,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from modules.position import check_lengths_fit
     from modules.progress import Progress, Stopwatch
     from modules.run_summary import finetune_setup, startup_lines
-    from modules.throughput import FlopCounter, peak_tflops, speed_metrics
+    from modules.throughput import FlopCounter, SpeedMeter, peak_tflops
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
     accelerator = make_accelerator(args.output_dir, args.grad_accum, args.max_grad_norm, args.report_to,
@@ -261,7 +261,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     if args.mrl_dims:
         accelerator.print(f"Matryoshka dims: {losses['cosent'].dims}")
 
-    flops, peak = FlopCounter(model), peak_tflops(args.peak_tflops, accelerator.device)  # MFU in the log
+    # pairs/s, real tokens/s, model TFLOP/s and MFU of the log window and of the run (train_summary.json)
+    speed = SpeedMeter(FlopCounter(model), accelerator.num_processes, peak_tflops(args.peak_tflops, accelerator.device))
 
     # ---- optimizer and schedule
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.scaling_lr)
@@ -294,12 +295,10 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- train
     model.train()
     progress = Progress(total_steps, global_step, accelerator.is_local_main_process)
-    window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS)), "pairs": 0, "tokens": 0,
-              "flops": 0.0, "seconds": 0.0}
+    window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS))}
     done = global_step >= total_steps
-    measured = {"timed_steps": 0, "pairs": 0, "tokens": 0, "seconds": 0.0}  # training steps after the first
     dhnm_log, last_mined = {"checks": 0, "checked": 0, "replaced": 0, "seconds": 0.0}, None
-    warm, step_clock = False, Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
+    step_clock = Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     for epoch in range(start_epoch, num_epochs):
         if done:
             break
@@ -323,19 +322,12 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            step_pairs, step_tokens = 0, 0
-            window["flops"] += sum(flops.of_batch(part) for part in parts) * accelerator.num_processes
+            speed.add_batches(parts)
             for part, loss in zip(parts, part_losses):
-                pairs, tokens = batch_size_and_tokens(part)
                 window["loss"][KINDS.index(part["kind"])] += loss.detach().float().cpu()
                 window["count"][KINDS.index(part["kind"])] += 1
-                step_pairs += pairs * accelerator.num_processes
-                step_tokens += tokens * accelerator.num_processes
                 if mining is not None and part["dataset_index"] in mining:
                     last_mined = (part["dataset_index"], part["indices"])
-            window.update(pairs=window["pairs"] + step_pairs, tokens=window["tokens"] + step_tokens)
-            if warm:
-                measured.update(pairs=measured["pairs"] + step_pairs, tokens=measured["tokens"] + step_tokens)
             if not accelerator.sync_gradients:
                 continue
 
@@ -343,23 +335,18 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
             if ema is not None:
                 ema.update()
             global_step += 1
-            seconds = step_clock.stop()
-            window["seconds"] += seconds
-            if warm:
-                measured.update(seconds=measured["seconds"] + seconds, timed_steps=measured["timed_steps"] + 1)
-            warm = True
+            speed.add_step(step_clock.stop())
             progress.update()
             if global_step % args.log_every == 0 or global_step == total_steps:
                 mean_losses = accelerator.reduce(window["loss"].to(accelerator.device), "mean").cpu()
                 metrics = {f"loss/{k}": (mean_losses[i] / window["count"][i]).item()
                            for i, k in enumerate(KINDS) if window["count"][i]}
                 metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                                **speed_metrics(window, accelerator.num_processes, peak),  # real tokens, MFU
+                                **speed.window_metrics(),  # real tokens, MFU
                                 **contrastive_masks(losses)})  # candidates the false-negative masks removed
                 accelerator.log(metrics, step=global_step)
                 progress.log(global_step, metrics)
-                window.update(loss=torch.zeros(len(KINDS)), count=torch.zeros(len(KINDS)), pairs=0, tokens=0,
-                              flops=0.0, seconds=0.0)
+                window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS))}
             if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
                 counts = dhnm_round(accelerator, model, tokenizer, mining, last_mined, max_lengths,
                                     query_prefix[datasets[last_mined[0]].name], args, dhnm_log)
@@ -382,13 +369,12 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- final model and scores
     if dev_sets and global_step not in eval_history:
         eval_history[global_step] = evaluate()
-    if mining is not None:
-        measured["dhnm"] = dhnm_log
     if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
         load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}", saved_beside)
         accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
-    finish_run(accelerator, model, args, {**setup, "steps": global_step, **measured, **best.summary(args.output_dir)},
-               eval_history, ema)
+    summary = {**setup, "steps": global_step, **speed.run_figures(accelerator.device), **best.summary(args.output_dir),
+               **({"dhnm": dhnm_log} if mining is not None else {})}
+    finish_run(accelerator, model, args, summary, eval_history, ema)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main(argv=None):
     from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
     from modules.streaming import checked_batch, skipped_record_count, skipped_record_lines
     from modules.padding_free import check_padding_free
-    from modules.throughput import FlopCounter, peak_tflops, speed_metrics
+    from modules.throughput import FlopCounter, SpeedMeter, peak_tflops
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
     accelerator = make_accelerator(args.output_dir, max_grad_norm=args.max_grad_norm, report_to=args.report_to,
@@ -139,8 +139,9 @@ def main(argv=None):
     if args.mrl_dims:
         accelerator.print(f"Matryoshka dims: {loss_fn.dims}")
     tokenizer = model.tokenizer
-    flops = FlopCounter(model, passes=4 if gradcache else 3)  # GradCache embeds twice
-    peak = peak_tflops(args.peak_tflops, accelerator.device)  # MFU in the log
+    # pairs/s, real tokens/s, model TFLOP/s and MFU of the log window and of the run (GradCache embeds twice)
+    speed = SpeedMeter(FlopCounter(model, passes=4 if gradcache else 3), accelerator.num_processes,
+                       peak_tflops(args.peak_tflops, accelerator.device))
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = make_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -178,9 +179,8 @@ def main(argv=None):
 
     model.train()
     progress = Progress(args.max_steps, global_step, accelerator.is_local_main_process)
-    window = {"loss": torch.zeros(()), "steps": 0, "pairs": 0, "tokens": 0, "flops": 0.0, "seconds": 0.0}
-    measured = {"timed_steps": 0, "pairs": 0, "seconds": 0.0}  # training steps after the first
-    warm, step_clock = False, Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
+    window = {"loss": torch.zeros(()), "steps": 0}
+    step_clock = Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     while global_step < args.max_steps:
         step_clock.start()
         batch = checked_batch(next(loader))  # a DataError met in a loader worker is raised here, as one line
@@ -206,29 +206,20 @@ def main(argv=None):
             ema.update()
         optimizer.zero_grad()
         global_step += 1
-        seconds = step_clock.stop()
+        speed.add_batches([batch])
+        speed.add_step(step_clock.stop())
         progress.update()
-
-        pairs = batch["query"]["input_ids"].size(0) * accelerator.num_processes
-        tokens = int(batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum())
-        window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1,
-                      pairs=window["pairs"] + pairs, tokens=window["tokens"] + tokens * accelerator.num_processes,
-                      flops=window["flops"] + flops.of_batch(batch) * accelerator.num_processes,
-                      seconds=window["seconds"] + seconds)
-        if warm:
-            measured.update(timed_steps=measured["timed_steps"] + 1, pairs=measured["pairs"] + pairs,
-                            seconds=measured["seconds"] + seconds)
-        warm = True
+        window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1)
         if global_step % args.log_every == 0 or global_step == args.max_steps:
             loss_sum = accelerator.reduce(window["loss"].to(accelerator.device), "mean").item()  # every process's part
             metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0],
-                       **speed_metrics(window, accelerator.num_processes, peak)}  # real tokens, MFU
+                       **speed.window_metrics()}  # real tokens, MFU
             if args.skip_bad_records:
                 metrics["skipped_records"] = skipped_record_count(loader_state)  # this process's, so far
             accelerator.log({**metrics, **{f"batches/{s.name}": n for s, n in zip(sources, source_batches)}},
                             step=global_step)
             progress.log(global_step, metrics)
-            window.update(loss=torch.zeros(()), steps=0, pairs=0, tokens=0, flops=0.0, seconds=0.0)
+            window = {"loss": torch.zeros(()), "steps": 0}
         if dev_sets and args.eval_every and (global_step % args.eval_every == 0 or global_step == args.max_steps):
             eval_history[global_step] = evaluate()
         if best.improved(global_step, eval_history) or (args.save_every and global_step % args.save_every == 0):
@@ -248,8 +239,9 @@ def main(argv=None):
                                                         for name, count in by_source.items()))
     for line in skipped_record_lines(sources, loader_state):  # every process: each reads its own records
         print(f"process {accelerator.process_index}: {line}" if accelerator.num_processes > 1 else line, flush=True)
-    finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source, **measured,
-                                          **best.summary(args.output_dir)}, eval_history, ema)
+    finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source,
+                                          **speed.run_figures(accelerator.device), **best.summary(args.output_dir)},
+               eval_history, ema)
 
 
 if __name__ == "__main__":

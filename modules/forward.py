@@ -111,11 +111,3 @@ def task_loss(model, batch, losses, length_buckets=1, teacher=None, split_tokens
     extra = (teacher_part,) if teacher_part is not None else ()
     return losses[kind](queries, passages[:rows], negatives, batch.get("text_ids"), *extra)
 
-
-def batch_size_and_tokens(batch):
-    """(records, non-padding tokens) in one batch, for throughput logging."""
-    if "pair" in batch:  # cosent, parallel: [texts | their pairs]
-        return batch["pair"]["input_ids"].size(0) // 2, int(batch["pair"]["attention_mask"].sum())
-    return batch["query"]["input_ids"].size(0), int(
-        batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
-    )

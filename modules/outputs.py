@@ -67,7 +67,6 @@ def finish_run(accelerator, model, args, summary, eval_history=None, ema=None):
     ``ema`` when given, averaged with the start model when ``--wise_ft_alpha`` < 1) with its model card,
     train_summary.json (with pairs/s) and, when there was a dev set, eval_results.json (with the summary's ``best``
     evaluation); then end the trackers."""
-    summary["pairs_per_s"] = summary["pairs"] / summary["seconds"] if summary["seconds"] else None
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         if ema is not None:

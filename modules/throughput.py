@@ -1,11 +1,12 @@
 """Honest speed figures: model FLOPs of the real (non-padding) tokens a step trains, and model FLOPs utilisation.
 
-    FLOPs(batch) = passes x (2 N T + 4 L d sum_s len_s^2)
+    FLOPs(batch) = 2 T (passes N_trained + (passes - 1) N_frozen) + passes 4 L d sum_s len_s^2
 
 N the parameters outside the embedding tables (each does a multiply-add per token), T the real tokens, L layers of
 width d whose attention scores and weighted sums cost 2 len^2 d multiply-adds per sequence (Kaplan et al. 2020,
 arXiv 2001.08361, Sec. 2.1, for bidirectional attention); passes = 3 for a forward and its backward, 4 with
-GradCache's second forward (Gao et al. 2021). Padding is not counted: a step that computes on padding shows a lower
+GradCache's second forward (Gao et al. 2021). A frozen weight (LoRA's base) has no gradient of its own: one pass
+less than a trained one (its forward and the gradient to its inputs). Padding is not counted: a step that computes on padding shows a lower
 MFU. MFU = FLOPs per second / (peak x processes) (Chowdhery et al. 2022, arXiv 2204.02311, App. B).
 """
 
@@ -33,14 +34,17 @@ class FlopCounter:
         config = model.backbone.config
         self.layers = getattr(config, "num_hidden_layers", 0)
         self.width = getattr(config, "hidden_size", 0)
-        self.matmul_params = sum(p.numel() for name, p in model.named_parameters() if not _embedding_table(name))
+        matmul = [p for name, p in model.named_parameters() if not _embedding_table(name)]
+        self.matmul_params = sum(p.numel() for p in matmul)
+        self.frozen_params = sum(p.numel() for p in matmul if not p.requires_grad)
         self.passes = passes
 
     def of_masks(self, masks):
         """FLOPs of the real tokens of some [rows, length] attention masks."""
         lengths = torch.cat([mask.sum(1).double().cpu() for mask in masks])
-        return self.passes * (2.0 * self.matmul_params * float(lengths.sum())
-                              + 4.0 * self.layers * self.width * float((lengths**2).sum()))
+        weight_passes = self.passes * self.matmul_params - self.frozen_params
+        return (2.0 * weight_passes * float(lengths.sum())
+                + self.passes * 4.0 * self.layers * self.width * float((lengths**2).sum()))
 
     def of_batch(self, batch):
         """FLOPs of one task batch (its query, passage or pair texts)."""
@@ -56,8 +60,71 @@ def _embedding_table(name):
 def speed_metrics(window, processes, peak):
     """pairs/s, real tokens/s, model TFLOP/s (all processes) and MFU (with a peak) of a window of steps."""
     seconds = window["seconds"]
+    if not seconds:  # a run of one step has no timed steps
+        return {"pairs_per_s": None}
     metrics = {"pairs_per_s": window["pairs"] / seconds, "tokens_per_s": window["tokens"] / seconds,
                "tflops": window["flops"] / seconds / 1e12}
     if peak:
         metrics["mfu"] = metrics["tflops"] / (peak * processes)
     return metrics
+
+
+def batch_size_and_tokens(batch):
+    """(records, non-padding tokens) in one batch."""
+    if "pair" in batch:  # cosent, parallel: [texts | their pairs]
+        return batch["pair"]["input_ids"].size(0) // 2, int(batch["pair"]["attention_mask"].sum())
+    return batch["query"]["input_ids"].size(0), int(
+        batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
+    )
+
+
+class SpeedMeter:
+    """Pairs, real tokens, model FLOPs and seconds of the training steps of every process (each assumed to train as
+    much as this one): over the log window (``window_metrics``, which starts a new one) and over the run's steps
+    after the first, which pays for the warm-up (``run_figures``, for train_summary.json)."""
+
+    KEYS = ("pairs", "tokens", "flops", "seconds")
+
+    def __init__(self, flop_counter, processes, peak):
+        self.flop_counter, self.processes, self.peak = flop_counter, processes, peak
+        self.window = dict.fromkeys(self.KEYS, 0)
+        self.run = {"timed_steps": 0, **dict.fromkeys(self.KEYS, 0)}
+        self.warm = False
+
+    def add_batches(self, batches):
+        """Count the task batches of one forward and backward (a micro-step)."""
+        for batch in batches:
+            pairs, tokens = batch_size_and_tokens(batch)
+            self._add(pairs=pairs * self.processes, tokens=tokens * self.processes,
+                      flops=self.flop_counter.of_batch(batch) * self.processes)
+
+    def add_step(self, seconds):
+        """End an optimizer step that took ``seconds``; the first is left out of the run's figures."""
+        if self.warm:
+            self.run["timed_steps"] += 1
+        self._add(seconds=seconds)
+        self.warm = True
+
+    def _add(self, **counts):
+        for key, value in counts.items():
+            self.window[key] += value
+            if self.warm:
+                self.run[key] += value
+
+    def window_metrics(self):
+        """speed_metrics of the steps since the last call."""
+        metrics, self.window = speed_metrics(self.window, self.processes, self.peak), dict.fromkeys(self.KEYS, 0)
+        return metrics
+
+    def run_figures(self, device):
+        """The run's counts and speed_metrics over its timed steps, and this process's peak memory (what CUDA's
+        allocator held at most on a GPU, the peak resident set elsewhere)."""
+        if device.type == "cuda":
+            memory = {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                      "peak_memory_of": "cuda allocated"}
+        else:
+            import resource
+
+            memory = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+                      "peak_memory_of": "process resident set"}
+        return {**self.run, **speed_metrics(self.run, self.processes, self.peak), **memory}

@@ -11,6 +11,7 @@ from modules.data import DataError, TaskBatchSampler, TaskCollator, load_meta_li
 from modules.flags import DEFAULT_LORA_TARGETS
 from modules.llm import LLMEmbeddingModel, LLMSetupError, append_eos
 from tests.conftest import REPO, SENTENCES, accelerate_cmd, hybrid_loss_before_and_after, run_script
+from tools.random_model import trained_bpe
 
 NEGATIVES = {"retri_contrast": 1, "cls_contrast": 2}
 TEXTS = [s * (1 + i % 3) for i, s in enumerate(SENTENCES[:7])] + ["a dog"]  # varied lengths
@@ -25,20 +26,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def trained_bpe(pre_tokenizer, special_tokens):
-    """vocab and merges of a 300-token BPE trained on the test sentences (and the words of tiny_data)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizer
-    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel) else []
-    corpus = SENTENCES * 3 + ["one today category 0 1 2 3 , ."]
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=special_tokens,
-                                                              initial_alphabet=alphabet))
-    model = json.loads(tokenizer.to_str())["model"]
-    return model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
-
-
 @pytest.fixture(scope="module")
 def tiny_decoders(tmp_path_factory):
     """{"qwen2": dir, "llama": dir}: 2-layer 32-d random decoders with their own tokenizer classes.
@@ -50,8 +37,10 @@ def tiny_decoders(tmp_path_factory):
 
     torch.manual_seed(0)
     paths = {}
-    qwen_tokenizer = Qwen2Tokenizer(*trained_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), ["<|endoftext|>"]))
-    llama_tokenizer = LlamaTokenizer(*trained_bpe(pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"]),
+    corpus = SENTENCES * 3 + ["one today category 0 1 2 3 , ."]  # the test sentences and the words of tiny_data
+    qwen_tokenizer = Qwen2Tokenizer(*trained_bpe(corpus, pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                                 ["<|endoftext|>"]))
+    llama_tokenizer = LlamaTokenizer(*trained_bpe(corpus, pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"]),
                                      add_bos_token=True)
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128)

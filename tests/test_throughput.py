@@ -1,13 +1,14 @@
 """Model FLOPs and MFU from real tokens: the parameter count and attention term written out for the tiny BERT, and
 runs of both scripts logging them."""
 
+import json
 import sys
 
 import pytest
 import torch
 
 from modules.model import EmbeddingModel
-from modules.throughput import FlopCounter, peak_tflops, speed_metrics
+from modules.throughput import FlopCounter, SpeedMeter, peak_tflops, speed_metrics
 from tests.conftest import run_script
 from tests.test_train_pretrain import script_args
 
@@ -25,6 +26,22 @@ def test_flops_count_real_tokens_matmul_parameters_and_attention(tiny_bert):
     assert FlopCounter(model, passes=4).of_masks(masks) == pytest.approx(expected * 4 / 3)
 
 
+def test_frozen_weights_cost_no_weight_gradient(tiny_bert):
+    """LoRA's frozen base: forward and the gradient to its inputs (2 of 3 passes), not a gradient of its own."""
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    masks = [torch.tensor([[1, 1, 1, 1]])]
+    whole = FlopCounter(model)
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if "encoder.layer.0." in name:
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    attention = 3 * 4 * 2 * 32 * 16
+    saved = 2 * frozen * 4  # one pass of 2 x frozen parameters per real token
+    assert FlopCounter(model).of_masks(masks) == pytest.approx(whole.of_masks(masks) - saved)
+    assert whole.of_masks(masks) - attention == pytest.approx(3 * 2 * whole.matmul_params * 4)
+
+
 def test_mfu_divides_by_the_peak_of_every_process():
     window = {"pairs": 64, "tokens": 2000, "flops": 4e12, "seconds": 2.0}
     metrics = speed_metrics(window, processes=2, peak=10.0)
@@ -33,13 +50,37 @@ def test_mfu_divides_by_the_peak_of_every_process():
     assert peak_tflops(None, torch.device("cpu")) is None and peak_tflops(50.0, torch.device("cpu")) == 50.0
 
 
+def test_speed_meter_leaves_the_first_step_out_of_the_run_and_counts_every_process(tiny_bert):
+    counter = FlopCounter(EmbeddingModel.from_pretrained(tiny_bert))
+    batch = {"query": {"input_ids": torch.ones(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])},
+             "passage": {"input_ids": torch.ones(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])}}
+    meter = SpeedMeter(counter, processes=2, peak=None)
+    meter.add_batches([batch, batch])  # step 1 (warm-up), two micro-batches
+    meter.add_step(5.0)
+    meter.add_batches([batch])
+    meter.add_step(1.0)
+    window = meter.window_metrics()
+    assert window["pairs_per_s"] == 3 * 2 * 2 / 6.0 and window["tokens_per_s"] == 3 * 10 * 2 / 6.0
+    run = meter.run_figures(torch.device("cpu"))
+    assert (run["timed_steps"], run["pairs"], run["tokens"], run["seconds"]) == (1, 4, 20, 1.0)
+    assert run["flops"] == pytest.approx(2 * counter.of_batch(batch)) and "mfu" not in run
+    assert meter.window_metrics() == {"pairs_per_s": None}  # a new window
+
+
 def test_both_scripts_log_model_tflops_and_mfu(tiny_bert, tiny_data, pair_data, tmp_path):
+    """In the log every window; in train_summary.json over the timed steps, with the peak memory (bench/gpu_check
+    reads it there)."""
     from tests.test_train_finetune import common_args
 
-    for args in (common_args(tiny_bert, tiny_data, tmp_path / "ft", "--max_steps", "3"),
-                 script_args(tiny_bert, pair_data, tmp_path / "pt", "--max_steps", "3")):
+    for name, args in (("ft", common_args(tiny_bert, tiny_data, tmp_path / "ft", "--max_steps", "3")),
+                       ("pt", script_args(tiny_bert, pair_data, tmp_path / "pt", "--max_steps", "3"))):
         log = run_script([sys.executable, *args, "--peak_tflops", "0.5"]).stderr
         step = [line for line in log.splitlines() if line.startswith("step 3/3")][0]
         assert " tflops " in step and " mfu " in step, step
         mfu = float(step.split(" mfu ")[1].split()[0])
         assert 0 < mfu < 1
+        summary = json.loads((tmp_path / name / "train_summary.json").read_text())
+        assert summary["timed_steps"] == 2 and summary["tokens"] > 0 and summary["flops"] > 0
+        assert summary["tokens_per_s"] == summary["tokens"] / summary["seconds"]
+        assert summary["mfu"] == summary["flops"] / summary["seconds"] / 1e12 / 0.5
+        assert summary["peak_memory_of"] == "process resident set" and summary["peak_memory_mb"] > 50
