@@ -6,8 +6,9 @@ N the parameters outside the embedding tables (each does a multiply-add per toke
 width d whose attention scores and weighted sums cost 2 len^2 d multiply-adds per sequence (Kaplan et al. 2020,
 arXiv 2001.08361, Sec. 2.1, for bidirectional attention); passes = 3 for a forward and its backward, 4 with
 GradCache's second forward (Gao et al. 2021). A frozen weight (LoRA's base) has no gradient of its own: one pass
-less than a trained one (its forward and the gradient to its inputs). Padding is not counted: a step that computes on padding shows a lower
-MFU. MFU = FLOPs per second / (peak x processes) (Chowdhery et al. 2022, arXiv 2204.02311, App. B).
+less than a trained one (its forward and the gradient to its inputs). Padding is not counted: a step that computes
+on padding shows a lower MFU. MFU = FLOPs per second / (peak x processes) (Chowdhery et al. 2022,
+arXiv 2204.02311, App. B).
 """
 
 import torch

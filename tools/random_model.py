@@ -65,7 +65,8 @@ def bert_tokenizer(corpus, folder):
 
     words = sorted({word for text in corpus for word in text.lower().replace(".", " . ").replace(",", " , ").split()})
     letters = sorted({letter for word in words for letter in word})
-    tokens = dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *words])
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = dict.fromkeys([*special, *letters, *(f"##{letter}" for letter in letters), *words])
     if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers >= 5
         return BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}, do_lower_case=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,8 @@ def qwen2_tokenizer(corpus):
 
 
 def save_random_model(arch, size, output_dir, max_positions=None, seed=0):
-    """Write a random ``arch`` model of shape ``size`` and its tokenizer to ``output_dir``; returns its parameter count."""
+    """Write a random ``arch`` model of shape ``size`` and its tokenizer to ``output_dir``; return its parameter
+    count."""
     import torch
     from transformers import BertConfig, BertModel, Qwen2Config, Qwen2Model
 
