@@ -40,16 +40,26 @@ class FlopCounter:
         self.frozen_params = sum(p.numel() for p in matmul if not p.requires_grad)
         self.passes = passes
 
-    def of_masks(self, masks):
-        """FLOPs of the real tokens of some [rows, length] attention masks."""
-        lengths = torch.cat([mask.sum(1).double().cpu() for mask in masks])
+    def of_lengths(self, lengths):
+        """FLOPs of sequences of these real lengths (a 1-d tensor)."""
+        lengths = lengths.double()
         weight_passes = self.passes * self.matmul_params - self.frozen_params
         return (2.0 * weight_passes * float(lengths.sum())
                 + self.passes * 4.0 * self.layers * self.width * float((lengths**2).sum()))
 
+    def of_masks(self, masks):
+        """FLOPs of the real tokens of some [rows, length] attention masks."""
+        return self.of_lengths(torch.cat([mask.sum(1).cpu() for mask in masks]))
+
     def of_batch(self, batch):
         """FLOPs of one task batch (its query, passage or pair texts)."""
-        return self.of_masks([batch[role]["attention_mask"] for role in ("query", "passage", "pair") if role in batch])
+        return self.of_lengths(real_lengths(batch))
+
+
+def real_lengths(batch):
+    """The real (non-padding) length of every text of a task batch (query, passage or pair), on the CPU."""
+    return torch.cat([batch[role]["attention_mask"].sum(1) for role in ("query", "passage", "pair")
+                      if role in batch]).cpu()
 
 
 def _embedding_table(name):
@@ -70,13 +80,9 @@ def speed_metrics(window, processes, peak):
     return metrics
 
 
-def batch_size_and_tokens(batch):
-    """(records, non-padding tokens) in one batch."""
-    if "pair" in batch:  # cosent, parallel: [texts | their pairs]
-        return batch["pair"]["input_ids"].size(0) // 2, int(batch["pair"]["attention_mask"].sum())
-    return batch["query"]["input_ids"].size(0), int(
-        batch["query"]["attention_mask"].sum() + batch["passage"]["attention_mask"].sum()
-    )
+def batch_records(batch):
+    """Records in one task batch: its queries, or half its pair texts (cosent, parallel: [texts | their pairs])."""
+    return batch["pair"]["input_ids"].size(0) // 2 if "pair" in batch else batch["query"]["input_ids"].size(0)
 
 
 class SpeedMeter:
@@ -95,9 +101,9 @@ class SpeedMeter:
     def add_batches(self, batches):
         """Count the task batches of one forward and backward (a micro-step)."""
         for batch in batches:
-            pairs, tokens = batch_size_and_tokens(batch)
-            self._add(pairs=pairs * self.processes, tokens=tokens * self.processes,
-                      flops=self.flop_counter.of_batch(batch) * self.processes)
+            lengths = real_lengths(batch)  # one copy from the device serves tokens and FLOPs
+            self._add(pairs=batch_records(batch) * self.processes, tokens=int(lengths.sum()) * self.processes,
+                      flops=self.flop_counter.of_lengths(lengths) * self.processes)
 
     def add_step(self, seconds):
         """End an optimizer step that took ``seconds``; the first is left out of the run's figures."""
