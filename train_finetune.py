@@ -60,7 +60,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     g.add_argument("--query_max_len", type=int, default=64)
     g.add_argument("--passage_max_len", type=int, default=256)
     g.add_argument("--pair_max_len", type=int, default=128, help="cosent texts")
-    g.add_argument("--query_prefix", default="", help="instruction prepended to contrastive queries")
+    g.add_argument("--query_prefix", default=None,
+                   help="instruction prepended to contrastive queries, saved as the model's 'query' prompt "
+                        "(encode_query, mteb); default: the start model's 'query' prompt, else none")
     g.add_argument("--query_prefix_file", default=None,
                    help="JSON {dataset name: query prefix}, saved with the model as prompts of those names; "
                         "other datasets get --query_prefix")
@@ -189,20 +191,20 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from modules.checkpoints import (
-        BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
-    )
-    from modules.data import EpochBatches, TaskCollator, finetune_data, read_query_prefixes
+    from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from modules.data import EpochBatches, TaskCollator, finetune_data
     from modules.distillation import build_teacher
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import task_loss, to_device
     from modules.losses import contrastive_masks, task_losses
     from modules.mining import MiningState, dhnm_round
+    from modules.model_selection import DevRun
     from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
     from modules.padding_free import check_padding_free
     from modules.position import check_lengths_fit
+    from modules.prompts import set_training_prompts
     from modules.progress import Progress, Stopwatch
     from modules.run_summary import finetune_setup, startup_lines
     from modules.throughput import FlopCounter, SpeedMeter, peak_tflops
@@ -247,10 +249,9 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     teacher = build_teacher(args, accelerator.device, model.output_dim, datasets, lengths_in_use)  # --teacher_model
     negative_part = (accelerator.process_index if args.cbb else 0, negative_parts)
     # query prefix of a dataset: the model's prompt of that name (--query_prefix_file, train_llm_embed.py's
-    # instructions), else --query_prefix
-    if args.query_prefix_file:
-        model.prompts.update(read_query_prefixes(args.query_prefix_file, [d.name for d in datasets]))
-    query_prefix = {d.name: model.prompts.get(d.name, args.query_prefix) for d in datasets}
+    # instructions), else --query_prefix; final/ saves them as prompts (the "query" one for encode_query and mteb)
+    query_prefix = set_training_prompts(model, args, [(d.name, d.kind) for d in datasets])
+    prompts = model.prompts
     collator = TaskCollator(model.tokenizer, max_lengths, negatives, args.seed, query_prefix, negative_part,
                             hash_texts=args.mask_duplicates,  # the text hashes --mask_duplicates compares
                             teacher_tokenizer=teacher and teacher.tokenizer, teacher_prefix=teacher and teacher.query_prefix,
@@ -262,7 +263,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
         accelerator.print(f"Matryoshka dims: {losses['cosent'].dims}")
 
     # pairs/s, real tokens/s, model TFLOP/s and MFU of the log window and of the run (train_summary.json)
-    speed = SpeedMeter(FlopCounter(model), accelerator.num_processes, peak_tflops(args.peak_tflops, accelerator.device))
+    speed = SpeedMeter(FlopCounter(model), accelerator.num_processes, peak_tflops(args.peak_tflops, accelerator.device),
+                       shared_kinds=("retri_contrast",) if args.cbb else ())  # CBB's shared queries: one batch
 
     # ---- optimizer and schedule
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.scaling_lr)
@@ -274,30 +276,37 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     setup = finetune_setup(args, accelerator, datasets, batch_sizes, sampler, total_steps, warmup_steps, loss_weights)
     accelerator.print("\n".join(startup_lines(setup, args)))
 
-    # ---- resume
-    global_step, start_epoch, start_batch, best_state = 0, 0, 0, None
+    # ---- resume: weights, optimizer, data position, and what the run has recorded so far
+    global_step, start_epoch, start_batch, state = 0, 0, 0, {}
+    dhnm_log, last_mined = {"checks": 0, "checked": 0, "replaced": 0, "seconds": 0.0}, None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, saved_beside)
         global_step, start_epoch, start_batch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-        best_state = state.get("best")
+        dhnm_log, last_mined = state.get("dhnm", dhnm_log), state.get("last_mined")  # DHNM's next check needs it
+        speed.run.update(state.get("speed") or {})
         accelerator.print(f"resumed from {checkpoint} at step {global_step} (epoch {start_epoch}, batch {start_batch})")
 
     if accelerator.is_main_process:
         write_run_config(args.output_dir, args, [args.meta_list])
     accelerator.init_trackers("finetune", config={k: str(v) for k, v in vars(args).items()})
 
-    def evaluate():  # every dev metric, logged and printed
-        return dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, args.query_prefix, global_step)
+    def save(epoch, next_batch):  # a checkpoint and everything the run has recorded
+        trainer_state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": next_batch,
+                         "data_order": data_order, "schedule": schedule, **dev.state(), "dhnm": dhnm_log,
+                         "last_mined": last_mined, "speed": speed.run}
+        save_checkpoint(accelerator, args.output_dir, global_step, trainer_state, args.save_total_limit,
+                        keep=dev.best.kept(), model=model, states=saved_beside)
 
-    eval_history = {0: evaluate()} if dev_sets and checkpoint is None else {}
-    best = BestCheckpoint(args.metric_for_best, args.keep_best, best_state)  # --metric_for_best, --keep_best
+    # dev scores of what final/ would hold at each evaluation (the start model first), the best kept
+    dev = DevRun(dev_sets, args, prompts, ema, state)
+    if dev and checkpoint is None and dev.evaluate(accelerator, model, tokenizer, max_lengths, 0):
+        save(0, 0)  # --keep_best: the start model is the best so far
 
     # ---- train
     model.train()
     progress = Progress(total_steps, global_step, accelerator.is_local_main_process)
     window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS))}
     done = global_step >= total_steps
-    dhnm_log, last_mined = {"checks": 0, "checked": 0, "replaced": 0, "seconds": 0.0}, None
     step_clock = Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     for epoch in range(start_epoch, num_epochs):
         if done:
@@ -327,13 +336,13 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 window["loss"][KINDS.index(part["kind"])] += loss.detach().float().cpu()
                 window["count"][KINDS.index(part["kind"])] += 1
                 if mining is not None and part["dataset_index"] in mining:
-                    last_mined = (part["dataset_index"], part["indices"])
+                    last_mined = [part["dataset_index"], [int(i) for i in part["indices"]]]
             if not accelerator.sync_gradients:
                 continue
 
             scheduler.step()
             if ema is not None:
-                ema.update()
+                ema.update(global_step)
             global_step += 1
             speed.add_step(step_clock.stop())
             progress.update()
@@ -353,13 +362,10 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                 accelerator.log(counts, step=global_step)
                 accelerator.print(f"step {global_step}: DHNM checked {counts['dhnm/checked']} examples, "
                                   f"replaced {counts['dhnm/replaced']}")
-            if dev_sets and args.eval_every and (global_step % args.eval_every == 0 or global_step == total_steps):
-                eval_history[global_step] = evaluate()
-            if best.improved(global_step, eval_history) or (args.save_every and global_step % args.save_every == 0):
-                state = {"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch + 1,
-                         "data_order": data_order, "schedule": schedule, "best": best.state()}
-                save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                                keep=best.kept(), model=model, states=saved_beside)
+            new_best = dev.due(global_step, total_steps) and dev.evaluate(accelerator, model, tokenizer, max_lengths,
+                                                                           global_step)
+            if new_best or (args.save_every and global_step % args.save_every == 0):
+                save(epoch, batch_in_epoch + 1)
             if global_step >= total_steps:
                 done = True
                 break
@@ -367,14 +373,15 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     progress.close()
 
     # ---- final model and scores
-    if dev_sets and global_step not in eval_history:
-        eval_history[global_step] = evaluate()
-    if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
-        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}", saved_beside)
-        accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
-    summary = {**setup, "steps": global_step, **speed.run_figures(accelerator.device), **best.summary(args.output_dir),
+    if dev and global_step not in dev.history:
+        dev.evaluate(accelerator, model, tokenizer, max_lengths, global_step)
+    final_step = dev.final_step(args.final_is_best, global_step, accelerator.is_main_process)
+    if final_step != global_step:  # --final_is_best: the best checkpoint's weights (and weight average)
+        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{final_step}", saved_beside)
+    summary = {**setup, "steps": global_step, **speed.run_figures(accelerator.device), **dev.summary(),
                **({"dhnm": dhnm_log} if mining is not None else {})}
-    finish_run(accelerator, model, args, summary, eval_history, ema)
+    finish_run(accelerator, model, args, summary, dev.history, ema, final_step,
+               dev.scorer(tokenizer, max_lengths) if dev else None)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def add_llm_arguments(parser):
 
 def llm_prompts(args):
     """The query prompts of this run: {"query": default, <dataset>: its instruction} (empty without a template)."""
-    from modules.data import iter_raw_records, read_meta_list, read_query_prefixes
+    from modules.data import entry_kind, read_meta_list, read_query_prefixes
     from modules.llm import LLMSetupError, instruction_prompts
 
     if args.instruction_template is None:
@@ -52,12 +52,11 @@ def llm_prompts(args):
         return {}
     if not (args.task_instructions or args.default_task):
         raise LLMSetupError("--instruction_template needs --task_instructions and/or --default_task")
-    if args.query_prefix or args.query_prefix_file:
+    if args.query_prefix is not None or args.query_prefix_file:
         raise LLMSetupError("give queries --instruction_template (with --task_instructions / --default_task) or "
                             "--query_prefix / --query_prefix_file, not both")
     # datasets by name (the name load_task_dataset gives) and kind: only contrastive queries get instructions
-    kinds = {e.name: e.kind or next(iter_raw_records(e.path))[1].get("type")
-             for e in read_meta_list(args.meta_list, args.root_dir)}
+    kinds = {e.name: entry_kind(e) for e in read_meta_list(args.meta_list, args.root_dir)}
     names = [name for name, kind in kinds.items() if kind != "cosent"]
     tasks = read_query_prefixes(args.task_instructions, kinds, "--task_instructions") if args.task_instructions else {}
     if set(tasks) - set(names):

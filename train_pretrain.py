@@ -36,7 +36,9 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=int, default=256, help="pairs per process per step (global = x processes)")
     g.add_argument("--query_max_len", type=int, default=64)
     g.add_argument("--passage_max_len", type=int, default=256)
-    g.add_argument("--query_prefix", default="", help="instruction prepended to queries")
+    g.add_argument("--query_prefix", default=None,
+                   help="instruction prepended to queries, saved as the model's 'query' prompt (encode_query, mteb); "
+                        "default: the start model's 'query' prompt, else none")
     g.add_argument("--shuffle_chunk", type=int, default=8192, help="records read and shuffled together")
     g.add_argument("--block_mb", type=int, default=64, help="JSONL files are split into blocks of this many MB")
     g.add_argument("--num_workers", type=int, default=2, help="tokenizing loader workers per process (0: in-process)")
@@ -92,14 +94,13 @@ def main(argv=None):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from modules.checkpoints import (
-        BestCheckpoint, check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint,
-    )
+    from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import embed, to_device
     from modules.gradcache import cached_loss_backward, check_gradcache_supported
     from modules.losses import InBatchInfoNCE, matryoshka_from_flags
+    from modules.model_selection import DevRun
     from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
     from modules.progress import Progress, Stopwatch
@@ -107,6 +108,7 @@ def main(argv=None):
     from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
     from modules.streaming import checked_batch, skipped_record_count, skipped_record_lines
     from modules.padding_free import check_padding_free
+    from modules.prompts import set_training_prompts
     from modules.throughput import FlopCounter, SpeedMeter, peak_tflops
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
@@ -132,6 +134,8 @@ def main(argv=None):
                          f"{', '.join(dev_sets.metric_names())}")
 
     model = build_model(args)
+    query_prefix = set_training_prompts(model, args, [("pairs", "retri_contrast")])["pairs"]  # saved as "query"
+    prompts = model.prompts
     if args.padding_free:
         check_padding_free(model, accelerator.device)
     loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
@@ -150,12 +154,12 @@ def main(argv=None):
     setup = pretrain_setup(args, accelerator, sources)
     accelerator.print("\n".join(startup_lines(setup, args)))
 
-    global_step, loader_state, source_batches, best_state = 0, None, [0] * len(sources), None
+    global_step, loader_state, source_batches, state = 0, None, [0] * len(sources), {}
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, saved_beside)
         global_step, loader_state = state["global_step"], state["process_states"][accelerator.process_index]
         source_batches = state.get("source_batches", source_batches)  # counted since this resume if not saved
-        best_state = state.get("best")
+        speed.run.update(state.get("speed") or {})
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     if accelerator.is_main_process:
         write_run_config(args.output_dir, args, [args.meta_list])
@@ -164,18 +168,23 @@ def main(argv=None):
     # Each process streams its own part; batches carry the loader state after them (the worker owns the stream).
     batches = PretrainBatches(sources, args.batch_size, tokenizer, {"query": args.query_max_len,
                               "passage": args.passage_max_len}, args.seed, accelerator.process_index,
-                              accelerator.num_processes, args.shuffle_chunk, args.block_mb << 20, args.query_prefix,
+                              accelerator.num_processes, args.shuffle_chunk, args.block_mb << 20, query_prefix,
                               loader_state, args.skip_bad_records)
     loader = iter(DataLoader(batches, batch_size=None, num_workers=args.num_workers,
                              generator=torch.Generator().manual_seed(args.seed)))  # leaves the global RNG alone
 
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.query_max_len}
 
-    def evaluate():  # every dev metric, logged and printed
-        return dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, args.query_prefix, global_step)
+    def save():  # a checkpoint and everything the run has recorded
+        trainer_state = {"global_step": global_step, "data_order": data_order, "schedule": schedule,
+                         "source_batches": source_batches, **dev.state(), "speed": speed.run}
+        save_checkpoint(accelerator, args.output_dir, global_step, trainer_state, args.save_total_limit,
+                        process_state=loader_state, keep=dev.best.kept(), model=model, states=saved_beside)
 
-    eval_history = {0: evaluate()} if dev_sets and checkpoint is None else {}
-    best = BestCheckpoint(args.metric_for_best, args.keep_best, best_state)  # --metric_for_best, --keep_best
+    # dev scores of what final/ would hold at each evaluation (the start model first), the best kept
+    dev = DevRun(dev_sets, args, prompts, ema, state)
+    if dev and checkpoint is None and dev.evaluate(accelerator, model, tokenizer, max_lengths, 0):
+        save()  # --keep_best: the start model is the best so far
 
     model.train()
     progress = Progress(args.max_steps, global_step, accelerator.is_local_main_process)
@@ -203,7 +212,7 @@ def main(argv=None):
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update()
+            ema.update(global_step)
         optimizer.zero_grad()
         global_step += 1
         speed.add_batches([batch])
@@ -220,28 +229,25 @@ def main(argv=None):
                             step=global_step)
             progress.log(global_step, metrics)
             window = {"loss": torch.zeros(()), "steps": 0}
-        if dev_sets and args.eval_every and (global_step % args.eval_every == 0 or global_step == args.max_steps):
-            eval_history[global_step] = evaluate()
-        if best.improved(global_step, eval_history) or (args.save_every and global_step % args.save_every == 0):
-            state = {"global_step": global_step, "data_order": data_order, "schedule": schedule,
-                     "source_batches": source_batches, "best": best.state()}
-            save_checkpoint(accelerator, args.output_dir, global_step, state, args.save_total_limit,
-                            process_state=loader_state, keep=best.kept(), model=model, states=saved_beside)
+        new_best = dev.due(global_step, args.max_steps) and dev.evaluate(accelerator, model, tokenizer, max_lengths,
+                                                                         global_step)
+        if new_best or (args.save_every and global_step % args.save_every == 0):
+            save()
     progress.close()
 
-    if dev_sets and global_step not in eval_history:
-        eval_history[global_step] = evaluate()
-    if args.final_is_best and best.step:  # final/ from the best checkpoint's weights
-        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{best.step}", saved_beside)
-        accelerator.print(f"final/ from checkpoint-{best.step} ({best.metric} {best.value:.2f})")
+    if dev and global_step not in dev.history:
+        dev.evaluate(accelerator, model, tokenizer, max_lengths, global_step)
+    final_step = dev.final_step(args.final_is_best, global_step, accelerator.is_main_process)
+    if final_step != global_step:  # --final_is_best: the best checkpoint's weights (and weight average)
+        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{final_step}", saved_beside)
     by_source = {source.name: count for source, count in zip(sources, source_batches)}
     accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
                                                         for name, count in by_source.items()))
     for line in skipped_record_lines(sources, loader_state):  # every process: each reads its own records
         print(f"process {accelerator.process_index}: {line}" if accelerator.num_processes > 1 else line, flush=True)
     finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source,
-                                          **speed.run_figures(accelerator.device), **best.summary(args.output_dir)},
-               eval_history, ema)
+                                          **speed.run_figures(accelerator.device), **dev.summary()},
+               dev.history, ema, final_step, dev.scorer(tokenizer, max_lengths) if dev else None)
 
 
 if __name__ == "__main__":

@@ -211,35 +211,3 @@ def load_checkpoint(accelerator, path, states=()):
         state.load_checkpoint_files(path)
     accelerator.load_state(str(path))
     return json.loads((Path(path) / TRAINER_STATE).read_text())
-
-
-class BestCheckpoint:
-    """``--metric_for_best`` (higher is better) over a run's evaluations after step 0; with ``--keep_best`` every new
-    best is saved as a checkpoint that the checkpoint limit spares. Its state travels in ``trainer_state.json``."""
-
-    def __init__(self, metric, keep, state=None):
-        self.metric, self.keep = metric, keep
-        self.step, self.value = (state["step"], state["value"]) if state else (None, None)
-
-    def improved(self, step, eval_history):
-        """Record the evaluation at ``step`` if it is a new best; returns whether to save it (False without
-        --keep_best). Called once every step, before any condition that could skip it."""
-        if not self.metric or step == 0 or step not in eval_history:
-            return False
-        value = eval_history[step][self.metric]
-        if self.value is not None and value <= self.value:
-            return False
-        self.step, self.value = step, value
-        return self.keep
-
-    def kept(self):
-        return (f"checkpoint-{self.step}",) if self.keep and self.step else ()
-
-    def state(self):
-        return {"metric": self.metric, "step": self.step, "value": self.value} if self.step else None
-
-    def summary(self, output_dir):
-        if not self.step:
-            return {}
-        path = Path(output_dir) / f"checkpoint-{self.step}" if self.keep else None
-        return {"best": {**self.state(), "checkpoint": str(path) if path else None}}

@@ -146,6 +146,11 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
     return assign_dataset_names(entries)
 
 
+def entry_kind(entry):
+    """A meta-list entry's kind: its type=KIND, else its first record's type (load_task_dataset checks them all)."""
+    return entry.kind or next(iter_raw_records(entry.path))[1].get("type")
+
+
 def _strip_suffix(file_name):
     for suffix in (".jsonl.gz", ".jsonl", ".json", ".parquet"):
         if file_name.endswith(suffix):

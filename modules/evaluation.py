@@ -2,6 +2,7 @@
 (nDCG@10), and the dev sets a training run is scored on (--eval_sts_file, --eval_dir)."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from scipy.stats import spearmanr
 
 from .cli import UsageError
 from .data import tokenize
+from .prompts import prompt_for
 
 
 def load_sts_pairs(path):
@@ -110,48 +112,125 @@ def retrieval_ndcg(model, tokenizer, queries, corpus, qrels, query_max_len=64, p
     return ndcg_at_k(query_embeddings @ documents.T, relevant, k)
 
 
-def pair_classification_scores(scores, labels):
-    """Best-threshold accuracy and average precision (x100) of cosine ``scores`` against 0/1 ``labels``."""
+def pair_classification_scores(first, second, labels):
+    """mteb's PairClassification scores (x100) of embedding pairs against 0/1 ``labels``: accuracy at the best
+    threshold, F1, precision, recall and average precision of each similarity (cosine, dot, and the euclidean and
+    manhattan distances), and the best of each over them (``max_accuracy``, ``max_ap``, ...), named as mteb names them.
+    ``first`` and ``second``: [pairs, dim] tensors, normalised as the model's Normalize module leaves them."""
     from sklearn.metrics import average_precision_score
 
-    ranked = np.asarray(labels)[np.argsort(-scores, kind="stable")]
-    # calling the top i pairs positive (i = 0..n) gets right the positives among them and the negatives below
-    positives_above = np.concatenate([[0], np.cumsum(ranked == 1)])
-    negatives_below = (ranked == 0).sum() - np.concatenate([[0], np.cumsum(ranked == 0)])
-    best = (positives_above + negatives_below).max()
-    return {"cosine_accuracy": 100 * best / len(labels), "cosine_ap": 100 * average_precision_score(labels, scores)}
+    labels = np.asarray(labels, dtype=np.int64)
+    first, second = first.double(), second.double()
+    similarities = {"cosine": (F.cosine_similarity(first, second).numpy(), True),
+                    "manhattan": ((first - second).abs().sum(-1).numpy(), False),
+                    "euclidean": ((first - second).norm(dim=-1).numpy(), False),
+                    "dot": ((first * second).sum(-1).numpy(), True)}
+    scores = {}
+    for name, (values, higher_is_similar) in similarities.items():
+        ranked = values if higher_is_similar else -values
+        scores.update({f"{name}_{metric}": value for metric, value in _threshold_scores(ranked, labels).items()})
+        scores[f"{name}_ap"] = average_precision_score(labels, ranked)
+    for metric in ("accuracy", "f1", "precision", "recall", "ap"):
+        scores[f"max_{metric}"] = max(scores[f"{name}_{metric}"] for name in similarities)
+    return {name: 100 * float(value) for name, value in scores.items()}
 
 
-def retrieval_scores(query_embeddings, document_embeddings, relevant, k=10, recall_k=100):
-    """nDCG@k and recall@recall_k (x100) of ranking every document by cosine for each query."""
+def _threshold_scores(scores, labels):
+    """Accuracy, and F1 with its precision and recall, of calling the pairs above a threshold similar, each at its
+    best threshold. mteb's rules: a threshold lies between two distinct scores (never splitting a tie, never above
+    or below all pairs); the first best F1 in score order gives the precision and recall."""
+    order = np.argsort(-scores, kind="stable")
+    ranked, ranked_labels = scores[order], labels[order]
+    cuts = np.flatnonzero(ranked[:-1] != ranked[1:])  # the top i + 1 pairs called similar
+    if not len(cuts):
+        return {"accuracy": 0.0, "f1": 0.0, "precision": 0.0, "recall": 0.0}
+    true_positives = np.cumsum(ranked_labels == 1)[cuts]
+    right = true_positives + (labels == 0).sum() - np.cumsum(ranked_labels == 0)[cuts]
+    precision, recall = true_positives / (cuts + 1), true_positives / max((labels == 1).sum(), 1)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(cuts)), where=true_positives > 0)
+    best = np.argmax(f1)
+    return {"accuracy": right.max() / len(labels), "f1": f1[best], "precision": precision[best] if f1[best] else 0.0,
+            "recall": recall[best] if f1[best] else 0.0}
+
+
+def retrieval_scores(query_embeddings, document_embeddings, relevant, names=("ndcg_at_10", "recall_at_100")):
+    """``names`` (ndcg_at_k, recall_at_k) x100 of ranking every document by cosine for each query."""
     scores = query_embeddings @ document_embeddings.T
-    top = scores.topk(min(recall_k, scores.size(1)), dim=1).indices.tolist()
-    recall = sum(len(set(ranked) & set(grades)) / len(grades) for ranked, grades in zip(top, relevant))
-    return {f"ndcg_at_{k}": ndcg_at_k(scores, relevant, k), f"recall_at_{recall_k}": 100 * recall / len(relevant)}
+    results = {}
+    for name in names:
+        metric, k = _retrieval_metric(name)
+        if metric == "ndcg":
+            results[name] = ndcg_at_k(scores, relevant, k)
+        else:
+            top = scores.topk(min(k, scores.size(1)), dim=1).indices.tolist()
+            recall = sum(len(set(ranked) & set(grades)) / len(grades) for ranked, grades in zip(top, relevant))
+            results[name] = 100 * recall / len(relevant)
+    return results
 
 
-def score_local_task(model, tokenizer, task, max_lengths, query_prefix=""):
-    """{"<task>/<metric>": value x100} of a local task folder (modules/task_folders.py), every text embedded once;
-    with several splits the names are "<task>/<split>/<metric>"."""
-    metrics = {}
+def _retrieval_metric(name):
+    """("ndcg" | "recall", k) of a retrieval metric name; None for others."""
+    match = re.fullmatch(r"(ndcg|recall)_at_(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def sts_scores(first, second, gold):
+    """mteb's STS scores (x100): Pearson and Spearman correlation of the gold scores with the cosine and with minus
+    the manhattan and euclidean distances (pearson / spearman: the model's similarity, cosine)."""
+    from scipy.stats import pearsonr
+
+    first, second = first.double(), second.double()
+    similarities = {"cosine": F.cosine_similarity(first, second), "manhattan": -(first - second).abs().sum(-1),
+                    "euclidean": -(first - second).norm(dim=-1)}
+    scores = {}
+    for name, values in similarities.items():
+        scores[f"{name}_pearson"] = pearsonr(values.numpy(), gold).statistic
+        scores[f"{name}_spearman"] = spearmanr(values.numpy(), gold).statistic
+    scores.update(pearson=scores["cosine_pearson"], spearman=scores["cosine_spearman"])
+    return {name: 100 * float(value) for name, value in scores.items()}
+
+
+# what a task folder logs during training beside its main score (task.json's, by mteb's name)
+TRAINING_METRICS = {"STS": ("cosine_spearman",), "PairClassification": ("max_accuracy", "max_ap"),
+                    "Retrieval": ("ndcg_at_10", "recall_at_100")}
+
+
+def task_metric_names(task):
+    """The metrics a task folder is scored by during training: its main score first, then its type's usual ones."""
+    return list(dict.fromkeys([task.main_score, *TRAINING_METRICS[task.type]]))
+
+
+def score_local_task(model, tokenizer, task, max_lengths, prompts=None):
+    """{"<task>/<metric>": value x100} of a local task folder (modules/task_folders.py), every text embedded once,
+    with the prompts mteb would give the model (``prompts``: the model's); with several splits the names are
+    "<task>/<split>/<metric>"."""
+    prompts, names, metrics = prompts or {}, task_metric_names(task), {}
     for split in task.splits:
         data = task.split_data(split)
         if task.type == "Retrieval":
+            query_prompt, document_prompt = (prompt_for(prompts, task.name, task.type, kind) for kind in ("query", "document"))
             doc_ids, query_ids = list(data["corpus"]), list(data["queries"])
-            documents = embed_texts(model, tokenizer, [f"{d['title']} {d['text']}".strip() for d in data["corpus"].values()],
-                                    max_lengths["passage"])
-            queries = embed_texts(model, tokenizer, [query_prefix + data["queries"][q] for q in query_ids],
+            documents = embed_texts(model, tokenizer, [document_prompt + f"{d['title']} {d['text']}".strip()
+                                                       for d in data["corpus"].values()], max_lengths["passage"])
+            queries = embed_texts(model, tokenizer, [query_prompt + data["queries"][q] for q in query_ids],
                                   max_lengths["query"])
             position = {d: i for i, d in enumerate(doc_ids)}
             relevant = [{position[d]: g for d, g in data["qrels"][q].items()} for q in query_ids]
-            scores = retrieval_scores(queries, documents, relevant)
+            scores = retrieval_scores(queries, documents, relevant, names)
         else:
-            cosine = pair_cosines(model, tokenizer, data["sentence1"], data["sentence2"], max_lengths["pair"])
-            scores = ({"cosine_spearman": 100 * spearmanr(cosine, data["score"]).statistic} if task.type == "STS"
-                      else pair_classification_scores(cosine, data["label"]))
+            prompt = prompt_for(prompts, task.name, task.type)
+            first, second = _pair_embeddings(model, tokenizer, [prompt + text for text in data["sentence1"]],
+                                             [prompt + text for text in data["sentence2"]], max_lengths["pair"])
+            scores = (sts_scores(first, second, data["score"]) if task.type == "STS"
+                      else pair_classification_scores(first, second, data["label"]))
         prefix = f"{task.name}/{split}/" if len(task.splits) > 1 else f"{task.name}/"
-        metrics.update({prefix + name: float(value) for name, value in scores.items()})
+        metrics.update({prefix + name: float(scores[name]) for name in names})
     return metrics
+
+
+def _pair_embeddings(model, tokenizer, first, second, max_length):
+    embeddings = embed_texts(model, tokenizer, list(first) + list(second), max_length)
+    return embeddings[: len(first)], embeddings[len(first) :]
 
 
 class DevSets:
@@ -167,6 +246,10 @@ class DevSets:
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise UsageError(f"--eval_dir: two task folders are named {repeated}; give each task.json its own name")
+        for task in self.tasks:
+            if task.type == "Retrieval" and _retrieval_metric(task.main_score) is None:
+                raise UsageError(f"--eval_dir {task.folder}: main_score {task.main_score} is not scored during "
+                                 "training (ndcg_at_k and recall_at_k are); eval/run_cmteb.py --local-task scores it")
 
     def __bool__(self):
         return self.sts_pairs is not None or bool(self.tasks)
@@ -179,25 +262,27 @@ class DevSets:
         return roles
 
     def metric_names(self):
-        per_type = {"STS": ["cosine_spearman"], "PairClassification": ["cosine_accuracy", "cosine_ap"],
-                    "Retrieval": ["ndcg_at_10", "recall_at_100"]}
         names = ["sts_spearman"] if self.sts_pairs is not None else []
         for task in self.tasks:
             splits = [f"{split}/" for split in task.splits] if len(task.splits) > 1 else [""]
-            names += [f"{task.name}/{split}{metric}" for split in splits for metric in per_type[task.type]]
+            names += [f"{task.name}/{split}{metric}" for split in splits for metric in task_metric_names(task)]
         return names
 
-    def evaluate(self, accelerator, model, tokenizer, max_lengths, query_prefix, step):
+    def evaluate(self, accelerator, model, tokenizer, max_lengths, prompts, step):
         """Score, log to the trackers as eval/<metric> and print one line; returns {metric: value}."""
-        metrics = self(model, tokenizer, max_lengths, query_prefix)
+        metrics = self(model, tokenizer, max_lengths, prompts)
         accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
         accelerator.print(f"step {step}: dev " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
         return metrics
 
-    def __call__(self, model, tokenizer, max_lengths, query_prefix=""):
+    def __call__(self, model, tokenizer, max_lengths, prompts=None):
+        """Every dev metric of ``model``, texts given the prompts mteb would give them (``prompts``: the model's)."""
         metrics = {}
         if self.sts_pairs is not None:
-            metrics["sts_spearman"] = float(sts_spearman(model, tokenizer, self.sts_pairs, max_lengths["pair"]))
+            prompt = prompt_for(prompts or {}, None, "STS")
+            metrics["sts_spearman"] = float(sts_spearman(model, tokenizer, [
+                {**pair, "text": prompt + pair["text"], "text_pair": prompt + pair["text_pair"]}
+                for pair in self.sts_pairs], max_lengths["pair"]))
         for task in self.tasks:
-            metrics.update(score_local_task(model, tokenizer, task, max_lengths, query_prefix))
+            metrics.update(score_local_task(model, tokenizer, task, max_lengths, prompts))
         return metrics

@@ -144,22 +144,24 @@ def training_script(config, config_file):
 def rebuild_model(run_dir):
     """(script, args, model): the model as the run's script built it before step one (the start weights), from the
     run's run_config.json, with the prompts the script adds after building it."""
+    from .data import entry_kind, read_meta_list
+    from .prompts import set_training_prompts
+
     config_file, config, args = read_run_config(run_dir)
     script = training_script(config, config_file)
     quiet = SimpleNamespace(print=lambda *_, **__: None)  # the builders' accelerator, used to print only
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     if script == "train_pretrain.py":
-        return script, args, importlib.import_module("train_pretrain").build_model(args)
-    if script == "train_llm_embed.py":
-        model = importlib.import_module("train_llm_embed").build_llm_model(args, quiet)
+        model = importlib.import_module("train_pretrain").build_model(args)
+        datasets = [("pairs", "retri_contrast")]  # every source's queries take --query_prefix
     else:
-        model = importlib.import_module("train_finetune").build_encoder(args, quiet)
-    if args.query_prefix_file:  # as train_finetune.main does after building the model
-        from .data import read_meta_list, read_query_prefixes
-
-        names = [entry.name for entry in read_meta_list(args.meta_list, args.root_dir)]
-        model.prompts.update(read_query_prefixes(args.query_prefix_file, names))
+        if script == "train_llm_embed.py":
+            model = importlib.import_module("train_llm_embed").build_llm_model(args, quiet)
+        else:
+            model = importlib.import_module("train_finetune").build_encoder(args, quiet)
+        datasets = [(entry.name, entry_kind(entry)) for entry in read_meta_list(args.meta_list, args.root_dir)]
+    set_training_prompts(model, args, datasets)  # as the script does after building the model
     return script, args, model
 
 
@@ -179,6 +181,7 @@ def export_checkpoint(checkpoint, out, no_wise_ft, step, no_ema=False):
     """Write OUT with a model card; returns (kind of checkpoint, training script, run args, whether WiSE-FT averaged).
     A run with --ema_decay exports the checkpoint's weight average (ema.safetensors), as its final/, unless
     ``no_ema``."""
+    from .card_weights import export_summary
     from .checkpoints import written_whole
     from .model_card import write_model_card
     from .nonfinite import check_finite_weights
@@ -196,7 +199,8 @@ def export_checkpoint(checkpoint, out, no_wise_ft, step, no_ema=False):
     check_finite_weights(weights, str(checkpoint))
     with written_whole(out) as partial:
         model.save_pretrained(partial, state_dict=weights)
-        write_model_card(partial, run_args, {"steps": step})
+        write_model_card(partial, run_args, export_summary(checkpoint.parent, step, 0 if no_ema else getattr(
+            run_args, "ema_decay", 0), run_args.wise_ft_alpha if wise_ft else 1))
     return kind, script, run_args, wise_ft
 
 

@@ -276,26 +276,29 @@ class SpreadOut(nn.Module):
 
     M1 and M2 the mean and the mean square of x_i . x_j over pairs i != j of the global batch, d the dimension.
     Zhang et al. 2017, "Learning Spread-out Local Feature Descriptors" (arXiv 1708.06320); EmbeddingGemma
-    (arXiv 2509.20354). Every process computes the regulariser of the whole batch (gathered with gradient).
+    (arXiv 2509.20354). Every process computes the regulariser of the whole batch: gathered with gradient, or, when
+    the wrapped loss shares its queries (CBB: every process holds the same queries and positives), of this process's
+    rows, which are the whole batch's (gathering them would pair each row with its copies, at cosine 1).
     """
 
     def __init__(self, loss, weight):
         super().__init__()
         self.loss, self.weight = loss, weight
+        self.gather = not getattr(loss, "shared_queries", False)
 
     def forward(self, query, positive, negatives=None, text_ids=None):
         return self.loss(query, positive, negatives, text_ids) + self.weight * (
-            orthogonality_penalty(query) + orthogonality_penalty(positive))
+            orthogonality_penalty(query, self.gather) + orthogonality_penalty(positive, self.gather))
 
     @property
     def masked(self):
         return getattr(self.loss, "masked", None)
 
 
-def orthogonality_penalty(embeddings):
-    """GOR of a batch of embeddings (gathered over processes with gradient)."""
+def orthogonality_penalty(embeddings, gather=True):
+    """GOR of a batch of embeddings (with ``gather``, of every process's rows, gathered with gradient)."""
     x = F.normalize(at_least_fp32(embeddings), dim=-1)
-    if _distributed():
+    if gather and _distributed():
         x = gather_with_grad(x)[0]
     pairs = x.size(0) * (x.size(0) - 1)
     if pairs == 0:

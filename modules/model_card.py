@@ -1,4 +1,6 @@
-"""final/README.md: a model card written from what the run knows (its arguments, train_summary.json, dev scores).
+"""final/README.md: a model card written from what the run knows (its arguments, train_summary.json, dev scores),
+fit to publish: no path of the machine that ran it, the terms of its training data, the options that shaped its
+weights, which weights final/ holds, its local dev scores apart from C-MTEB.
 
 eval/run_cmteb.py rewrites the card's C-MTEB section (between the CMTEB_BEGIN / CMTEB_END markers) when it
 scores the directory.
@@ -12,6 +14,10 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from .card_weights import dev_section, weights_record, weights_text
+from .data_licences import data_terms, non_commercial
+from .run_options import shown_command, shown_path, weight_options
 
 CARD_NOTE = "<!-- Written by modules/model_card.py; eval/run_cmteb.py rewrites the C-MTEB section. -->"
 CMTEB_BEGIN, CMTEB_END = "<!-- C-MTEB section: begin -->", "<!-- C-MTEB section: end -->"
@@ -53,12 +59,15 @@ def write_model_card(final_dir, args, summary, eval_history=None, cmteb=None):
     ``summary`` is train_summary.json's dict (every key optional), ``eval_history`` {step: score or
     {metric: score}}, ``cmteb`` an eval/run_cmteb.py summary.
     """
-    final_dir = Path(final_dir)
+    final_dir, run_dir = Path(final_dir), Path(args.output_dir)
     rows = summary.get("datasets") or summary.get("sources") or []
     layout, base = _saved_layout(final_dir), base_model_name(args.model_name_or_path)
-    sections = [_front_matter(base, rows), _title(args, base), _model_section(args, base, summary, layout),
-                _data_section(rows), _loss_section(args, summary, rows), _training_section(args, summary, rows),
-                _dev_section(args, eval_history),
+    command, weights = _command(args), weights_record(args, summary)
+    sections = [_front_matter(base, rows), _title(args, base, command, weights),
+                _model_section(args, base, summary, layout, weights), _data_section(rows, run_dir),
+                _licence_section(rows, run_dir), _loss_section(args, summary, rows),
+                _training_section(args, summary, rows, command), _options_section(args, command),
+                dev_section(args, summary, eval_history, weights),
                 "\n".join(["## C-MTEB", "", CMTEB_BEGIN, _cmteb_text(cmteb), CMTEB_END]), _usage_section(args, layout)]
     card = final_dir / "README.md"
     card.write_text("\n\n".join(section for section in sections if section) + "\n", encoding="utf-8")
@@ -139,25 +148,32 @@ def _front_matter(base, rows):
     meta = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
             "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense"],
             "base_model": base,
-            "datasets": [row["name"] for row in rows if "name" in row],
+            # no single licence: the start model's and the data's terms (the Licence section); none without data
+            "license": "other" if rows else None,
             "language": sorted({k[0] for k in known if k}),
             # mteb's ModelMeta.training_datasets: the mteb task names (a set in mteb 2)
             "mteb_training_datasets": sorted({task for k in known if k for task in k[1]})}
     return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v}, sort_keys=False, allow_unicode=True) + "---"
 
 
-def _title(args, base):
-    script = Path(_command(args)[0]).name
+def _title(args, base, command, weights):
+    script = Path(command[0]).name
     how = "fine-tuned" if hasattr(args, "retri_temperature") else "pretrained on (query, positive) pairs"
-    return (f"# {Path(args.output_dir).name}\n\n{CARD_NOTE}\n\nA sentence embedding model {how} from "
-            f"{base} by `{script}`.")
+    title = (f"# {Path(args.output_dir).name}\n\n{CARD_NOTE}\n\nA sentence embedding model {how} from {base} by "
+             f"`{script}`.")
+    if weights.get("step") == 0 and weights["chosen_by"].startswith("best"):
+        title += (f"\n\n**Training did not beat the start model on {args.metric_for_best}: these are the start "
+                  "model's weights.**")
+    return title
 
 
-def _model_section(args, base, summary, layout):
+def _model_section(args, base, summary, layout, weights):
     lines = [f"- Base model: [{base}](https://huggingface.co/{base})" if _HUB_ID.match(base) else
              f"- Base model: {base}"]
-    if str(args.model_name_or_path) != base:
-        lines[0] += f" (started from `{args.model_name_or_path}`)"
+    start = shown_path(args.model_name_or_path, args.output_dir)
+    if start != base:
+        lines[0] += f" (started from `{start}`)"
+    lines.append(f"- Weights: {weights_text(weights)}")
     lines += [f"- {label}: {layout[key]}" for key, label in (("dim", "Output dimension"), ("pooling", "Pooling"),
                                                              ("max_seq_length", "Max sequence length (tokens)"))
               if layout[key] is not None]
@@ -174,9 +190,6 @@ def _model_section(args, base, summary, layout):
         lines.append(f"- Matryoshka (MRL) dims: {dims}, weights: {args.mrl_weights or 'equal'}")
     mixed = f", mixed precision {summary['mixed_precision']}" if summary.get("mixed_precision") else ""
     lines.append(f"- Precision: {args.torch_dtype} master weights{mixed}; saved as {args.save_dtype}")
-    if args.wise_ft_alpha < 1:
-        lines.append(f"- WiSE-FT: saved weights = {_num(args.wise_ft_alpha)} x trained + "
-                     f"{1 - args.wise_ft_alpha:.3g} x start model")
     if getattr(args, "extend_pe", False):
         lines.append(f"- Position table extended to {args.max_length} ({args.pe_extension})")
     if hasattr(args, "lora_r"):
@@ -188,16 +201,18 @@ def _model_section(args, base, summary, layout):
     return "## Model\n\n" + "\n".join(lines)
 
 
-def _data_section(rows):
+def _data_section(rows, run_dir):
     if not rows:
         return ""
     columns = [(key, title) for key, title in _DATA_COLUMNS if any(key in row for row in rows)]
-    lines = ["## Training data", "", "| Dataset | " + " | ".join(title for _, title in columns) + " | mteb tasks |",
-             "|---|" + "".join("---|" if key == "kind" else "---:|" for key, _ in columns) + "---|"]
+    lines = ["## Training data", "", "Local files, not hub datasets (paths as in the command under Training).", "",
+             "| Dataset | File | " + " | ".join(title for _, title in columns) + " | mteb tasks |",
+             "|---|---|" + "".join("---|" if key == "kind" else "---:|" for key, _ in columns) + "---|"]
     for row in rows:
         cells = [f"{100 * row[key]:.1f}%" if key == "share" and key in row else _num(row.get(key, ""))
                  for key, _ in columns]
-        lines.append(f"| {row.get('name', '?')} | " + " | ".join(cells) + f" | {', '.join(_row_tasks(row))} |")
+        lines.append(f"| {row.get('name', '?')} | {_row_file(row, run_dir)} | " + " | ".join(cells)
+                     + f" | {', '.join(_row_tasks(row))} |")
     if any(row.get("share_of", "of the steps") != "of the steps" for row in rows):
         lines += ["", "Under --cbb every step holds one batch of every kind: shares are within each kind's batches."]
     tasks = sorted({task for row in rows for task in _row_tasks(row)})
@@ -205,6 +220,30 @@ def _data_section(rows):
     lines += ["", f"Trained on these mteb tasks' data (not zero-shot for them): {', '.join(tasks) or 'none'}."]
     if others:
         lines.append(f"No mteb task known for: {', '.join(others)}.")
+    return "\n".join(lines)
+
+
+def _row_file(row, run_dir):
+    return shown_path(row["path"], run_dir) if "path" in row else ""
+
+
+def _licence_section(rows, run_dir):
+    """Each dataset's terms as the README beside it states them, and what they mean for the model."""
+    if not rows:
+        return ""
+    terms = {row.get("name", "?"): (_row_file(row, run_dir), data_terms(row["path"]) if "path" in row else None)
+             for row in rows}
+    lines = ["## Licence", "", "No single licence: the start model's licence applies, and so do the terms of each "
+             "training dataset, as the README beside its file states them:", ""]
+    lines += [f"- {name}" + (f" (`{file}`)" if file else "")
+              + f": {stated or 'unknown (no terms in a README beside it)'}" for name, (file, stated) in terms.items()]
+    restricted = [name for name, (_, stated) in terms.items() if non_commercial(stated)]
+    unknown = [name for name, (_, stated) in terms.items() if not stated]
+    if restricted:
+        lines += ["", f"**Research and non-commercial use only:** the terms of {', '.join(restricted)} rule out "
+                      "commercial use, and a model trained on that data carries them."]
+    if unknown:
+        lines += ["", f"Terms unknown for {', '.join(unknown)}: check them before publishing this model."]
     return "\n".join(lines)
 
 
@@ -225,7 +264,7 @@ def _loss_section(args, summary, rows):
                                     if args.retri_hard_negatives_only else
                                     f"InfoNCE, in-batch + {args.retri_negatives} hard negative(s) per query"
                                     if args.retri_negatives else "InfoNCE, in-batch negatives"),
-                 "parallel": "MSE of S(source) and S(translation) to the teacher's T(source)"}
+                 "parallel": f"MSE of S(source) and S(translation) to the teacher's T(source) ({_teacher(args)})"}
     lines = ["## Losses", "", "Each batch comes from one dataset and gets its kind's loss.", "",
              f"| Task kind | Loss | Temperature | Weight{' (relative to the largest)' if weights else ''} |",
              "|---|---|---:|---:|"]
@@ -235,10 +274,10 @@ def _loss_section(args, summary, rows):
                   else getattr(args, f"{prefix}_weight"))
         temperature = getattr(args, f"{prefix}_temperature", None)
         lines.append(f"| {kind} | {described[kind]} | {_num(temperature) if temperature else '-'} | {_num(weight)} |")
-    lines.append("")
+    lines += ["", *_contrastive_lines(args)]
     if getattr(args, "distill_weight", 0):
         lines.append(f"- Distillation: retrieval loss + {_num(args.distill_weight)} x KL(teacher || student) over "
-                     + (f"the batch's candidates, scored by {args.teacher_model}" if args.teacher_model else
+                     + (f"the batch's candidates, scored by {_teacher(args)}" if args.teacher_model else
                         "each query's positive and negatives, scored in the data (pos_scores, neg_scores)")
                      + f"; teacher temperature {_num(args.teacher_temperature or args.retri_temperature)}")
     if args.cbb:
@@ -252,7 +291,36 @@ def _loss_section(args, summary, rows):
     return "\n".join(lines).rstrip()
 
 
-def _training_section(args, summary, rows):
+def _teacher(args):
+    return shown_path(args.teacher_model, args.output_dir) if getattr(args, "teacher_model", None) else "none"
+
+
+def _contrastive_lines(args):
+    """What changes InfoNCE's candidates and their weights: false-negative masks, hardness weights, extra terms."""
+    # run configs written before these flags have none of them
+    duplicates, margin, relative, hard, other, improved, spread = (getattr(args, name, None) for name in (
+        "mask_duplicates", "mask_margin", "mask_relative", "hard_negative_alpha", "in_batch_alpha",
+        "improved_contrastive", "spread_out_weight"))
+    masks = [text for given, text in (
+        (duplicates, "candidates whose text equals the query or one of its positives (--mask_duplicates)"),
+        (margin is not None, f"candidates above the positive's cosine + {_num(margin)} (--mask_margin)"),
+        (relative is not None, f"candidates above {_num(relative)} x the positive's cosine (--mask_relative)"))
+        if given]
+    weights = [text for given, text in (
+        (hard, f"own hard negatives weighted by exp({_num(hard)} x cosine) (--hard_negative_alpha)"),
+        (other, f"other negatives by exp({_num(other)} x cosine) (--in_batch_alpha)")) if given]
+    lines = ["- False negatives dropped from each query's softmax: " + "; ".join(masks)] if masks else []
+    lines += ["- Hardness weights: " + "; ".join(weights)] if weights else []
+    if improved:
+        lines.append("- Improved contrastive loss: query-query and positive-positive similarities in the denominator "
+                     "(--improved_contrastive)")
+    if spread:
+        lines.append(f"- Spread-out regulariser: + {_num(spread)} x the global orthogonal regulariser of the queries "
+                     "and of the positives (--spread_out_weight)")
+    return lines
+
+
+def _training_section(args, summary, rows, command):
     steps = summary.get("total_steps") or (args.max_steps if args.max_steps > 0 else summary.get("steps"))
     lines = [f"- Steps: {steps}"] if steps else []
     fixed = getattr(args, "warmup_steps", None)  # pretraining's --warmup_steps, over --warmup_ratio
@@ -278,8 +346,26 @@ def _training_section(args, summary, rows):
                      + (f" ({summary['distributed']})" if summary.get("distributed") else ""))
     lines += [f"- Learning rate: {_num(args.lr)}, {args.lr_scheduler} schedule, weight decay {_num(args.weight_decay)}",
               f"- Max gradient norm: {_num(args.max_grad_norm) if args.max_grad_norm > 0 else 'no clipping'}",
-              f"- Seed: {args.seed}", "", "Command:", "", "```bash", shlex.join(_command(args)), "```"]
+              f"- Seed: {args.seed}", "", "Command (paths inside the run's output directory relative to it, others "
+              "as given when relative, else by name):", "", "```bash", shown_command(command, args.output_dir), "```"]
     return "## Training\n\n" + "\n".join(lines)
+
+
+def _options_section(args, command):
+    """Every option the command line set that can change the weights (modules/run_options.py)."""
+    options = weight_options(command, vars(args))
+    lines = ["## Options that can change the weights", "", "Set on the command line, as parsed (every other option "
+             "at the script's default; those that only change outputs, logging, dev scoring, speed or memory left "
+             "out):", ""]
+    return "\n".join(lines + [f"- `{_option(dest, value, args.output_dir)}`" for dest, value in options])
+
+
+def _option(dest, value, run_dir):
+    if value is True:
+        return f"--{dest}"
+    values = [shown_path(v, run_dir) if isinstance(v, str) and Path(v).is_absolute() else _num(v)
+              for v in (value if isinstance(value, list) else [value])]
+    return shlex.join([f"--{dest}", *values])
 
 
 def _command(args):
@@ -287,26 +373,6 @@ def _command(args):
     run_config = Path(args.output_dir) / "run_config.json"
     command = json.loads(run_config.read_text()).get("command") if run_config.is_file() else None
     return [str(part) for part in (command or sys.argv)]
-
-
-def _dev_section(args, eval_history):
-    if not eval_history:
-        return ""
-    dev_file = Path(getattr(args, "eval_sts_file", None) or "dev").name
-
-    def metrics(value):
-        value = value if isinstance(value, dict) else {"sts_spearman": value}
-        return {f"Spearman x 100 ({dev_file})" if name == "sts_spearman" else name: score for name, score in value.items()}
-
-    steps = list(dict.fromkeys([min(eval_history, key=int), max(eval_history, key=int)]))
-    lines = ["## Dev scores", "", "| Metric | " + " | ".join(f"step {step}" for step in steps) + " |",
-             "|---|" + "---:|" * len(steps)]
-    for name in metrics(eval_history[steps[-1]]):
-        values = [metrics(eval_history[step]).get(name) for step in steps]
-        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
-    if args.wise_ft_alpha < 1:
-        lines += ["", "Scores of the trained weights, before the WiSE-FT average with the start model."]
-    return "\n".join(lines)
 
 
 def _cmteb_text(cmteb):
@@ -335,17 +401,36 @@ def _cmteb_text(cmteb):
     lines += ["", "| Type | Task | Score |", "|---|---|---:|"]
     lines += [f"| {cmteb['task_types'][task]} | {task} | {score:.2f} |" for task, score in tasks.items()]
     settings, versions = cmteb.get("settings", {}), cmteb.get("versions", {})
-    lines += ["", (f"mteb {versions.get('mteb', '?')}, {cmteb.get('date', '')}; data: {settings.get('data', '?')}; "
+    data = str(settings.get("data", "?"))
+    lines += ["", (f"mteb {versions.get('mteb', '?')}, {cmteb.get('date', '')}; data: "
+                   f"{shown_path(data) if Path(data).is_absolute() else data}; "
                    f"query instruction: {settings.get('query_instruction')!r}.")]
     return "\n".join(lines)
 
 
 def _usage_section(args, layout):
+    prompts = layout["prompts"]
     lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
-             'model = SentenceTransformer("path/to/this/directory")',
-             'embeddings = model.encode(["first sentence", "second sentence"])', "```"]
-    if getattr(args, "query_prefix", ""):
-        lines += ["", f"Training prefixed queries with {args.query_prefix!r}: give it as `prompt=` to queries."]
-    if layout["prompts"]:
-        lines += ["", f"Prompts saved with the model (`prompt_name=`): {', '.join(layout['prompts'])}."]
+             'model = SentenceTransformer("path/to/this/directory")']
+    if "query" in prompts:
+        lines += _query_usage(prompts)
+    else:
+        lines += ['embeddings = model.encode(["first sentence", "second sentence"])', "```"]
+        if getattr(args, "query_prefix", None):  # runs that did not save their query prefix as a prompt
+            lines += ["", f"Training prefixed queries with {args.query_prefix!r}: give it as `prompt=` to queries."]
+    others = [name for name in prompts if name != "query"]
+    if others:
+        lines += ["", f"Other prompts saved with the model (`prompt_name=`; mteb gives a task the prompt of its name): "
+                      f"{', '.join(others)}."]
     return "\n".join(lines)
+
+
+def _query_usage(prompts):
+    """encode_query / encode_document, which give queries the saved "query" prompt (as mteb does) and documents
+    sentence-transformers' document prompt, if one is saved."""
+    document = next((prompts[name] for name in ("document", "passage", "corpus") if name in prompts), None)
+    return ['query_embeddings = model.encode_query(["how does a wing lift a plane?"])',
+            'document_embeddings = model.encode_document(["Lift comes from the pressure difference ..."])', "```", "",
+            f"The query prefix it was trained with is saved as the prompt named \"query\" ({prompts['query']!r}): "
+            "`encode_query` puts it before every query, and mteb before the queries of every task without a prompt "
+            "of its own; `encode_document` puts " + (f"{document!r}" if document else "nothing") + " before documents."]

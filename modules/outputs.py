@@ -10,8 +10,10 @@ from accelerate.utils import DistributedType
 
 from .averaging import interpolate_with_start, start_state_dict
 from .checkpoints import written_whole
+from .card_weights import weights_entry, weights_text
 from .model_card import write_model_card
 from .nonfinite import check_finite_weights
+from .training import weights_sharded
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,21 +64,27 @@ def _deepspeed_fp32_state_dict(accelerator, model):
     return {key: state_dict[key] for key in keys}
 
 
-def finish_run(accelerator, model, args, summary, eval_history=None, ema=None):
+def finish_run(accelerator, model, args, summary, eval_history=None, ema=None, final_step=None, score_final=None):
     """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, from the weight average
     ``ema`` when given, averaged with the start model when ``--wise_ft_alpha`` < 1) with its model card,
-    train_summary.json (with pairs/s) and, when there was a dev set, eval_results.json (with the summary's ``best``
-    evaluation); then end the trackers."""
+    train_summary.json (with pairs/s and ``final_weights``: what final/ holds) and, when there was a dev set,
+    eval_results.json (with the summary's ``best`` evaluation); then end the trackers.
+
+    ``final_step``: the step whose weights the model holds now (the last, or the best checkpoint's). With dev sets
+    and WiSE-FT, final/'s weights differ from every scored step's: ``score_final(module)`` scores them on the main
+    process (``final_scores``; not under sharded weights, which no single process holds).
+    """
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
         if ema is not None:
             state_dict = ema.apply_to(state_dict)
-            print(f"final/ from the moving average of the weights (--ema_decay {ema.decay})")
         state_dict, kept = final_weights(state_dict, args)
-        if args.wise_ft_alpha < 1:
-            print(f"final/ = {args.wise_ft_alpha} x trained + {1 - args.wise_ft_alpha:.3g} x start weights (WiSE-FT)"
-                  + (f"; as trained: {', '.join(kept)}" if kept else ""))
+        summary["final_weights"] = shipped_weights(args, summary, final_step, ema)
+        print(f"final/ holds {weights_text(summary['final_weights'])}"
+              + (f"; as trained: {', '.join(kept)}" if kept else ""))
         check_finite_weights(state_dict, "final/")
+        if score_final is not None and args.wise_ft_alpha < 1 and not weights_sharded(accelerator):
+            summary["final_scores"] = _score(accelerator.unwrap_model(model), state_dict, score_final)
         final_dir = Path(args.output_dir) / "final"
         with written_whole(final_dir) as partial:  # a kill mid-save leaves final.tmp, never a half final/
             accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
@@ -84,8 +92,25 @@ def finish_run(accelerator, model, args, summary, eval_history=None, ema=None):
         (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {final_dir}")
         if eval_history:
-            _write_eval_results(args, eval_history, {"best": summary["best"]} if "best" in summary else {})
+            _write_eval_results(args, eval_history, {key: summary[key] for key in ("best", "final_scores")
+                                                     if key in summary})
     accelerator.end_training()
+
+
+def shipped_weights(args, summary, step, ema=None):
+    """train_summary.json's ``final_weights`` for final/ holding the weights of ``step``."""
+    best = summary.get("best") or {}
+    chosen = (f"best {args.metric_for_best} (--final_is_best)" if args.final_is_best and best.get("step") == step
+              else "last step")
+    return weights_entry(step, chosen, ema.decay if ema is not None else 0, args.wise_ft_alpha)
+
+
+def _score(module, state_dict, score):
+    """``score(module)`` with final/'s weights loaded into ``module`` (whose own weights are no longer needed)."""
+    module.load_state_dict(state_dict)
+    metrics = score(module)
+    print("final/ (as saved): dev " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()), flush=True)
+    return metrics
 
 
 def final_weights(state_dict, args, wise_ft=True):

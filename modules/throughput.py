@@ -1,10 +1,12 @@
 """Honest speed figures: model FLOPs of the real (non-padding) tokens a step trains, and model FLOPs utilisation.
 
-    FLOPs(batch) = 2 T (passes N_trained + (passes - 1) N_frozen) + passes 4 L d sum_s len_s^2
+    FLOPs(batch) = 2 T W(N) + 2 S W(N_seq) + passes 4 L d sum_s len_s^2
+    W(n)         = passes n_trained + (passes - 1) n_frozen
 
-N the parameters outside the embedding tables (each does a multiply-add per token), T the real tokens, L layers of
-width d whose attention scores and weighted sums cost 2 len^2 d multiply-adds per sequence (Kaplan et al. 2020,
-arXiv 2001.08361, Sec. 2.1, for bidirectional attention); passes = 3 for a forward and its backward, 4 with
+N the parameters outside the embedding tables and the ScalingLayer (each does a multiply-add per token), T the real
+tokens, N_seq the ScalingLayer's parameters (applied to each of the S pooled sequence embeddings, not per token),
+L layers of width d whose attention scores and weighted sums cost 2 len^2 d multiply-adds per sequence (Kaplan et al.
+2020, arXiv 2001.08361, Sec. 2.1, for bidirectional attention); passes = 3 for a forward and its backward, 4 with
 GradCache's second forward (Gao et al. 2021). A frozen weight (LoRA's base) has no gradient of its own: one pass
 less than a trained one (its forward and the gradient to its inputs). Padding is not counted: a step that computes
 on padding shows a lower MFU. MFU = FLOPs per second / (peak x processes) (Chowdhery et al. 2022,
@@ -35,16 +37,19 @@ class FlopCounter:
         config = model.backbone.config
         self.layers = getattr(config, "num_hidden_layers", 0)
         self.width = getattr(config, "hidden_size", 0)
-        matmul = [p for name, p in model.named_parameters() if not _embedding_table(name)]
-        self.matmul_params = sum(p.numel() for p in matmul)
-        self.frozen_params = sum(p.numel() for p in matmul if not p.requires_grad)
+        scaling_layer = getattr(model, "scaling_layer", None)
+        per_sequence = {id(p) for p in scaling_layer.parameters()} if scaling_layer is not None else set()
+        counted = [p for name, p in model.named_parameters() if not _embedding_table(name)]
+        self.matmul_params, self.frozen_params = _counts([p for p in counted if id(p) not in per_sequence])
+        self.sequence_params, self.frozen_sequence_params = _counts([p for p in counted if id(p) in per_sequence])
         self.passes = passes
 
     def of_lengths(self, lengths):
         """FLOPs of sequences of these real lengths (a 1-d tensor)."""
         lengths = lengths.double()
-        weight_passes = self.passes * self.matmul_params - self.frozen_params
-        return (2.0 * weight_passes * float(lengths.sum())
+        token_passes = self.passes * self.matmul_params - self.frozen_params
+        sequence_passes = self.passes * self.sequence_params - self.frozen_sequence_params
+        return (2.0 * token_passes * float(lengths.sum()) + 2.0 * sequence_passes * lengths.numel()
                 + self.passes * 4.0 * self.layers * self.width * float((lengths**2).sum()))
 
     def of_masks(self, masks):
@@ -60,6 +65,11 @@ def real_lengths(batch):
     """The real (non-padding) length of every text of a task batch (query, passage or pair), on the CPU."""
     return torch.cat([batch[role]["attention_mask"].sum(1) for role in ("query", "passage", "pair")
                       if role in batch]).cpu()
+
+
+def _counts(parameters):
+    """The number of weights in ``parameters`` and how many of them are frozen."""
+    return sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if not p.requires_grad)
 
 
 def _embedding_table(name):
@@ -88,12 +98,19 @@ def batch_records(batch):
 class SpeedMeter:
     """Pairs, real tokens, model FLOPs and seconds of the training steps of every process (each assumed to train as
     much as this one): over the log window (``window_metrics``, which starts a new one) and over the run's steps
-    after the first, which pays for the warm-up (``run_figures``, for train_summary.json)."""
+    after the first, which pays for the warm-up (``run_figures``, for train_summary.json).
+
+    ``shared_kinds``: task kinds whose batch every process holds the same copy of (the retrieval batch under CBB, whose
+    queries and positives are shared). Their pairs count once, as the step trains on them once; their tokens and
+    FLOPs count on every process, since each process does embed them: tokens/s and MFU measure the work the devices
+    do, pairs/s the data the run trains on, so CBB's repeated work shows in pairs/s and not as an idle device.
+    """
 
     KEYS = ("pairs", "tokens", "flops", "seconds")
 
-    def __init__(self, flop_counter, processes, peak):
+    def __init__(self, flop_counter, processes, peak, shared_kinds=()):
         self.flop_counter, self.processes, self.peak = flop_counter, processes, peak
+        self.shared_kinds = frozenset(shared_kinds)
         self.window = dict.fromkeys(self.KEYS, 0)
         self.run = {"timed_steps": 0, **dict.fromkeys(self.KEYS, 0)}
         self.warm = False
@@ -102,7 +119,8 @@ class SpeedMeter:
         """Count the task batches of one forward and backward (a micro-step)."""
         for batch in batches:
             lengths = real_lengths(batch)  # one copy from the device serves tokens and FLOPs
-            self._add(pairs=batch_records(batch) * self.processes, tokens=int(lengths.sum()) * self.processes,
+            holders = 1 if batch.get("kind") in self.shared_kinds else self.processes
+            self._add(pairs=batch_records(batch) * holders, tokens=int(lengths.sum()) * self.processes,
                       flops=self.flop_counter.of_lengths(lengths) * self.processes)
 
     def add_step(self, seconds):

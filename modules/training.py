@@ -46,6 +46,14 @@ def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.
     return accelerator
 
 
+def weights_sharded(accelerator):
+    """Whether no process holds the whole model (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
 def process_group_kwargs(on_cpu, timeout_minutes):
     """gloo on CPU (the device's own backend otherwise) and --timeout_minutes for every collective."""
     timeout = timedelta(minutes=timeout_minutes)

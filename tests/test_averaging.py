@@ -62,10 +62,11 @@ def test_weight_ema_follows_the_recursion():
     start = layer.weight.detach().clone()
     values = [torch.full((1, 2), float(v)) for v in (1, 2, 3)]
     expected = start
-    for value in values:
+    for step, value in enumerate(values):
         layer.weight.data.copy_(value)
-        ema.update()
-        expected = 0.75 * expected + 0.25 * value
+        ema.update(step)
+        decay = min(0.75, (1 + step) / (10 + step))  # the warm-up
+        expected = decay * expected + (1 - decay) * value
     assert torch.allclose(ema.average["weight"], expected) and "bias" not in ema.average
     exported = ema.apply_to({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
     assert torch.allclose(exported["weight"], expected) and torch.equal(exported["bias"], layer.bias)
@@ -85,7 +86,8 @@ def test_final_holds_the_moving_average_and_survives_a_resume(tiny_bert, tiny_da
     expected = {key: value.double() for key, value in start.items() if value.is_floating_point()}
     for step in range(1, steps + 1):
         trained = read_checkpoint(tmp_path / "plain" / f"checkpoint-{step}")[1]
-        expected = {key: decay * value + (1 - decay) * trained[key].double() for key, value in expected.items()}
+        decay_t = min(decay, step / (9 + step))  # the warm-up of the update after step t = step - 1
+        expected = {key: decay_t * value + (1 - decay_t) * trained[key].double() for key, value in expected.items()}
     final = EmbeddingModel.from_pretrained(tmp_path / "ema" / "final").state_dict()
     compared = [key for key in expected if "pooler" not in key and "position_ids" not in key]
     assert len(compared) > 30

@@ -137,15 +137,22 @@ def test_cbb_with_dhnm_on_two_processes(tiny_bert, tiny_data, tmp_path):
                     "2", "--cosent_batch_size", "2", "--retri_negatives", "2", "--cls_negatives", "2", "--query_max_len",
                     "16", "--passage_max_len", "16", "--pair_max_len", "16", "--max_steps", "4", "--save_every", "2",
                     "--cbb", "--dhnm", "--dhnm_interval", "2", "--dhnm_ratio", "1.0", "--dhnm_max_abs", "1.01",
-                    "--dhnm_skip", "1", "--log_every", "1", *extra], env_extra={"ACCELERATE_USE_CPU": "1"})
+                    "--dhnm_skip", "1", "--log_every", "1", "--eval_sts_file", str(tiny_data / "sts.jsonl"), *extra],
+                   env_extra={"ACCELERATE_USE_CPU": "1"})
+        return (json.loads((output / name).read_text()) for name in ("train_summary.json", "eval_results.json"))
 
-    run(tmp_path / "run")
-    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    summary, scores = run(tmp_path / "run")
     assert summary["dhnm"]["checks"] == 2 and summary["dhnm"]["checked"] == 8  # the shared queries, counted once
     assert (tmp_path / "run" / "checkpoint-4" / "dhnm_state.safetensors").exists()
     # stopped at step 2 and resumed == never stopped: weights and mining state
-    run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2"))
+    resumed_summary, resumed_scores = run(tmp_path / "resumed", "--resume_from_checkpoint",
+                                          str(tmp_path / "run" / "checkpoint-2"))
     assert_same_final_weights(tmp_path / "run", tmp_path / "resumed")
+    # what the run recorded before the checkpoint: DHNM counts, evaluations from step 0, speed totals
+    assert {key: resumed_summary["dhnm"][key] for key in ("checks", "checked", "replaced")} == \
+        {key: summary["dhnm"][key] for key in ("checks", "checked", "replaced")}
+    assert resumed_scores["metrics_by_step"] == scores["metrics_by_step"] and "0" in scores["metrics_by_step"]
+    assert resumed_summary["timed_steps"] == summary["timed_steps"] - 1
     full, resumed = (load_file(tmp_path / run_dir / "checkpoint-4" / "dhnm_state.safetensors")
                      for run_dir in ("run", "resumed"))
     for key in ("ranks.0", "initial_scores.0", "replacements.0"):

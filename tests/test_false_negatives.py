@@ -140,6 +140,21 @@ def worker(rank, init_file, shared_queries, out_dir):
     save_averaged(loss, (q, p, n), out_dir, rank)
 
 
+def reference_shared_queries(q, p, n, duplicates=True):
+    """CBB's InfoNCE written out: queries 0..ROWS-1, candidates their positives and the negatives of all six rows (every
+    process's), duplicates of query i's texts left out by hand."""
+    rows = range(ROWS)
+    total = 0.0
+    for i in rows:
+        candidates = [(POSITIVES[j], p[j], j == i) for j in rows]
+        candidates += [(RECORDS[j]["text_neg"][k], n[j, k], False) for j in range(WORLD * ROWS)
+                       for k in range(NEGATIVES)]
+        kept = [F.cosine_similarity(q[i], v, dim=0) / 0.05 for t, v, labelled in candidates
+                if labelled or not (duplicates and (t == RECORDS[i]["text"] or t in RECORDS[i]["text_pos"]))]
+        total = total - (F.cosine_similarity(q[i], p[i], dim=0) / 0.05 - torch.logsumexp(torch.stack(kept), 0))
+    return total / ROWS
+
+
 def save_averaged(loss, leaves, out_dir, rank):
     """What DDP does (gradients averaged over processes), the mean loss with them, saved for the test to compare."""
     grads = torch.autograd.grad(loss, list(leaves), allow_unused=True)
@@ -169,21 +184,8 @@ def test_duplicates_across_two_processes_are_masked(tmp_path, shared_queries):
     with each query's own hard negatives weighted, which must find them among the gathered ones)."""
     mp.spawn(worker, args=(str(tmp_path / "init"), shared_queries, str(tmp_path)), nprocs=WORLD, join=True)
     q, p, n = embeddings()
-    if shared_queries:  # queries 0..2; candidates: their positives and the negatives of all six rows
-        rows = list(range(ROWS))
-
-        def expected_fn(q, p, n):
-            total = 0.0
-            for i in rows:
-                candidates = [(POSITIVES[j], p[j], j == i) for j in rows]
-                candidates += [(RECORDS[j]["text_neg"][k], n[j, k], False) for j in range(WORLD * ROWS)
-                               for k in range(NEGATIVES)]
-                kept = [F.cosine_similarity(q[i], v, dim=0) / 0.05 for t, v, labelled in candidates
-                        if labelled or not (t == RECORDS[i]["text"] or t in RECORDS[i]["text_pos"])]
-                total = total - (F.cosine_similarity(q[i], p[i], dim=0) / 0.05 - torch.logsumexp(torch.stack(kept), 0))
-            return total / len(rows)
-
-        expected = expected_fn(q, p, n)
+    if shared_queries:
+        expected = reference_shared_queries(q, p, n)
     else:
         everything = list(range(WORLD * ROWS))
         expected = reference(q, p, n, everything, everything, 0.05, hard_alpha=3.0)
@@ -282,3 +284,38 @@ def test_improved_contrastive_and_spread_out_on_two_processes(tmp_path):
     expected = reference_improved(q, p, n, everything, 0.05, True, None, 2.0) + 0.3 * (
         reference_spread(q) + reference_spread(p))
     assert_every_rank_matches(tmp_path, expected, (q, p, n))
+
+
+def reference_shared_spread_out(q, p, n):
+    """SpreadOut(InfoNCE) under CBB: the regulariser of the shared queries and positives, each row once."""
+    rows = list(range(ROWS))
+    return reference_shared_queries(q, p, n, duplicates=False) + 0.3 * (reference_spread(q[rows]) +
+                                                                         reference_spread(p[rows]))
+
+
+def test_spread_out_of_shared_queries_on_one_process():
+    """One process holding every process's negatives of the shared queries: the same loss as the two below."""
+    from modules.losses import SpreadOut
+
+    q, p, n = embeddings(seed=11)
+    every_part = torch.cat([n[:ROWS], n[ROWS:]], dim=1)  # query i's negatives from both processes, [ROWS, 2K, D]
+    ours = SpreadOut(InfoNCE(0.05, shared_queries=True), 0.3)(q[:ROWS], p[:ROWS], every_part)
+    assert_same(ours, reference_shared_spread_out(q, p, n), [q, p, n])
+
+
+def shared_spread_worker(rank, init_file, out_dir):
+    from modules.losses import SpreadOut
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    q, p, n = embeddings(seed=11)
+    negative_rows = list(range(rank * ROWS, (rank + 1) * ROWS))
+    loss = SpreadOut(InfoNCE(0.05, shared_queries=True), 0.3)(q[:ROWS], p[:ROWS], n[negative_rows])
+    save_averaged(loss, (q, p, n), out_dir, rank)
+
+
+def test_spread_out_counts_shared_queries_once_on_two_processes(tmp_path):
+    """CBB: both processes hold the same queries and positives; gathering them would pair every row with its own copy
+    (cosine 1) as if unrelated. Loss and averaged gradients equal the regulariser of the rows counted once."""
+    mp.spawn(shared_spread_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    q, p, n = embeddings(seed=11)
+    assert_every_rank_matches(tmp_path, reference_shared_spread_out(q, p, n), (q, p, n))

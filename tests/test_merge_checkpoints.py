@@ -1,16 +1,23 @@
 """tools/merge_checkpoints.py: mean, weighted mean and slerp of model directories and checkpoints, against direct
-computations; models of another layout refused."""
+computations; the packaged MiniLM (safetensors, or an older pytorch_model.bin) merged with models our code saves
+(no position_ids, a zero pooler); the merged model's card (front matter, lineage, no machine paths); models whose
+trained tensors differ refused."""
 
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import yaml
+from safetensors.torch import load_file, save_file
 
 from modules.merging import slerp
-from tests.conftest import REPO, run_script, save_tiny_bert
+from tests.conftest import REPO, SENTENCES, minilm_path, run_script, save_tiny_bert
 from tests.test_train_finetune import common_args
 
 
@@ -90,3 +97,193 @@ def test_models_of_another_shape_are_refused(two_runs, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "2_Dense/model.safetensors" in result.stderr or "differ" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+# --- the merges people make: a fine-tune with its packaged start model, models saved in other layouts ---
+
+@pytest.fixture(scope="module")
+def minilm_saved(tmp_path_factory):
+    """The packaged MiniLM as our code saves it (no position_ids buffer, a zero pooler): the same model, another
+    layout."""
+    from modules.model import EmbeddingModel
+
+    path = tmp_path_factory.mktemp("minilm_saved") / "saved"
+    EmbeddingModel.from_pretrained(minilm_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tiny_data, tmp_path_factory):
+    """A 2-step fine-tune of the packaged MiniLM: run_config.json, its card, final/ and checkpoint-2."""
+    run = tmp_path_factory.mktemp("minilm_runs") / "ft"
+    run_script([sys.executable, *common_args(minilm_path(), tiny_data, run, "--max_steps", "2", "--save_every", "2")])
+    return run
+
+
+def packaged_as(layout, path):
+    """A copy of the packaged MiniLM with its weights as older hub snapshots keep them: ``bin`` a
+    pytorch_model.bin alone, its keys under ``bert.`` (as a BertForPreTraining checkpoint names them); ``beside`` a
+    pytorch_model.bin beside model.safetensors; ``packaged`` the package's directory itself."""
+    if layout == "packaged":
+        return minilm_path()
+    shutil.copytree(minilm_path(), path)
+    state = load_file(path / "model.safetensors")
+    prefix = "bert." if layout == "bin" else ""
+    torch.save({prefix + key: value for key, value in state.items()}, path / "pytorch_model.bin")
+    if layout == "bin":
+        (path / "model.safetensors").unlink()
+    return path
+
+
+def tensors(model_dir):
+    """Every tensor of a model directory's transformer, by name without a ``bert.`` prefix."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("pytorch_model*.bin"))
+    state = {}
+    for file in files:
+        state.update(load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True))
+    return {key.removeprefix("bert."): value for key, value in state.items()}
+
+
+def embeddings(model_dir):
+    """(sentence-transformers', EmbeddingModel's) normalised embeddings of the test sentences."""
+    from sentence_transformers import SentenceTransformer
+
+    from modules.model import EmbeddingModel
+
+    by_st = SentenceTransformer(str(model_dir), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    return by_st, EmbeddingModel.from_pretrained(model_dir).encode(SENTENCES)
+
+
+def mixed_embeddings(model_dirs, weights):
+    """Embeddings of the weighted mean of the models' trained weights, computed directly in an EmbeddingModel."""
+    from modules.model import EmbeddingModel
+
+    models = [EmbeddingModel.from_pretrained(model_dir) for model_dir in model_dirs]
+    states = [model.state_dict() for model in models]
+    mixed = {key: (sum(w * state[key].double() for w, state in zip(weights, states)) / sum(weights)).float()
+             for key in states[0]}
+    models[0].load_state_dict(mixed)
+    return models[0].encode(SENTENCES)
+
+
+@pytest.mark.parametrize("layout, method", [("packaged", "mean"), ("bin", "mean"), ("beside", "slerp")])
+def test_the_packaged_model_merges_with_itself_as_our_code_saves_it(minilm_saved, tmp_path, layout, method):
+    packaged = packaged_as(layout, tmp_path / "packaged")
+    result = merge(packaged, minilm_saved, "--weights", "0.3,0.7", "--method", method, "--output", tmp_path / "m")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, merged = tensors(packaged), tensors(tmp_path / "m")
+    assert merged.keys() == first.keys() and "embeddings.position_ids" in merged  # the first model's layout
+    for key, value in merged.items():  # the same model: every tensor as it was, the pooler the first model's
+        assert torch.allclose(value, first[key], rtol=1e-6, atol=0), key
+    weight_files = sorted(p.name for p in (tmp_path / "m").glob("*.*") if p.suffix in (".bin", ".safetensors"))
+    assert weight_files == (["pytorch_model.bin"] if layout == "bin" else ["model.safetensors"])  # no stale copy
+    for merged_embeddings, packaged_embeddings in zip(embeddings(tmp_path / "m"), embeddings(minilm_path())):
+        assert torch.allclose(merged_embeddings.cpu(), packaged_embeddings.cpu(), atol=1e-6)
+
+
+def test_our_layout_first_keeps_ours(minilm_saved, tmp_path):
+    result = merge(minilm_saved, minilm_path(), "--weights", "2,1", "--output", tmp_path / "m")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged, saved = tensors(tmp_path / "m"), tensors(minilm_saved)
+    assert merged.keys() == saved.keys() and "embeddings.position_ids" not in merged
+    assert not merged["pooler.dense.weight"].any()  # our zero pooler, not a third of the packaged one
+    assert torch.allclose(embeddings(tmp_path / "m")[1], embeddings(minilm_path())[1], atol=1e-6)
+
+
+def test_a_fine_tune_and_its_packaged_start_model_mix_by_their_weights(minilm_run, tmp_path):
+    final = minilm_run / "final"
+    result = merge(minilm_path(), final, "--weights", "1,3", "--output", tmp_path / "wise")
+    assert result.returncode == 0, result.stderr[-3000:]
+    start, trained, merged = tensors(minilm_path()), tensors(final), tensors(tmp_path / "wise")
+    mixed = [key for key in trained if trained[key].is_floating_point() and not key.startswith("pooler.")]
+    assert len(mixed) == 101 and not torch.equal(start[mixed[0]], trained[mixed[0]])
+    for key in mixed:
+        expected = (start[key].double() + 3 * trained[key].double()) / 4
+        assert torch.allclose(merged[key].double(), expected, atol=1e-6), key
+    direct = mixed_embeddings([minilm_path(), final], [1, 3])
+    for merged_embeddings in embeddings(tmp_path / "wise"):
+        assert torch.allclose(merged_embeddings.cpu(), direct, atol=1e-5)
+
+
+def front_matter_of(card):
+    return yaml.safe_load(re.match(r"---\n(.*?)\n---\n", card, re.S).group(1))
+
+
+def test_the_card_names_the_common_base_and_what_each_model_is(minilm_run, tmp_path):
+    checkpoint = os.path.relpath(minilm_run / "checkpoint-2", REPO)  # relative, as a user types it
+    result = merge(minilm_path(), minilm_run / "final", checkpoint, "--weights", "1,2,1", "--output", tmp_path / "soup")
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (tmp_path / "soup" / "README.md").read_text()
+    meta = front_matter_of(card)
+    assert meta["library_name"] == "sentence-transformers" and "merge" in meta["tags"]
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["base_model_relation"] == "merge"
+    packaged, final, step = meta["merged_models"]
+    assert (packaged["model"], packaged["weight"], packaged["kind"]) == ("model", 1, "model")
+    assert (final["model"], final["weight"], final["kind"], final["run"]) == ("final", 2, "run", "ft")
+    assert final["lineage"] == "final/ of run ft, started from sentence-transformers/all-MiniLM-L6-v2"
+    run = str(Path(checkpoint).parent)
+    assert (step["model"], step["kind"], step["run"], step["step"]) == (checkpoint, "checkpoint", run, 2)
+    assert f"| {checkpoint} | 1 | 25.0% | checkpoint of run {run} at step 2" in card
+    assert not re.findall(r"(?:^|[\s`(|'\"])(/[^\s`|'\"]+)", card)  # no machine path
+    assert str(REPO) not in card and str(tmp_path) not in card
+
+    result = merge(tmp_path / "soup", minilm_path(), "--weights", "3,1", "--output", tmp_path / "soup2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    soup = front_matter_of((tmp_path / "soup2" / "README.md").read_text())["merged_models"][0]
+    assert soup["kind"] == "merge" and soup["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert soup["lineage"] == f"merge (mean) of model x 1, final x 2, {checkpoint} x 1"
+
+
+def test_models_without_a_common_base_leave_base_model_out(tmp_path):
+    from modules.merge_card import merge_card
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "README.md").write_text(f"---\nbase_model: org/{name}\n---\n\n# a fine-tune\n")
+    meta = front_matter_of(merge_card([tmp_path / "a", tmp_path / "b"], [1.0, 1.0], "slerp", tmp_path / "out"))
+    assert "base_model" not in meta and "base_model_relation" not in meta and meta["merge_method"] == "slerp"
+    assert [m["lineage"] for m in meta["merged_models"]] == ["model based on org/a", "model based on org/b"]
+
+
+def edited_copy(final, path, edit):
+    """A copy of a model directory with its model.safetensors edited by ``edit(state)``."""
+    shutil.copytree(final, path)
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+    return path
+
+
+def with_position_ids(state, ids=torch.arange(128)):
+    state["embeddings.position_ids"] = ids[None].clone()
+
+
+QUERY_BIAS = "encoder.layer.0.attention.self.query.bias"
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda state: state.pop(QUERY_BIAS), f"tensor {QUERY_BIAS} is not in"),  # a trained weight missing
+    (lambda state: state.update({"encoder.extra.weight": torch.ones(3)}), "tensor encoder.extra.weight is not in"),
+    (lambda state: with_position_ids(state, torch.arange(128).flip(0)), "buffer embeddings.position_ids differs"),
+], ids=["missing", "extra", "buffer"])
+def test_a_trained_weight_in_one_model_only_or_a_different_buffer_is_refused(two_runs, tmp_path, edit, named):
+    first = edited_copy(two_runs / "1" / "final", tmp_path / "first", with_position_ids)
+    second = edited_copy(two_runs / "2" / "final", tmp_path / "second", edit)
+    result = merge(first, second, "--output", tmp_path / "out")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last.startswith("merge_checkpoints.py: error: ") and named in last and "model.safetensors" in last, last
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_outside_the_models_modules_are_left_out(two_runs, tmp_path):
+    """A LoRA run's adapter/ beside the merged weights holds the first model's adapter alone: not carried over."""
+    first = shutil.copytree(two_runs / "1" / "final", tmp_path / "first")
+    (first / "adapter").mkdir()
+    save_file({"lora_A.weight": torch.ones(2, 32)}, first / "adapter" / "adapter_model.safetensors")
+    (first / "adapter" / "adapter_config.json").write_text("{}")
+    result = merge(first, two_runs / "2" / "final", "--output", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "adapter").exists()
+    assert (tmp_path / "out" / "2_Dense" / "model.safetensors").is_file()
+    assert weights(tmp_path / "out").keys() == weights(two_runs / "1" / "final").keys()

@@ -4,6 +4,7 @@ the DHNM rule on a constructed case, resume."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,28 @@ def test_without_a_corpus_the_positives_become_one_beside_the_output(tiny_bert, 
     for raw, record in zip(mined, load_meta_list(tmp_path / "meta.txt")[0].records, strict=True):
         assert list(record["candidates"]) == [positives[i] for i in raw["candidate_ids"]]  # ids: positions in the file
         assert not {record["text"], *record["text_pos"]} & set(record["candidates"])
+
+
+def test_the_corpus_reference_goes_through_the_paths_given(tiny_bert, retrieval_data, tmp_path):
+    """A run folder reaching its data through a symlink: the reference names the link, not its target, so the run
+    still finds its corpus when moved to a cluster whose copy of the data sits elsewhere (the link re-made)."""
+    root, corpus = retrieval_data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").symlink_to(root, target_is_directory=True)
+    mined = mine(tiny_bert, run / "data", run / "mined.jsonl")
+    assert {r["corpus"] for r in mined} == {"data/corpus.jsonl"}
+
+    cluster = tmp_path / "cluster"
+    shutil.copytree(root, cluster / "store" / "data")
+    (run / "data").unlink()
+    moved = cluster / "home" / "run"
+    moved.parent.mkdir(parents=True)
+    run.rename(moved)
+    (moved / "data").symlink_to(cluster / "store" / "data", target_is_directory=True)
+    (moved / "meta.txt").write_text("mined.jsonl 1 type=retri_contrast\n")
+    for raw, record in zip(mined, load_meta_list(moved / "meta.txt")[0].records, strict=True):
+        assert list(record["candidates"]) == [corpus[i] for i in raw["candidate_ids"]]  # ids: lines of the corpus
 
 
 def test_dropped_queries_are_counted_with_the_reason(tiny_bert, retrieval_data, tmp_path, capsys):
@@ -337,6 +360,46 @@ def test_resume_keeps_the_mining_state(tiny_bert, retrieval_data, tmp_path):
     before = load_file(tmp_path / "full" / "checkpoint-3" / "dhnm_state.safetensors")
     assert not torch.equal(before["replacements.0"], full["replacements.0"])  # the state did change after step 3
     assert not list((tmp_path / "full").glob("checkpoint-*/*custom_checkpoint*")), "a pickle of ours was saved"
+
+
+def test_a_resume_keeps_the_retrieval_batch_dhnm_checks_and_what_the_run_recorded(tiny_bert, tiny_data, retrieval_data,
+                                                                                   tmp_path):
+    """Without --cbb a step may train another kind: DHNM then checks the last retrieval batch, which may lie before the
+    checkpoint a run resumes from. Resumed there == never stopped: the same DHNM checks and state, the evaluation
+    history from step 0, and the speed totals (the first step after a resume pays its warm-up again, untimed)."""
+    import train_finetune
+    from modules.data import build_sampler
+
+    root, _ = retrieval_data
+    mine(tiny_bert, root, tmp_path / "mined.jsonl", "--num_negatives", "2", "--range_start", "2", "--range_end", "6")
+    (tmp_path / "meta.txt").write_text(f"mined.jsonl 1 type=retri_contrast\n{tiny_data / 'sts.jsonl'} 1 type=cosent\n")
+    datasets = load_meta_list(tmp_path / "meta.txt", negatives_per_kind={"retri_contrast": 2})
+    sampler = build_sampler(datasets, [3, 4], seed=2)
+    kinds = [datasets[d].kind for epoch in (0, 1) for d, _, _ in sampler.local_batches(epoch)]
+    # step k (> 1: a timed step before the checkpoint) trains a retrieval batch, and step k + 1, the one DHNM checks
+    # at, a CoSENT batch
+    k = next(i + 1 for i in range(1, len(kinds) - 1) if kinds[i:i + 2] == ["retri_contrast", "cosent"])
+
+    def run(output, *extra):
+        train_finetune.main([
+            "--model_name_or_path", str(tiny_bert), "--meta_list", str(tmp_path / "meta.txt"), "--output_dir",
+            str(output), "--retri_batch_size", "3", "--cosent_batch_size", "4", "--retri_negatives", "2",
+            "--query_max_len", "16", "--passage_max_len", "16", "--pair_max_len", "16", "--lr", "1e-3", "--seed", "2",
+            "--max_steps", str(k + 1), "--save_every", str(k), "--dhnm", "--dhnm_interval", str(k + 1), "--dhnm_ratio",
+            "1.0", "--dhnm_max_abs", "1.01", "--dhnm_skip", "2", "--eval_sts_file", str(tiny_data / "sts.jsonl"),
+            "--report_to", "none", "--num_workers", "0", *extra])
+        return (json.loads((output / name).read_text()) for name in ("train_summary.json", "eval_results.json"))
+
+    full, full_scores = run(tmp_path / "full")
+    resumed, resumed_scores = run(tmp_path / "resumed", "--resume_from_checkpoint",
+                                  str(tmp_path / "full" / f"checkpoint-{k}"))
+    assert full["dhnm"]["checks"] == 1 and full["dhnm"]["replaced"] > 0
+    assert {key: resumed["dhnm"][key] for key in ("checks", "checked", "replaced")} == \
+        {key: full["dhnm"][key] for key in ("checks", "checked", "replaced")}
+    assert resumed_scores["metrics_by_step"] == full_scores["metrics_by_step"]
+    assert sorted(map(int, resumed_scores["metrics_by_step"])) == [0, k + 1]
+    assert resumed["timed_steps"] == full["timed_steps"] - 1 and resumed["pairs"] > 0
+    assert_same_final_weights(tmp_path / "full", tmp_path / "resumed")
 
 
 def test_dhnm_rule_for_scores_at_or_below_zero():

@@ -13,17 +13,32 @@ from tests.conftest import run_script
 from tests.test_train_pretrain import script_args
 
 
+D, FF, LAYERS = 32, 64, 2  # conftest.save_tiny_bert
+PER_LAYER = 4 * (D * D + D) + (D * FF + FF) + (FF * D + D) + 2 * (2 * D)  # Q K V O, FFN, two LayerNorms
+BACKBONE = LAYERS * PER_LAYER + 2 * D  # + the embeddings' LayerNorm; no tables, no pooler
+
+
 def test_flops_count_real_tokens_matmul_parameters_and_attention(tiny_bert):
     model = EmbeddingModel.from_pretrained(tiny_bert)
-    d, ff, layers = 32, 64, 2  # conftest.save_tiny_bert
-    per_layer = 4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * (2 * d)  # Q K V O, FFN, two LayerNorms
     counter = FlopCounter(model)
-    assert counter.matmul_params == layers * per_layer + 2 * d  # + the embeddings' LayerNorm; no tables, no pooler
+    assert counter.matmul_params == BACKBONE
     masks = [torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 0]])]
     real, squares = 3 + 5 + 2, 9 + 25 + 4  # padding counts for nothing
-    expected = 3 * (2 * counter.matmul_params * real + 4 * layers * d * squares)
+    expected = 3 * (2 * counter.matmul_params * real + 4 * LAYERS * D * squares)
     assert counter.of_masks(masks) == pytest.approx(expected)
     assert FlopCounter(model, passes=4).of_masks(masks) == pytest.approx(expected * 4 / 3)
+
+
+def test_the_scaling_layer_counts_once_a_sequence(tiny_bert):
+    """Piccolo2's ScalingLayer maps each pooled embedding (32 -> 48 here): one multiply-add per weight a text."""
+    model = EmbeddingModel.from_pretrained(tiny_bert, scaling_dim=48)
+    masks = [torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 0]])]
+    real, squares, texts = 3 + 5 + 2, 9 + 25 + 4, 3
+    scaling = D * 48 + 48
+    expected = 3 * (2 * BACKBONE * real + 2 * scaling * texts + 4 * LAYERS * D * squares)
+    assert FlopCounter(model).of_masks(masks) == pytest.approx(expected)
+    model.scaling_layer.requires_grad_(False)  # frozen: its forward and input gradient only
+    assert FlopCounter(model).of_masks(masks) == pytest.approx(expected - 2 * scaling * texts)
 
 
 def test_frozen_weights_cost_no_weight_gradient(tiny_bert):
@@ -65,6 +80,26 @@ def test_speed_meter_leaves_the_first_step_out_of_the_run_and_counts_every_proce
     assert (run["timed_steps"], run["pairs"], run["tokens"], run["seconds"]) == (1, 4, 20, 1.0)
     assert run["flops"] == pytest.approx(2 * counter.of_batch(batch)) and "mfu" not in run
     assert meter.window_metrics() == {"pairs_per_s": None}  # a new window
+
+
+def test_a_shared_retrieval_batch_is_one_batch_of_pairs_but_work_on_every_process(tiny_bert):
+    """CBB: the retrieval part holds the same queries on every process (its pairs count once), the other kinds are
+    sliced (each process's count); tokens and FLOPs are computed on every process, so they count on every one."""
+    counter = FlopCounter(EmbeddingModel.from_pretrained(tiny_bert))
+    retrieval = {"kind": "retri_contrast",
+                 "query": {"input_ids": torch.ones(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])},
+                 "passage": {"input_ids": torch.ones(4, 2), "attention_mask": torch.tensor([[1, 1], [1, 0], [1, 1],
+                                                                                            [1, 1]])}}
+    sts = {"kind": "cosent", "pair": {"input_ids": torch.ones(6, 2), "attention_mask": torch.ones(6, 2)}}
+    meter = SpeedMeter(counter, processes=4, peak=None, shared_kinds=("retri_contrast",))
+    meter.add_batches([retrieval, sts])
+    meter.add_step(2.0)
+    assert meter.window_metrics()["pairs_per_s"] == (2 + 3 * 4) / 2.0  # 2 shared queries once, 3 STS pairs a process
+    meter.add_batches([retrieval, sts])
+    meter.add_step(1.0)
+    run = meter.run_figures(torch.device("cpu"))
+    assert (run["pairs"], run["tokens"]) == (2 + 3 * 4, (5 + 7 + 12) * 4)
+    assert run["flops"] == pytest.approx(4 * (counter.of_batch(retrieval) + counter.of_batch(sts)))
 
 
 def test_both_scripts_log_model_tflops_and_mfu(tiny_bert, tiny_data, pair_data, tmp_path):

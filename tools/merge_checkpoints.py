@@ -4,16 +4,19 @@
     python tools/merge_checkpoints.py runs/a/final runs/b/final runs/c/checkpoint-800 --output runs/soup \
         [--weights 1,1,2] [--method mean|slerp]
 
-MODEL: a model directory (a run's final/, any sentence-transformers or transformers directory with safetensors
-weights) or a checkpoint-<step> folder of a run (exported first as tools/export_checkpoint.py does: what final/
-would be at that step). ``mean`` (default) averages any number of models, uniformly or by ``--weights``;
-``slerp`` interpolates two along the arc between them, tensor by tensor, at t = w2 / (w1 + w2). The merged model
-keeps the first model's config, tokenizer, pooling and prompts; OUT is written as OUT.tmp, then renamed. See
-modules/merging.py for the formulas.
+MODEL: a model directory (a run's final/, the packaged or a downloaded sentence-transformers or transformers model,
+weights in safetensors or pytorch_model.bin) or a checkpoint-<step> folder of a run (exported first as
+tools/export_checkpoint.py does: what final/ would be at that step). ``mean`` (default) averages any number of
+models, uniformly or by ``--weights``; ``slerp`` interpolates two along the arc between them, tensor by tensor, at
+t = w2 / (w1 + w2). A fine-tune merges with its own start model (WiSE-FT, LM-Cocktail) whichever saved it: every
+trained tensor must be in every model with the same shape, while buffers (position ids) and BERT's pooler, which no
+embedding reads, need not be. The merged model keeps the first model's layout (files, format, tensor names, buffers,
+pooler), config, tokenizer, pooling and prompts; its README.md names the merged models, their weights and what each
+is (a run's final/ or checkpoint, a merge, a model), and their common base model. OUT is written as OUT.tmp, then
+renamed. See modules/merging.py for the formulas and the layout rules, modules/merge_card.py for the card.
 """
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -47,6 +50,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from modules.checkpoints import TRAINER_STATE, written_whole  # after parsing: --help answers at once
+    from modules.merge_card import merge_card
     from modules.merging import merge_model_dirs
 
     with tempfile.TemporaryDirectory() as exports:
@@ -57,9 +61,10 @@ def main(argv=None):
                 raise UsageError(f"{model_dir}: no such directory")
         with written_whole(Path(args.output)) as partial:
             shutil.copytree(model_dirs[0], partial)
-            (partial / "README.md").unlink(missing_ok=True)  # the first model's card would describe another model
             files = merge_model_dirs(model_dirs, args.weights, args.method, partial)
-            (partial / "README.md").write_text(merge_card(args))
+            # over the first model's card, which describes another model
+            (partial / "README.md").write_text(merge_card(args.models, args.weights, args.method, args.output),
+                                               encoding="utf-8")
     print(f"merged {len(args.models)} models ({args.method}, weights {args.weights}; {', '.join(files)}) into "
           f"{args.output}")
 
@@ -71,12 +76,6 @@ def exported(checkpoint, out):
     step = checked_step(checkpoint, out, overwrite=False)
     export_checkpoint(checkpoint, out, no_wise_ft=False, step=step)
     return out
-
-
-def merge_card(args):
-    rows = "\n".join(f"| {model} | {weight:g} |" for model, weight in zip(args.models, args.weights))
-    return (f"# {Path(args.output).name}\n\nMerged in weight space by tools/merge_checkpoints.py ({args.method}).\n\n"
-            f"| model | weight |\n|---|---|\n{rows}\n\nCommand: `{' '.join(sys.argv)}`\n")
 
 
 if __name__ == "__main__":

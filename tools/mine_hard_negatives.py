@@ -15,8 +15,8 @@ Output: a normal ``retri_contrast`` dataset (it trains without --dhnm), one reco
 
     text, text_pos          the query and its positives
     text_neg                the sampled negatives' texts
-    corpus                  the corpus file, relative to the output's folder (``corpus_column``: its text
-                            column, when not "text")
+    corpus                  the corpus file, relative to the output's folder through the paths given (symlinks
+                            not resolved); ``corpus_column``: its text column, when not "text"
     candidate_ids           the ranked candidates' corpus ids: ``_id`` / ``id``, else the 0-based position
     candidate_scores        their cosines
     neg_ranks, neg_scores   the sampled negatives' ranks in candidate_ids and their cosines
@@ -82,7 +82,7 @@ def read_beir_folder(args, report):
     from modules.evaluation import read_retrieval_folder
 
     queries, _, qrels = read_retrieval_folder(args.input, args.split)
-    corpus = read_corpus(Path(args.input) / "corpus.jsonl")  # read once: read_retrieval_folder's read, cached
+    corpus = read_corpus(corpus_file(args))  # read once: read_retrieval_folder's read, cached
     records, positives = [], []
     for query_id, text in queries.items():
         judged = sorted(qrels[query_id].items(), key=lambda judgement: -judgement[1])
@@ -111,12 +111,28 @@ def read_dataset(args, report):
     if args.corpus:
         return records, read_corpus(args.corpus, args.corpus_column), None
     texts, positives = distinct_positives(records)
-    output = Path(args.output)
-    corpus_file = output.with_name(output.name.removesuffix(".gz").removesuffix(".jsonl") + ".corpus.jsonl")
-    with PairWriter(corpus_file, [args.input]) as writer:
+    path = corpus_file(args)
+    with PairWriter(path, [args.input]) as writer:
         for text in texts:
             writer.write({"text": text})
-    return records, read_corpus(corpus_file), positives
+    return records, read_corpus(path), positives
+
+
+def corpus_file(args):
+    """The corpus mined against, by the paths the user gave: the BEIR folder's, --corpus, or the positives written
+    beside the output."""
+    if args.beir:
+        return Path(args.input) / "corpus.jsonl"
+    if args.corpus:
+        return Path(args.corpus)
+    output = Path(args.output)
+    return output.with_name(output.name.removesuffix(".gz").removesuffix(".jsonl") + ".corpus.jsonl")
+
+
+def corpus_reference(args):
+    """The corpus file relative to the output's folder, through the paths as given: a symlinked data folder stays a
+    link in the reference (resolving it would tie the mined file to where the link points on this machine)."""
+    return os.path.relpath(corpus_file(args).absolute(), Path(args.output).absolute().parent)
 
 
 def distinct_positives(records):
@@ -182,7 +198,7 @@ def main(argv=None):
 
     # room for the positives and the query, which are skipped
     depth = min(len(corpus.texts), args.keep_candidates + max(len(r["text_pos"]) for r in records) + 1)
-    corpus_reference = os.path.relpath(corpus.path.resolve(), Path(args.output).resolve().parent)
+    reference = corpus_reference(args)
     rng = np.random.default_rng(args.seed)
     progress = StageProgress("searching", len(records), "queries")
     with PairWriter(args.output, [args.input, corpus.path]) as writer:
@@ -198,7 +214,7 @@ def main(argv=None):
                     report.drop("too_few_candidates_in_range")
                     continue
                 candidate_scores = [round(score, 4) for score in candidate_scores]  # ample for S0; a third of the bytes
-                mined = {**record, "text_neg": [corpus.texts[candidates[r]] for r in ranks], "corpus": corpus_reference,
+                mined = {**record, "text_neg": [corpus.texts[candidates[r]] for r in ranks], "corpus": reference,
                          "candidate_ids": [corpus.ids[position] for position in candidates],
                          "candidate_scores": candidate_scores, "neg_ranks": ranks,
                          "neg_scores": [candidate_scores[r] for r in ranks]}

@@ -1,0 +1,91 @@
+"""Dev scores over a run and the weights they select (--eval_every, --metric_for_best, --keep_best, --final_is_best).
+
+Every evaluation scores what final/ would hold if the run stopped there, embedded as final/ will be: the moving
+average under --ema_decay, texts given the prompts final/ saves (WiSE-FT, applied at export, is scored on final/
+itself, modules/outputs.py). Step 0, the start model, is a candidate like any other step: when it scores best,
+--keep_best keeps checkpoint-0 and --final_is_best ships the start weights, and the run says so. The history and the
+best travel in every checkpoint's trainer_state.json, so a resumed run reports the whole run.
+"""
+
+import math
+import sys
+
+from .ema import scoring_weights
+
+
+class BestCheckpoint:
+    """``--metric_for_best`` (higher is better; NaN is never best) over a run's evaluations; with ``--keep_best`` every
+    new best is saved as a checkpoint that the checkpoint limit spares."""
+
+    def __init__(self, metric, keep, state=None):
+        self.metric, self.keep = metric, keep
+        self.step, self.value = (state["step"], state["value"]) if state else (None, None)
+
+    def improved(self, step, metrics):
+        """Record the evaluation ``metrics`` of ``step`` if it is a new best; returns whether to save it (False
+        without --keep_best)."""
+        value = metrics.get(self.metric) if self.metric else None
+        if value is None or not math.isfinite(value) or (self.value is not None and value <= self.value):
+            return False
+        self.step, self.value = step, value
+        return self.keep
+
+    def kept(self):
+        return (f"checkpoint-{self.step}",) if self.keep and self.step is not None else ()
+
+    def state(self):
+        return {"metric": self.metric, "step": self.step, "value": self.value} if self.step is not None else None
+
+    def summary(self):
+        """{"best": ...} for train_summary.json; its checkpoint named relative to the run's output dir."""
+        if self.step is None:
+            return {}
+        return {"best": {**self.state(), "checkpoint": f"checkpoint-{self.step}" if self.keep else None}}
+
+
+class DevRun:
+    """A run's dev sets, evaluation history and best evaluation. ``saved``: a checkpoint's trainer state."""
+
+    def __init__(self, dev_sets, args, prompts, ema, saved=None):
+        saved = saved or {}
+        self.dev_sets, self.prompts, self.ema, self.every = dev_sets, prompts, ema, args.eval_every
+        self.history = {int(step): metrics for step, metrics in (saved.get("eval_history") or {}).items()}
+        self.best = BestCheckpoint(args.metric_for_best, args.keep_best, saved.get("best"))
+
+    def __bool__(self):
+        return bool(self.dev_sets)
+
+    def due(self, step, last_step):
+        """Whether ``step`` is evaluated: every --eval_every steps and the last step (the first is, before the loop)."""
+        return bool(self.dev_sets) and step not in self.history and (
+            step == last_step or bool(self.every) and step % self.every == 0)
+
+    def evaluate(self, accelerator, model, tokenizer, max_lengths, step):
+        """Score what final/ would hold at ``step`` (every process together), log and record it; returns whether a
+        checkpoint must keep it (a new best under --keep_best)."""
+        with scoring_weights(self.ema):
+            self.history[step] = self.dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, self.prompts, step)
+        return self.best.improved(step, self.history[step])
+
+    def state(self):
+        """What a checkpoint keeps (trainer_state.json)."""
+        return {"best": self.best.state(), "eval_history": self.history}
+
+    def final_step(self, final_is_best, last_step, main_process=True):
+        """The step whose weights final/ holds: the best under --final_is_best, else the last. Says loudly (stderr,
+        ``main_process``) when the start model scored best."""
+        best = self.best
+        if best.step == 0 and main_process:
+            shipped = ("final/ holds the start weights (--final_is_best)" if final_is_best else
+                       f"final/ holds step {last_step}'s weights, which score "
+                       f"{self.history.get(last_step, {}).get(best.metric, float('nan')):.2f}")
+            print(f"warning: the start model (step 0) scored best on {best.metric} ({best.value:.2f}): training did "
+                  f"not improve it; {shipped}", file=sys.stderr, flush=True)
+        return best.step if final_is_best and best.step is not None else last_step
+
+    def scorer(self, tokenizer, max_lengths):
+        """A function scoring a model on this process alone (final/'s weights, modules/outputs.py)."""
+        return lambda module: self.dev_sets(module, tokenizer, max_lengths, self.prompts)
+
+    def summary(self):
+        return self.best.summary()
