@@ -14,7 +14,7 @@ from pathlib import Path
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments, check_output_arguments,
+    add_output_arguments, check_output_arguments, claim_output_dir,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
@@ -186,6 +186,7 @@ def max_lengths_in_use(max_lengths, datasets, dev_sets):
 def main(argv=None, add_arguments=None, build_model=build_encoder, description=__doc__, decoder=False):
     """Fine-tune; train_llm_embed.py reuses this loop with its own flags and model (``build_model(args, accelerator)``)."""
     args = parse_args(argv, add_arguments, description, decoder)
+    run_lock = claim_output_dir(args)  # held while main runs: one run at a time per --output_dir
     # imported after the flags are parsed, so that --help and flag errors answer at once
     import torch
     from accelerate.utils import set_seed

@@ -18,7 +18,7 @@ from pathlib import Path
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments, check_output_arguments,
+    add_output_arguments, check_output_arguments, claim_output_dir,
 )
 
 
@@ -89,6 +89,7 @@ def build_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    run_lock = claim_output_dir(args)  # held while main runs: one run at a time per --output_dir
     # imported after the flags are parsed, so that --help and flag errors answer at once
     import torch
     from accelerate.utils import set_seed

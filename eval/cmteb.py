@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import math
+import re
 import string
 import sys
 import tempfile
@@ -35,6 +36,9 @@ from tqdm.auto import tqdm
 
 from local_tasks import as_local_tasks, folder_task
 from modules.cli import UsageError
+from modules.data import cut_texts
+from modules.json_files import finite_json, write_json
+from modules.model import load_tokenizer
 from modules.model_card import update_cmteb_section
 
 BENCHMARK = "MTEB(cmn, v1)"
@@ -169,6 +173,7 @@ def load_model(
     path: str, device: str | None, precision: str, max_seq_length: int | None
 ) -> SentenceTransformer:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_model_folder(Path(path))
     with weight_file_errors(Path(path)):
         model = SentenceTransformer(str(path), device=device)
     dtype = resolve_dtype(precision, device)
@@ -178,6 +183,73 @@ def load_model(
         model.max_seq_length = max_seq_length
     model.eval()
     return model
+
+
+# sentence-transformers' module folders: 1_Pooling, 2_Dense, 2_Normalize, ...
+MODULE_FOLDER = re.compile(r"^\d+_[A-Za-z]\w*$")
+
+
+def check_model_folder(model_dir: Path) -> None:
+    """Refuse a local model folder that sentence-transformers would read wrongly without a word (a hub name is not
+    checked): module folders (1_Pooling/, 2_Dense/) without the modules.json that lists them, which it reads as a
+    plain transformers model with mean pooling, leaving them out; a transformer without vocabulary files, for which
+    transformers builds a tokenizer of 5 special tokens (every word [UNK]): refused as training refuses such a
+    start model (modules/model.py load_tokenizer)."""
+    if not model_dir.is_dir():
+        return
+    if not (model_dir / "modules.json").is_file():
+        folders = sorted(f"{path.name}/" for path in model_dir.iterdir()
+                         if path.is_dir() and MODULE_FOLDER.match(path.name))
+        if folders:
+            raise ModelError(f"model {model_dir}: {', '.join(folders)} (sentence-transformers modules) but no "
+                             "modules.json, which lists them: a damaged save? sentence-transformers would read the "
+                             "folder as a plain transformers model with mean pooling and leave them out")
+    transformer_dir = transformer_folder(model_dir)
+    if transformer_dir is not None:
+        load_tokenizer(transformer_dir)
+
+
+def transformer_folder(model_dir: Path) -> Path | None:
+    """The folder of the model's Transformer module: the one modules.json names (None when it names none, e.g. a
+    static embedding), the model folder itself without modules.json."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return model_dir
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{modules_file}:{error.lineno}: invalid JSON ({error.msg})") from None
+    transformers = [module for module in modules if str(module.get("type", "")).endswith(".Transformer")]
+    return model_dir / transformers[0].get("path", "") if transformers else None
+
+
+def model_reading(model: SentenceTransformer, model_dir: Path) -> str:
+    """How sentence-transformers reads the model: its modules (pooling, Dense, Normalize), output dimension,
+    normalisation, similarity and saved prompts. Said for every model: a folder without modules.json is read as a
+    plain transformers model (mean pooling, not normalised), whatever it was trained with."""
+    modules = " -> ".join(module_text(module, model) for module in model)
+    how = f"read by sentence-transformers as {modules}"
+    if model_dir.is_dir() and not (model_dir / "modules.json").is_file():
+        how = f"no modules.json: read by sentence-transformers as a plain transformers model: {modules}"
+    normalised = any(type(module).__name__ == "Normalize" for module in model)
+    prompts = ", ".join(f"{name}={text!r}" for name, text in model.prompts.items() if text) or "none"
+    if model.default_prompt_name:
+        prompts += f" (default: {model.default_prompt_name})"
+    return (f"{how}: {embedding_dimension(model)} dims, {'' if normalised else 'not '}normalised, similarity "
+            f"{model.similarity_fn_name}, prompts: {prompts}")
+
+
+def module_text(module: torch.nn.Module, model: SentenceTransformer) -> str:
+    """One module of the model as `model_reading` names it: 'BertModel (max_seq_length 512)', 'mean pooling', ..."""
+    kind = type(module).__name__
+    if kind == "Transformer" and hasattr(module, "auto_model"):
+        return f"{type(module.auto_model).__name__} (max_seq_length {model.max_seq_length})"
+    if kind == "Pooling":
+        modes = module.pooling_mode
+        return f"{modes if isinstance(modes, str) else '+'.join(modes)} pooling"
+    if kind == "Dense":
+        return f"Dense {module.in_features}->{module.out_features}"
+    return kind
 
 
 @contextlib.contextmanager
@@ -333,6 +405,8 @@ class SentenceEncoder(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
+        if self.model.max_seq_length:  # a fast tokenizer reads a whole text before truncating: cut as training does
+            texts = cut_texts(texts, self.model.max_seq_length)
         prompt = self.prompt_for(task_metadata, prompt_type)
         input_kind = prompt_type.value if prompt_type else "symmetric"
         self.prompts_used.setdefault(task_metadata.name, {})[input_kind] = prompt
@@ -702,6 +776,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"{model['max_seq_length']}, similarity {model['similarity_fn']}); revision "
         f"{model.get('revision') or 'none'} (hash of the weight files)",
     ]
+    if model.get("read_as"):
+        lines.append(f"- read as: {model['read_as']}")
     checkpoint = model.get("checkpoint")
     if checkpoint:
         wise_ft = f", WiSE-FT alpha {checkpoint['wise_ft_alpha']}" if checkpoint["wise_ft_alpha"] else ""
@@ -798,11 +874,18 @@ def plot_dims(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=150)
 
 
+def strict_result_files(results_dir: Path) -> None:
+    """Rewrite mteb's result files under `results_dir` that hold NaN or Infinity (mteb's json.dump writes them bare,
+    which is not JSON) with null in their place; the run names those scores itself (NonFiniteScoreError)."""
+    for path in sorted(results_dir.rglob("*.json")):
+        content = json.loads(path.read_text(encoding="utf-8"))
+        if finite_json(content)[1]:
+            write_json(path, content, warn=False)
+
+
 def write_reports(summary: dict[str, Any], output_dir: Path) -> str:
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "summary.json").write_text(  # allow_nan=False: never NaN, which is not JSON
-        json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
-    )
+    write_json(output_dir / "summary.json", summary, ensure_ascii=False)  # scores not finite are None already
     markdown = summary_markdown(summary)
     (output_dir / "summary.md").write_text(markdown, encoding="utf-8")
     if "dims" in summary:
@@ -827,6 +910,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             checkpoint = export_checkpoint_model(Path(args.model), export_root / "model", args.no_wise_ft)
             model_dir = str(export_root / "model")
         model = load_model(model_dir, args.device, args.precision, args.max_seq_length)
+        reading = model_reading(model, Path(model_dir))
+        print(f"model {args.model}: {reading}", file=sys.stderr, flush=True)
         revision = model_revision(model_dir, model)
         dims = resolve_dims(args.dims, embedding_dimension(model))
         name = args.model_name or default_model_name(args.model)
@@ -843,7 +928,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         )
     meta = encoder.full_meta
     results_dir = output_dir / "results" / meta.model_name_as_path() / meta.revision
+    strict_result_files(results_dir)
     summary = build_summary(args, model, encoder, tasks, dims, results, sources, checkpoint, results_dir)
+    summary["model"]["read_as"] = reading
     print(write_reports(summary, output_dir))
     print(f"Results in {output_dir}")
     not_finite = not_finite_scores(summary)

@@ -334,9 +334,10 @@ def read_qrels(
             if not (query_id and doc_id and score):
                 raise LocalDataError(f"{where}: expected query-id, corpus-id and score, tab-separated; got {row}.")
             try:
-                score = int(float(score))
+                number = float(score)
             except ValueError:
                 raise LocalDataError(f"{where}: column 'score' must be a number, got {score!r}.") from None
+            score = int(finite_number(where, "score", number))  # float() reads "nan" and "inf"; int() refuses them
             check_known(where, "query", query_id, query_ids, "queries.jsonl")
             check_known(where, "document", doc_id, corpus_ids, "corpus.jsonl")
             relevant_docs.setdefault(query_id, {})[doc_id] = score

@@ -12,6 +12,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import save_file
 
 from .cli import UsageError
+from .json_files import write_json
 from .nonfinite import check_finite_parameters
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -43,7 +44,7 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, save_total_lim
     if process_state is not None:
         trainer_state = dict(trainer_state, process_states=gather_object([process_state]))
     if accelerator.is_main_process:
-        (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        write_json(partial / TRAINER_STATE, trainer_state, warn=False)  # NaN dev scores as null; said at the end
         for state in states:
             for name, tensors in state.checkpoint_files().items():
                 save_file(tensors, str(partial / name))

@@ -1,4 +1,5 @@
-"""Command-line entry: bad input ends a script with one line naming the file, line or option, and exit status 2.
+"""Command-line entry: bad input ends a script with one line naming the file, line or option, and exit status 2; so
+does a full disk, naming the file being written.
 
 Imports nothing heavy: scripts parse their flags before importing torch, so ``--help`` and flag errors
 answer at once.
@@ -8,6 +9,8 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+
+from .disk_full import disk_full_message
 
 
 class UsageError(ValueError):
@@ -19,14 +22,25 @@ class DataError(UsageError):
 
 
 def run_cli(main):
-    """Run a script's ``main()``; a UsageError prints ``<script>: error: <message>`` and exits 2, no traceback."""
+    """Run a script's ``main()``; a UsageError, or a write that found the disk full (``disk_full_message``), prints
+    ``<script>: error: <message>`` and exits 2, no traceback, in whichever process met it."""
     try:
         main()
     except UsageError as error:
-        line = f"{Path(sys.argv[0]).name}: error: {error}"
-        print(line, file=sys.stderr, flush=True)
-        report_to_launcher(line)
-        sys.exit(2)
+        fail(str(error))
+    except Exception as error:
+        message = disk_full_message(error)
+        if message is None:
+            raise
+        fail(message)
+
+
+def fail(message):
+    """End the script as argparse ends it on a bad flag: one line on stderr (and to the launcher), exit status 2."""
+    line = f"{Path(sys.argv[0]).name}: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    report_to_launcher(line)
+    sys.exit(2)
 
 
 def report_to_launcher(line):

@@ -4,13 +4,13 @@ tools/mine_hard_negatives.py stores each query's ranked candidates as corpus ids
 corpus file; training (and DHNM re-mining) reads the texts from here.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .cli import DataError
-from .data import iter_raw_records, text_column
+from .data import BadRecord, iter_raw_records, text_column, text_problem
 
 
 def corpus_candidates(record, where, corpus_root):
@@ -27,6 +27,10 @@ def corpus_candidates(record, where, corpus_root):
     positions = [corpus.positions.get(i) if isinstance(i, (str, int)) else None for i in ids]
     if None in positions:
         raise DataError(f"{where}: candidate id {ids[positions.index(None)]!r} is not in the corpus {path}")
+    untrainable = corpus.untrainable()
+    for position in positions if untrainable else ():
+        if position in untrainable:
+            raise BadRecord(where, f"candidate {corpus.ids[position]!r} of corpus {path}: {untrainable[position]}")
     return CorpusCandidates(corpus.texts, np.array(positions, dtype=np.int32))
 
 
@@ -49,6 +53,16 @@ class Corpus:
     ids: list
     texts: list
     positions: dict  # id -> index into ids and texts
+    _untrainable: dict = field(default=None, repr=False)
+
+    def untrainable(self):
+        """{index: problem} of the passages training cannot use (modules.data.text_problem: no visible character, a
+        lone surrogate), found once: a mined record naming one is a bad record, like one holding such a text itself.
+        (Evaluation reads a corpus as it is.)"""
+        if self._untrainable is None:
+            problems = (text_problem(text, "text") for text in self.texts)
+            self._untrainable = {index: problem for index, problem in enumerate(problems) if problem}
+        return self._untrainable
 
 
 _corpora = {}  # (path, column, modification time, size) -> Corpus

@@ -7,13 +7,16 @@ Record kinds (one kind per dataset, from a ``type`` column or the meta list):
 
 Every record is checked when the data is loaded, so bad input stops the run before step one with
 the file and line named, never mid-run; under --skip_bad_records a record that is bad on its own
-(``BadRecord``: invalid JSON, a missing, non-text or empty text column) is skipped and counted instead.
+(``BadRecord``: invalid JSON, a missing or non-text column, a text with no visible character or a lone surrogate;
+see ``text_problem``) is skipped and counted instead.
 """
 
 import gzip
 import hashlib
 import json
 import math
+import re
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +32,9 @@ CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")
 
 
 class BadRecord(DataError):
-    """A record that is bad on its own (invalid JSON, a missing, non-text or empty text): refused, or skipped under
-    --skip_bad_records. The message is built only when shown, so skipping costs no line count (see streaming)."""
+    """A record that is bad on its own (invalid JSON, a missing or non-text column, a text ``text_problem`` refuses):
+    refused, or skipped under --skip_bad_records. The message is built only when shown, so skipping costs no line
+    count (see streaming)."""
 
     def __init__(self, where, problem):
         super().__init__(where, problem)
@@ -143,6 +147,7 @@ def read_meta_list(meta_file, root_dir=None) -> list[MetaEntry]:
         unweighted = entries[weighted.index(False)]
         raise DataError(f"{unweighted.source}: no weight=W, but other lines of {meta_file} have one: give every "
                         "dataset a weight (shares of the epoch's batches) or none (shares follow sizes x repeats)")
+    check_weight_sum(entries)
     return assign_dataset_names(entries)
 
 
@@ -167,6 +172,17 @@ def positive_number(text, where, name):
     if not (value > 0 and math.isfinite(value)):
         raise DataError(f"{where}: {name} must be a positive number, got {value}")
     return value
+
+
+def check_weight_sum(entries):
+    """Refuse weights whose sum is infinite (two of 1e308), naming the line where it overflows: every share, a weight
+    over the sum, would be 0 or NaN. ``entries``: meta-list entries or pretraining sources (``weight``, ``source``)."""
+    total = 0.0
+    for entry in entries:
+        total += entry.weight or 0.0
+        if math.isinf(total):
+            raise DataError(f"{entry.source}: weight={entry.weight:g} makes the sum of the weights infinite; weights "
+                            "are relative shares: divide them all by the same number")
 
 
 def _positive_int(text, where, name):
@@ -265,10 +281,55 @@ def text_column(record, column, where):
 
 
 def nonempty_text(text, what, where):
-    """``text`` unless it is empty or only whitespace (``what``: "'text_pair'", for the message)."""
-    if not text or text.isspace():  # (no copy of a huge text, unlike strip)
-        raise BadRecord(where, f"empty {what}")
+    """``text`` unless ``text_problem`` finds one (``what``: "'text_pair'", for the message)."""
+    problem = text_problem(text, what)
+    if problem:
+        raise BadRecord(where, problem)
     return text
+
+
+# Characters with no glyph of their own. Whitespace and line separators (Z*), controls (Cc) and format characters
+# (Cf: zero-width space, non-joiner and joiner, word joiner, BOM, soft hyphen, bidi marks, tags, ...); then Unicode's
+# other default-ignorable code points: combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian
+# and other variation selectors. Tokenizers drop most of them (BERT's every control and format character).
+INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+OTHER_IGNORABLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"
+                            + "".join(map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)])))
+# JSON decodes an escaped pair to its character: a surrogate left in a text is unpaired, and no tokenizer encodes it
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text, what):
+    """Why a training text cannot be trained on, or None (``what`` names it in the message).
+
+    - A lone surrogate (the valid JSON "\\ud800", half of a UTF-16 pair) is not a character: the tokenizer raises
+      a TypeError on it, mid-run.
+    - A text with no visible character is empty: nothing is left once whitespace, control and format characters and
+      the other default-ignorable code points are removed (see ``INVISIBLE_CATEGORIES``), so a text of zero-width
+      spaces trains as [CLS][SEP] like "". Letters, marks, digits, punctuation, symbols, private-use and unassigned
+      code points (a newer Unicode's) are visible.
+    Both checks stop at once on ordinary text (an ASCII string has no surrogate; the first visible character ends the
+    scan), so a huge text costs no copy.
+    """
+    surrogate = None if text.isascii() else LONE_SURROGATE.search(text)
+    if surrogate:
+        return (f"lone surrogate U+{ord(surrogate.group()):04X} in {what} at character {surrogate.start() + 1}: "
+                "half of a UTF-16 pair, not text")
+    if not text or text.isspace():  # nothing to list
+        return f"empty {what}"
+    if all(map(_invisible, text)):
+        return f"empty {what}: only invisible characters {_code_points(text)}"
+    return None
+
+
+def _invisible(character):
+    return unicodedata.category(character) in INVISIBLE_CATEGORIES or character in OTHER_IGNORABLE
+
+
+def _code_points(text, shown=5):
+    """The first ``shown`` distinct characters of ``text`` as U+XXXX (what an invisible text is made of)."""
+    distinct = list(dict.fromkeys(text))
+    return " ".join(f"U+{ord(c):04X}" for c in distinct[:shown]) + (" ..." if len(distinct) > shown else "")
 
 
 def _text_list(record, column, where):
@@ -514,8 +575,11 @@ class TaskBatchSampler:
         """Global batches of each dataset in one epoch."""
         if self.weights is None:
             return [repeat * self.batches_per_permutation(i) for i, repeat in enumerate(self.repeats)]
-        total, weight_sum = len(self), sum(self.weights)
-        exact = [total * w / weight_sum for w in self.weights]
+        # the weights over a power of two (exact) near the largest: total x w cannot overflow, and w / sum is unchanged
+        scale = -math.frexp(max(self.weights))[1]
+        weights = [math.ldexp(w, scale) for w in self.weights]
+        total, weight_sum = len(self), sum(weights)
+        exact = [total * w / weight_sum for w in weights]
         counts = [math.floor(x) for x in exact]
         by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
         for i in by_remainder[: total - sum(counts)]:
@@ -742,10 +806,16 @@ def text_ids(records, positives, negatives, num_negatives):
 MAX_CHARS_PER_TOKEN = 128
 
 
+def cut_texts(texts, max_length):
+    """``texts``, each cut to ``max_length * MAX_CHARS_PER_TOKEN`` characters: what a tokenizer truncating to
+    ``max_length`` tokens needs of them (eval/cmteb.py cuts what sentence-transformers tokenizes by this too)."""
+    budget = max_length * MAX_CHARS_PER_TOKEN
+    return [text[:budget] for text in texts]
+
+
 def tokenize(tokenizer, texts, max_length):
     """Padded, truncated tensors of ``texts``, each cut to ``max_length * MAX_CHARS_PER_TOKEN`` characters first."""
-    budget = max_length * MAX_CHARS_PER_TOKEN
-    return dict(tokenizer([text[:budget] for text in texts], padding=True, truncation=True, max_length=max_length,
+    return dict(tokenizer(cut_texts(texts, max_length), padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt"))
 
 

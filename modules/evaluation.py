@@ -79,6 +79,8 @@ def read_retrieval_folder(folder, split=None):
             grade = float(grade)
         except ValueError:
             raise DataError(f"{qrels_file}:{line_no}: expected query-id, corpus-id and score separated by tabs") from None
+        if not math.isfinite(grade):  # float() reads "nan" and "inf": a NaN grade was dropped, an inf one gave NaN
+            raise DataError(f"{qrels_file}:{line_no}: score {grade} is not a finite number")
         if grade > 0:
             qrels.setdefault(query_id, {})[doc_id] = grade
     queries = {}

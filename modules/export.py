@@ -10,7 +10,9 @@ tools/export_checkpoint.py puts the two together. The layouts accelerate's ``sav
   prepared model (DDP's start with ``module.``);
 - DeepSpeed: ``pytorch_model/``, the engine's own checkpoint. Trained weights come from the fp32 master copy in the
   optimizer states (deepspeed's zero_to_fp32), as final/ does; parameters without a master copy (frozen ones) from
-  the saved module (ZeRO-1/2, in the engine's dtype) or from every process's partition of it (ZeRO-3);
+  the saved module (ZeRO-1/2, in the engine's dtype) or from every process's partition of it (ZeRO-3). Its pickles
+  are read weights-only, with the few DeepSpeed types they hold allowed (modules/weight_files.py): a checkpoint is
+  input from anyone, and unpickling could run code;
 - FSDP: ``pytorch_model_fsdp_0/`` (SHARDED_STATE_DICT: a torch.distributed.checkpoint folder, keys
   ``model.<name>``) or ``pytorch_model_fsdp.bin`` (FULL_STATE_DICT).
 """
@@ -18,6 +20,7 @@ tools/export_checkpoint.py puts the two together. The layouts accelerate's ``sav
 import argparse
 import importlib
 import json
+import pickle
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,8 +28,10 @@ from types import SimpleNamespace
 import torch
 from accelerate.utils.constants import FSDP_MODEL_NAME, MODEL_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .checkpoints import TRAINER_STATE
+from .checkpoints import TRAINER_STATE, completed_checkpoints
 from .cli import UsageError
+from .output_paths import refuse_output_over_inputs
+from .weight_files import check_pickles, deepspeed_globals, load_pickle, load_safetensors, weights_only_loads
 
 REPO = Path(__file__).resolve().parents[1]  # where the training scripts are
 SCRIPTS = ("train_finetune.py", "train_llm_embed.py", "train_pretrain.py")
@@ -52,11 +57,7 @@ def read_checkpoint(checkpoint):
 
 
 def _load_weights_file(path):
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_safetensors(path) if path.suffix == ".safetensors" else load_pickle(path)
 
 
 def _unwrapped(state_dict):
@@ -67,18 +68,24 @@ def _unwrapped(state_dict):
 
 
 def _deepspeed_weights(folder):
+    """(kind, weights) of DeepSpeed's checkpoint folder: its pickles checked, then read by zero_to_fp32 under
+    weights-only loading (a crafted pickle would run code)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    allowed = deepspeed_globals()
+    check_pickles(sorted(folder.glob("*.pt")), allowed)  # names a file the weights-only loads below would refuse
     try:
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        raise UsageError(f"{folder}: not a DeepSpeed ZeRO checkpoint deepspeed can read ({error})") from None
+        with weights_only_loads(allowed):
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    except (ValueError, FileNotFoundError, KeyError, pickle.UnpicklingError) as error:
+        raise UsageError(f"{folder}: not a DeepSpeed ZeRO checkpoint deepspeed can read "
+                         f"({str(error).strip().splitlines()[0]})") from None
     # ZeRO-1/2 tensors are views of flat partitions: copies, which safetensors can save
     state_dict = {key: value.clone() for key, value in state_dict.items()}
     whole_module = folder / "mp_rank_00_model_states.pt"  # ZeRO-1/2; ZeRO-3 saves one partition per process
     if not whole_module.is_file():
         return "DeepSpeed ZeRO-3", state_dict
-    saved = torch.load(whole_module, map_location="cpu", weights_only=False)
+    saved = load_pickle(whole_module, allowed)
     stage = saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", "1/2")
     # ZeRO-1 records no frozen parameters beside the module (ZeRO-2 does): the saved module has them, as the run
     # had them at the end; every parameter with a master copy is taken from that copy
@@ -115,6 +122,20 @@ def matching_weights(state_dict, model, checkpoint):
                           for what, keys in problems.items() if keys)
         raise UsageError(f"{checkpoint}: its weights do not fit the model its run_config.json builds: {found}")
     return {key: state_dict[key] for key in expected}
+
+
+def refuse_run_dir(path):
+    """A UsageError when ``path`` is a run's output dir (it has run_config.json) given where a model is wanted: the
+    run dir holds no weights itself, so name what in it does (its final/, its checkpoints)."""
+    path = Path(path)
+    if not (path / "run_config.json").is_file():
+        return
+    choices = [str(path / "final")] if (path / "final").is_dir() else []
+    checkpoints = [checkpoint.name for checkpoint in completed_checkpoints(path)]
+    if checkpoints:
+        choices.append(f"one of its checkpoints ({', '.join(checkpoints)})")
+    found = f"give {' or '.join(choices)}" if choices else "it holds no final/ or checkpoint yet"
+    raise UsageError(f"{path} is a run's output directory: {found}")
 
 
 def read_run_config(run_dir):
@@ -166,10 +187,12 @@ def rebuild_model(run_dir):
 
 
 def checked_step(checkpoint, out, overwrite):
-    """The checkpoint's step; refuses a folder that is no complete checkpoint, and an OUT it must not replace."""
+    """The checkpoint's step; refuses a folder that is no complete checkpoint, and an OUT it must not replace: the
+    checkpoint itself or a folder holding it (its run dir; --overwrite would delete it), or a folder inside it."""
     state_file = checkpoint / TRAINER_STATE
     if not state_file.is_file():
         raise UsageError(f"{checkpoint}: not a checkpoint (no {TRAINER_STATE}; a complete checkpoint-<step> has one)")
+    refuse_output_over_inputs(out, [checkpoint])  # before the advice of --overwrite below
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -206,14 +229,12 @@ def export_checkpoint(checkpoint, out, no_wise_ft, step, no_ema=False):
 
 def averaged_weights(weights, checkpoint):
     """``weights`` with the checkpoint's moving average (--ema_decay) in place of the trained weights it averages."""
-    from safetensors.torch import load_file
-
     from .ema import EMA_STATE
 
     file = checkpoint / EMA_STATE
     if not file.is_file():
         raise UsageError(f"{checkpoint}: the run averages its weights (--ema_decay) but {EMA_STATE} is missing")
-    average = load_file(str(file))
+    average = load_safetensors(file)
     unknown = sorted(set(average) - set(weights))
     if unknown:
         raise UsageError(f"{file}: {unknown[0]} is not a weight of the model")

@@ -1,7 +1,12 @@
 """Flags and choices the training scripts share, and the ranges that keep their math defined. Imports nothing heavy, so ``--help`` and flag errors answer
 at once; the modules that use a choice (model.py, position.py, llm.py) take its names from here."""
 
+import os
+from itertools import chain
 from pathlib import Path
+
+from .cli import DataError, UsageError
+from .run_lock import lock_output_dir, main_process, run_contents
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # --torch_dtype; "auto": the checkpoint's own dtype
 SAVE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -125,8 +130,10 @@ def check_matryoshka_flags(parser, dims, weights):
 
 
 def check_output_arguments(parser, args):
-    """Refuse output flags that make no sense, and an --output_dir holding another run (exit 2, flag named); settle
-    what one flag implies for another (--padding_free: no length buckets, every forward is its real tokens)."""
+    """Refuse output flags that make no sense, an --output_dir holding another run, and an --overwrite_output_dir
+    that would delete an input of the run (exit 2, flag named); settle what one flag implies for another
+    (--padding_free: no length buckets, every forward is its real tokens). The run's lock on the dir is taken
+    after parsing, by ``claim_output_dir``."""
     if getattr(args, "padding_free", False):
         args.length_buckets = 1
     if not 0 < args.wise_ft_alpha <= 1:
@@ -147,12 +154,102 @@ def check_output_arguments(parser, args):
         parser.error(f"--output_dir {output_dir} is a file")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("--overwrite_output_dir would delete what --resume_from_checkpoint resumes: give one of them")
-    held = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if held and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-        parser.error(f"--output_dir {output_dir} is not empty ({shown}): continue its run with "
-                     "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another "
-                     "directory")
+    refusal = used_output_dir(args) or deleted_input(args)
+    if refusal:
+        parser.error(refusal)
+
+
+def claim_output_dir(args):
+    """Take the run's lock on --output_dir (modules/run_lock.py) before anything there is deleted or written, and
+    check again under it that the dir is free: a run that ended after this one's flags were checked has left its
+    files there. Only a run's main process locks (None elsewhere); the run holds the lock while the returned
+    object is referenced (the local of its ``main``) and until its process ends."""
+    if not main_process():
+        return None
+    lock = lock_output_dir(args.output_dir)
+    refusal = used_output_dir(args)
+    if refusal:
+        raise UsageError(refusal)
+    return lock
+
+
+def used_output_dir(args):
+    """The refusal of an --output_dir that holds another run's files when this run neither resumes nor
+    overwrites (None otherwise). It suggests --overwrite_output_dir unless a flag names an input of this run
+    inside the dir (the datasets are read only when that flag is given: deleted_input)."""
+    output_dir = Path(args.output_dir)
+    held = [path.name for path in run_contents(output_dir)] if output_dir.is_dir() else []
+    if not held or args.resume_from_checkpoint or args.overwrite_output_dir:
+        return None
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    found = input_inside(output_dir, flag_inputs(args))
+    if found:
+        return (f"--output_dir {output_dir} is not empty ({shown}) and holds {found}, an input of this run: continue "
+                "its run with --resume_from_checkpoint latest, or choose another directory")
+    return (f"--output_dir {output_dir} is not empty ({shown}): continue its run with --resume_from_checkpoint "
+            "latest, replace it with --overwrite_output_dir, or choose another directory")
+
+
+def deleted_input(args):
+    """The refusal of an --overwrite_output_dir that would delete an input of this run with the dir's content: a
+    file or folder a flag names, a dataset of the meta list, a corpus its mined records point into (None if none)."""
+    output_dir = Path(args.output_dir)
+    if not (args.overwrite_output_dir and output_dir.is_dir() and run_contents(output_dir)):
+        return None
+    found = input_inside(output_dir, chain(flag_inputs(args), data_inputs(args)))
+    return found and (f"--overwrite_output_dir would delete {found}, an input of this run, with the rest of "
+                      f"--output_dir {output_dir}: move it out of that directory or choose another --output_dir")
+
+
+# The files and folders a run reads, as the scripts that have the flag name them.
+INPUT_FLAGS = ("meta_list", "model_name_or_path", "teacher_model", "eval_sts_file", "eval_dir", "query_prefix_file",
+               "task_instructions")
+
+
+def flag_inputs(args):
+    """(description, path) of each file or folder a flag names for the run to read; one not on disk cannot be
+    deleted (a model name that is not a path is a hub id)."""
+    for name in INPUT_FLAGS:
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path and os.path.lexists(path):
+                yield f"--{name} {path}", path
+
+
+def data_inputs(args):
+    """(description, path) of each dataset of --meta_list and, where the script reads mined candidates (the
+    fine-tuning scripts, which have --dhnm), of each corpus its records point into; every record is read, as a
+    merged file may point into several. A meta list or dataset that cannot be read ends the list: the run stops
+    on it when it loads its data, before anything is deleted."""
+    from .data import iter_meta_lines
+
+    try:
+        for where, root, fields in iter_meta_lines(args.meta_list, args.root_dir, META_LINE):
+            dataset = root / fields[0]  # an absolute path stays itself
+            yield f"dataset {dataset} ({where}) of --meta_list", dataset
+            if hasattr(args, "dhnm"):
+                for corpus in referenced_corpora(dataset):
+                    yield f"corpus {corpus} (of the mined records of {dataset}, --meta_list)", corpus
+    except DataError:
+        return
+
+
+def referenced_corpora(dataset):
+    """The corpus files the mined records of ``dataset`` point into (relative to its folder, as the loader reads
+    them), sorted; invalid JSON lines are skipped here (the loader reports them)."""
+    from .data import iter_raw_records
+
+    corpora = {dataset.parent / record["corpus"] for _, record in iter_raw_records(dataset, lambda error: None)
+               if isinstance(record, dict) and isinstance(record.get("corpus"), str)}
+    return sorted(corpora)
+
+
+def input_inside(directory, inputs):
+    """The description of the first of ``inputs`` that lies in ``directory``, by its path as given or its real
+    path: emptying the directory deletes it, or the way to it."""
+    from .output_paths import overlap
+
+    return next((what for what, path in inputs if overlap(directory, path) in ("is", "contains")), None)
 
 
 def add_bucket_arguments(group, gradcache=False):

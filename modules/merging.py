@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError
+from .weight_files import load_pickle, open_safetensors
 
 WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")  # in this order: safetensors when a folder has both
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -74,12 +75,9 @@ def weight_paths(folder):
 
 
 def _open(path):
-    """A safetensors handle, or a pytorch_model.bin's state dict memory-mapped (tensors only, no pickled code)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        return safe_open(str(path), "pt")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """A safetensors handle, or a pytorch_model.bin's state dict memory-mapped (tensors only, no pickled code); a
+    damaged file is refused naming it."""
+    return open_safetensors(path) if path.suffix == ".safetensors" else load_pickle(path, mmap=True)
 
 
 def module_folders(model_dir):

@@ -49,7 +49,8 @@ class DevRun:
     def __init__(self, dev_sets, args, prompts, ema, saved=None):
         saved = saved or {}
         self.dev_sets, self.prompts, self.ema, self.every = dev_sets, prompts, ema, args.eval_every
-        self.history = {int(step): metrics for step, metrics in (saved.get("eval_history") or {}).items()}
+        self.history = {int(step): {name: math.nan if value is None else value for name, value in metrics.items()}
+                        for step, metrics in (saved.get("eval_history") or {}).items()}  # null: a NaN (json_files)
         self.best = BestCheckpoint(args.metric_for_best, args.keep_best, saved.get("best"))
 
     def __bool__(self):

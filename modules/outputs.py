@@ -11,8 +11,10 @@ from accelerate.utils import DistributedType
 from .averaging import interpolate_with_start, start_state_dict
 from .checkpoints import written_whole
 from .card_weights import weights_entry, weights_text
+from .json_files import write_json
 from .model_card import write_model_card
 from .nonfinite import check_finite_weights
+from .run_lock import run_contents
 from .training import weights_sharded
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,7 +91,7 @@ def finish_run(accelerator, model, args, summary, eval_history=None, ema=None, f
         with written_whole(final_dir) as partial:  # a kill mid-save leaves final.tmp, never a half final/
             accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
             write_model_card(partial, args, summary, eval_history)  # over sentence-transformers' blank card
-        (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(Path(args.output_dir) / "train_summary.json", summary)  # a NaN dev score as null, named
         print(f"saved {final_dir}")
         if eval_history:
             _write_eval_results(args, eval_history, {key: summary[key] for key in ("best", "final_scores")
@@ -127,12 +129,13 @@ def final_weights(state_dict, args, wise_ft=True):
 
 def write_run_config(output_dir, args, copy_files=()):
     """Record the command line, every argument and the data lists of a run in its output dir; the first thing
-    a run writes there, after emptying it under ``--overwrite_output_dir``."""
+    a run writes there, after emptying it under ``--overwrite_output_dir`` (all but the run's lock file, which
+    the run holds: modules/run_lock.py)."""
     output_dir = Path(output_dir)
     # read before emptying: a meta list may lie in output_dir itself (a resume with the run's saved copy)
     copies = {Path(path).name: Path(path).read_bytes() for path in copy_files if path}
     if args.overwrite_output_dir and output_dir.is_dir():
-        for path in output_dir.iterdir():
+        for path in run_contents(output_dir):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = {"command": sys.argv, "args": {k: v for k, v in vars(args).items()}}
@@ -146,7 +149,7 @@ def _write_eval_results(args, history, best):
     results = {"eval_file": args.eval_sts_file, "eval_dirs": args.eval_dir, "metrics_by_step": history, **best}
     if args.eval_sts_file:  # the layout of earlier runs
         results["sts_spearman_by_step"] = {step: metrics["sts_spearman"] for step, metrics in history.items()}
-    (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+    write_json(Path(args.output_dir) / "eval_results.json", results)  # a NaN metric as null, named
     first, last = min(history), max(history)
     for name in history[last]:
         label = "dev Spearman" if name == "sts_spearman" else f"dev {name}"

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from modules.cli import DataError
+from modules.output_paths import refuse_output_over_inputs
 
 # --------------------------------------------------------------------------- text rules
 
@@ -106,8 +107,7 @@ class PairWriter:
 
     def __init__(self, output, inputs):
         self.path = Path(output)
-        if any(self.path.resolve() == Path(p).resolve() for p in inputs):
-            raise DataError(f"{self.path}: the output would overwrite an input")
+        refuse_output_over_inputs(self.path, inputs)  # replaced by the rename: an input there would be lost
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
 
     def __enter__(self):
@@ -121,7 +121,11 @@ class PairWriter:
         self.handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
     def __exit__(self, exc_type, exc, traceback):
-        self.handle.close()
+        try:
+            self.handle.close()  # flushes: on a full disk this is the write that fails
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         if exc_type is None:
             os.replace(self.tmp_path, self.path)
         else:

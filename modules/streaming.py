@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from modules.data import (
-    BadRecord, DataError, SkippedRecords, assign_dataset_names, iter_file_lines, iter_meta_lines, nonempty_text,
-    parse_json_line, positive_number, tokenize,
+    BadRecord, DataError, SkippedRecords, assign_dataset_names, check_weight_sum, iter_file_lines, iter_meta_lines,
+    nonempty_text, parse_json_line, positive_number, tokenize,
 )
 from modules.flags import PRETRAIN_META_LINE
 
@@ -72,6 +72,7 @@ def read_pretrain_meta_list(meta_file, root_dir=None) -> list:
             else:
                 raise DataError(f"{where}: unknown option {option!r}; expected columns=QUERY,POSITIVE or name=NAME")
         sources.append(source)
+    check_weight_sum(sources)
     return assign_dataset_names(sources)
 
 

@@ -96,7 +96,7 @@ def read_task_folder(folder):
 
 
 def _read_pairs(task, split):
-    from .data import iter_raw_records
+    from .data import _number, iter_raw_records
 
     label = "score" if task.type == "STS" else "label"
     data = {"sentence1": [], "sentence2": [], label: []}
@@ -106,17 +106,16 @@ def _read_pairs(task, split):
         columns = next((pair for pair in PAIR_COLUMNS if all(c in record for c in pair)), None)
         if columns is None:
             raise DataError(f"{where}: expected sentence1 and sentence2 (or text and text_pair)")
-        value = record.get(label, record.get("label"))
         texts = [record[c] for c in columns]
         if not all(isinstance(text, str) and text.strip() for text in texts):
             raise DataError(f"{where}: {' and '.join(columns)} must be non-empty strings")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"{where}: '{label}' must be a number, got {value!r}")
+        # a finite number, as training data's: json reads NaN and Infinity, and one of them makes a correlation NaN
+        value = _number(record, label if label in record else "label", where)
         if task.type == "PairClassification" and value not in (0, 1):
-            raise DataError(f"{where}: a pair classification label is 0 or 1, got {value!r}")
+            raise DataError(f"{where}: a pair classification label is 0 or 1, got {record['label']!r}")
         data["sentence1"].append(texts[0])
         data["sentence2"].append(texts[1])
-        data[label].append(int(value) if task.type == "PairClassification" else float(value))
+        data[label].append(int(value) if task.type == "PairClassification" else value)
     if not data["sentence1"]:
         raise DataError(f"{task.folder / f'{split}.jsonl'}: no records")
     if task.type == "PairClassification" and len(set(data["label"])) < 2:

@@ -102,6 +102,24 @@ def test_weights_on_some_lines_only_are_refused(tmp_path):
         read_meta_list(tmp_path / "meta.txt")
 
 
+def test_weights_whose_sum_is_infinite_are_refused_naming_the_line(tmp_path):
+    """weight=1e308 twice: the sum was inf, every share NaN, and the sampler crashed at start with a ValueError."""
+    write_jsonl(tmp_path / "a.jsonl", [GOOD_STS] * 8)
+    meta = tmp_path / "meta.txt"
+    meta.write_text("a.jsonl 1 type=cosent weight=1e308 name=a\na.jsonl 1 type=cosent weight=1e308 name=b\n")
+    with pytest.raises(DataError) as refused:
+        read_meta_list(meta)
+    assert str(refused.value) == (f"{meta}:2: weight=1e+308 makes the sum of the weights infinite; weights are "
+                                  "relative shares: divide them all by the same number")
+
+
+def test_a_weight_near_the_float_maximum_shares_the_epoch_like_a_small_one():
+    """weight=2**1022 with a finite sum: total x weight overflowed (an OverflowError at start)."""
+    huge = weighted_sampler([2.0**1022, 2.0**1019, 2.0**1019])
+    assert huge.batch_counts() == weighted_sampler([8.0, 1.0, 1.0]).batch_counts() == [35, 5, 4]
+    assert TaskBatchSampler([16], [3], [4], seed=0, weights=[1.7e308]).batch_counts() == [12]
+
+
 def test_too_small_dataset_is_rejected_naming_its_meta_line_and_file(tiny_data, tmp_path):
     (tmp_path / "meta.txt").write_text(f"{tiny_data / 'retri.jsonl'} 1 type=retri_contrast\n"
                                        f"{tiny_data / 'cls.jsonl'} 1\n")
@@ -446,3 +464,137 @@ def test_fine_tuning_refuses_an_empty_text_in_one_line_or_skips_it(tiny_bert, tm
     train_finetune.main(finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "skipped", "--skip_bad_records"))
     assert (f"skipped 1 bad record of train (first: {tmp_path / 'en-stsb' / 'train.jsonl'}:5: empty 'text_pair')"
             in capsys.readouterr().out.splitlines())
+
+
+# ---------------------------------------------------------------- texts with no visible character, lone surrogates
+
+
+ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"  # zero-width space, non-joiner, joiner, word joiner, BOM (category Cf)
+ZERO_WIDTH_CODES = "U+200B U+200C U+200D U+2060 U+FEFF"
+NOT_TEXT = "half of a UTF-16 pair, not text"
+GOOD_RECORD = {"cosent": GOOD_STS, "retri_contrast": {"text": "q", "text_pos": "p", "text_neg": ["n"]},
+               "cls_contrast": {"text": "q", "text_pos": "p", "text_neg": ["n"]},
+               "parallel": {"text": "q", "text_pos": "p"}}
+
+
+@pytest.mark.parametrize("record, kind, problem", [
+    ({"text": ZERO_WIDTH, "text_pair": "b", "label": 1}, "cosent",
+     f"empty 'text': only invisible characters {ZERO_WIDTH_CODES}"),
+    ({"text": "a", "text_pair": "caf\ud800", "label": 1}, "cosent",
+     f"lone surrogate U+D800 in 'text_pair' at character 4: {NOT_TEXT}"),
+    ({"text": "q", "text_pos": "\u3164\ufe0f \u00ad", "text_neg": ["n"]}, "retri_contrast",
+     "empty 'text_pos': only invisible characters U+3164 U+FE0F U+0020 U+00AD"),  # Hangul filler, variation selector
+    ({"text": "q", "text_pos": ["p", "\udc00x"], "text_neg": ["n"]}, "retri_contrast",
+     f"lone surrogate U+DC00 in 'text_pos' (item 2 of 2) at character 1: {NOT_TEXT}"),
+    ({"text": "q", "text_pos": "p", "text_neg": ["n", "\u2060\u2060\t"]}, "cls_contrast",
+     "empty 'text_neg' (item 2 of 2): only invisible characters U+2060 U+0009"),
+    ({"text": "\x00\x7f\u200e\u200f\u202a\U000e0001", "text_pos": "p"}, "parallel",  # controls, bidi marks, a tag
+     "empty 'text': only invisible characters U+0000 U+007F U+200E U+200F U+202A ..."),
+    ({"text": "q", "text_pos": "p", "text_neg": ["n"], "candidates": ["c", "\u180e"], "neg_ranks": [0],
+      "neg_scores": [0.5]}, "retri_contrast", "empty 'candidates' (item 2 of 2): only invisible characters U+180E"),
+], ids=["zero-width text", "surrogate text_pair", "filler text_pos", "surrogate text_pos item",
+        "zero-width text_neg item", "controls parallel text", "zero-width candidate"])
+def test_a_text_with_no_visible_character_or_a_lone_surrogate_names_file_and_line(tmp_path, record, kind, problem):
+    """Zero-width and other format characters alone trained as [CLS][SEP]; a lone surrogate (valid JSON, "\\ud800")
+    passed the loader and stopped the run mid-loop with a tokenizer TypeError."""
+    meta = meta_for(tmp_path, f"d.jsonl 1 type={kind}", [GOOD_RECORD[kind], record])
+    with pytest.raises(DataError) as refused:
+        load_meta_list(meta, negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
+    assert str(refused.value) == f"{tmp_path / 'd.jsonl'}:2: {problem}"
+
+
+def test_a_text_with_a_visible_character_still_loads(tmp_path):
+    """An emoji (written by json.dumps as a surrogate pair escape), a zero-width space inside a word, ideographic space
+    around a word, private use (a font's glyph) are text."""
+    texts = ["\U0001f600", "a\u200bb", "\u3000東京\u3000", "\u200b x", "\ue000"]
+    meta = meta_for(tmp_path, "d.jsonl 1 type=cosent", [{"text": t, "text_pair": t, "label": 1} for t in texts])
+    assert [r["text"] for r in load_meta_list(meta)[0].records] == texts
+
+
+def test_a_mined_candidate_without_visible_text_in_its_corpus_is_a_bad_record(tmp_path):
+    """Candidate ids read their texts from the corpus: the same rule, naming the record's line and the passage."""
+    from modules.data import skipped_record_lines
+
+    passages = [f"passage {i}" for i in range(6)]
+    passages[3], passages[4] = ZERO_WIDTH, "x\ud800"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"p{i}", "text": t} for i, t in enumerate(passages)])
+
+    def mined(query, ids):
+        return {"text": query, "text_pos": ["passage 0"], "corpus": "corpus.jsonl", "candidate_ids": ids,
+                "neg_ranks": [0], "neg_scores": [0.9]}
+
+    records = [mined("q1", ["p1", "p2"]), mined("q2", ["p1", "p3"]), mined("q3", ["p4"]), mined("q4", ["p5", "p2"])]
+    meta = meta_for(tmp_path, "mined.jsonl 1 type=retri_contrast", records, name="mined.jsonl")
+    with pytest.raises(DataError) as refused:
+        load_meta_list(meta)
+    first = (f"{tmp_path / 'mined.jsonl'}:2: candidate 'p3' of corpus {corpus}: empty text: only invisible characters "
+             f"{ZERO_WIDTH_CODES}")
+    assert str(refused.value) == first
+    [dataset] = load_meta_list(meta, skip_bad=True)
+    assert [r["text"] for r in dataset.records] == ["q1", "q4"]
+    assert skipped_record_lines([dataset]) == [f"skipped 2 bad records of mined (first: {first})"]
+    with pytest.raises(DataError, match=rf"mined.jsonl:1: candidate 'p4' of corpus .*: lone surrogate U\+D800 in text "
+                                        rf"at character 2: {NOT_TEXT}"):
+        load_meta_list(meta_for(tmp_path, "mined.jsonl 1 type=retri_contrast", records[2:3] * 3, name="mined.jsonl"))
+
+
+def refusal(main, argv, script, monkeypatch, capsys):
+    """What the script's entry point (``run_cli(main)``) ends with: exit status 2 and one line on stderr."""
+    import sys
+
+    from modules.cli import run_cli
+
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lambda: main(argv))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("bad_text, problem", [
+    (ZERO_WIDTH, f"empty 'text_pair': only invisible characters {ZERO_WIDTH_CODES}"),
+    ("caf\ud800", f"lone surrogate U+D800 in 'text_pair' at character 4: {NOT_TEXT}"),
+], ids=["zero-width", "surrogate"])
+def test_fine_tuning_refuses_a_text_without_visible_characters_or_with_a_lone_surrogate(tiny_bert, tmp_path, capsys,
+                                                                                     monkeypatch, bad_text, problem):
+    import train_finetune
+
+    records = [dict(GOOD_STS, label=float(i)) for i in range(8)]
+    records[2]["text_pair"] = bad_text
+    train = write_jsonl(tmp_path / "en-stsb" / "train.jsonl", records)
+    (tmp_path / "meta.txt").write_text("en-stsb/train.jsonl 1 type=cosent\n")
+    assert refusal(train_finetune.main, finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "refused"),
+                   "train_finetune.py", monkeypatch, capsys) == f"train_finetune.py: error: {train}:3: {problem}"
+    train_finetune.main(finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "skipped", "--skip_bad_records"))
+    assert f"skipped 1 bad record of train (first: {train}:3: {problem})" in capsys.readouterr().out.splitlines()
+    assert (tmp_path / "skipped" / "final").is_dir()
+
+
+@pytest.mark.parametrize("bad_text, problem", [
+    ("\u200b \u2060", "empty 'text': only invisible characters U+200B U+0020 U+2060"),
+    ("\udfffok", f"lone surrogate U+DFFF in 'text' at character 1: {NOT_TEXT}"),
+], ids=["zero-width", "surrogate"])
+def test_an_eval_sts_file_with_such_a_text_is_refused_naming_its_line(tiny_bert, tmp_path, capsys, monkeypatch,
+                                                                      bad_text, problem):
+    import train_finetune
+
+    write_jsonl(tmp_path / "train.jsonl", [dict(GOOD_STS, label=float(i)) for i in range(8)])
+    (tmp_path / "meta.txt").write_text("train.jsonl 1 type=cosent\n")
+    dev = write_jsonl(tmp_path / "dev.jsonl", [GOOD_STS, dict(GOOD_STS, text=bad_text)])
+    assert refusal(train_finetune.main, finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "out",
+                                                      "--eval_sts_file", str(dev)),
+                   "train_finetune.py", monkeypatch, capsys) == f"train_finetune.py: error: {dev}:2: {problem}"
+
+
+def test_fine_tuning_refuses_weights_whose_sum_is_infinite(tiny_bert, tmp_path, capsys, monkeypatch):
+    import train_finetune
+
+    write_jsonl(tmp_path / "a.jsonl", [dict(GOOD_STS, label=float(i)) for i in range(8)])
+    (tmp_path / "meta.txt").write_text("a.jsonl 1 type=cosent weight=1e308 name=a\na.jsonl 1 type=cosent weight=1e308 "
+                                       "name=b\n")
+    assert refusal(train_finetune.main, finetune_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "out"),
+                   "train_finetune.py", monkeypatch, capsys) == (
+        f"train_finetune.py: error: {tmp_path / 'meta.txt'}:2: weight=1e+308 makes the sum of the weights infinite; "
+        "weights are relative shares: divide them all by the same number")

@@ -131,3 +131,30 @@ def test_an_unknown_metric_for_best_is_refused_naming_the_metrics(tiny_bert, tin
         train_finetune.main(common_args(tiny_bert, tiny_data, tmp_path, "--max_steps", "2", "--eval_every", "1",
                                         "--eval_dir", str(cranfield_local), "--metric_for_best",
                                         "CranfieldLocal/map")[1:])
+
+
+@pytest.mark.parametrize("task_type, records, message", [
+    ("STS", [{"text": "a", "text_pair": "b", "label": 1.0}, {"text": "c", "text_pair": "d", "label": float("nan")}],
+     r"dev.jsonl:2: column 'label' must be a number, got nan"),
+    ("STS", [{"sentence1": "a", "sentence2": "b", "score": float("-inf")}, {"sentence1": "c", "sentence2": "d",
+                                                                           "score": 1.0}],
+     r"dev.jsonl:1: column 'score' must be a number, got -inf"),
+])
+def test_a_non_finite_label_or_score_of_a_task_folder_names_the_line(tmp_path, task_type, records, message):
+    """json.loads reads NaN and Infinity (json.dumps writes them): a NaN gold score made the dev Spearman NaN."""
+    write_jsonl(tmp_path / "dev.jsonl", records)
+    (tmp_path / "task.json").write_text(json.dumps({"name": "Dev", "type": task_type, "splits": ["dev"]}))
+    with pytest.raises(DataError, match=message):
+        read_task_folder(tmp_path).split_data("dev")
+
+
+@pytest.mark.parametrize("grade", ["nan", "inf"])
+def test_a_non_finite_judgement_of_a_retrieval_folder_names_the_line(tmp_path, grade):
+    """eval/dev_scores.py's reader: an infinite grade made nDCG inf / inf = NaN, a NaN one dropped the judgement."""
+    from modules.evaluation import read_retrieval_folder
+
+    write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "d1", "text": "document one"}, {"_id": "d2", "text": "two"}])
+    write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "query one"}])
+    (tmp_path / "qrels.tsv").write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t{grade}\n")
+    with pytest.raises(DataError, match=rf"qrels.tsv:3: score {grade} is not a finite number"):
+        read_retrieval_folder(tmp_path)

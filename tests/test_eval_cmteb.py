@@ -757,6 +757,12 @@ def test_local_task_is_an_mteb_task_of_its_type(tmp_path):
          r"test\.jsonl:2: expected sentence1 and sentence2"),
         ({"name": "X", "type": "STS"}, [{"text": "a", "text_pair": "b", "label": 3.0}, {"text": "c", "text_pair": "d",
          "label": 3.0}], r"test\.jsonl: every score is 3\.0; an STS task's correlations .* are undefined"),
+        # NaN and Infinity (json.dumps writes them bare, json.loads reads them): a NaN Spearman after scoring
+        ({"name": "X", "type": "STS"}, [{"text": "a", "text_pair": "b", "label": float("nan")},
+         {"text": "c", "text_pair": "d", "label": 2.0}], r"test\.jsonl:1: column 'label' must be a number, got nan"),
+        ({"name": "X", "type": "STS"}, [{"sentence1": "a", "sentence2": "b", "score": 1.0},
+         {"sentence1": "c", "sentence2": "d", "score": float("inf")}],
+         r"test\.jsonl:2: column 'score' must be a number, got inf"),
     ],
 )
 def test_local_task_errors_are_one_line_naming_the_file(tmp_path, capsys, spec, data, message):
@@ -872,6 +878,9 @@ BAD_DATA = {  # case: (file under the data dir, its content, what the error line
         r"DuRetrieval/qrels/dev\.tsv:3: query 'qy' is not in queries\.jsonl"),
     "qrels_header_only": (
         "DuRetrieval/qrels/dev.tsv", QRELS_HEADER, r"DuRetrieval/qrels/dev\.tsv holds no judgements"),
+    "qrels_infinite_score": (  # int(float("inf")) raised OverflowError: a traceback
+        "DuRetrieval/qrels/dev.tsv", QRELS_HEADER + "q1\td1\t1\nq2\td2\tinf\n",
+        r"DuRetrieval/qrels/dev\.tsv:3: column 'score' must be a finite number, got inf"),
     "constant_sts_scores": (  # mteb's Spearman and Pearson would be NaN
         "STSB/test.jsonl", jsonl_text([{**pair, "score": 2.0} for pair in SMALL_STS]),
         r"STSB/test\.jsonl: every score is 2\.0; an STS task's correlations .* are undefined"),
@@ -1022,3 +1031,162 @@ def test_missing_model_path_is_refused_before_anything_heavy(tmp_path, model, me
     )
     assert completed.returncode == 2 and completed.stderr == f"run_cmteb.py: error: --model {model}: {message}\n"
     assert time.perf_counter() - start < 5  # answered before mteb, torch and the model are imported
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every JSON file of a run is JSON: mteb's result files too (Python's json writes a NaN score as bare NaN)
+
+
+def strict_json(path: Path):
+    """The content of `path`, refusing NaN and Infinity (which Python's json reads, and no strict reader does)."""
+    def reject(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # the NaN this test is about
+def test_mteb_result_files_of_a_nan_score_hold_null(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(local_tasks, "check_gold_varies", lambda *args: None, raising=False)
+    data_dir = write_small_tasks(tmp_path / "data")
+    (data_dir / "STSB" / "test.jsonl").write_text(BAD_DATA["constant_sts_scores"][1])
+    out = tmp_path / "out"
+    assert run_small(tiny_model, data_dir, out, "--dims", "16") == 2  # a score not finite ends the run
+    capsys.readouterr()
+    result_files = sorted((out / "results").rglob("STSB.json"))
+    assert len(result_files) == 2  # dims 16 and 32
+    for path in result_files:
+        content = strict_json(path)
+        (scores,) = content["scores"]["test"]
+        assert scores["main_score"] is None and scores["cosine_spearman"] is None
+        assert scores["manhattan_spearman"] is None and scores["hf_subset"] == "default"  # the rest as mteb wrote it
+        assert content["task_name"] == "STSB" and content["evaluation_time"] > 0
+    for path in (out / "results").rglob("*.json"):
+        strict_json(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model as sentence-transformers reads it: refused when it would be read wrongly, said in one line otherwise
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def damaged_copy(source: Path | str, target: Path, *remove: str) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    for name in remove:
+        (target / name).unlink(missing_ok=True)
+    return target
+
+
+def reading_line(stderr: str, model: Path | str) -> str:
+    """The one line that says how the model was read."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"model {model}: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(params=["minilm", "tiny"])
+def saved_model(request, model_path, tiny_model) -> Path:
+    """The packaged MiniLM (1_Pooling/, Normalize) and the tiny random model (1_Pooling/, 2_Normalize/)."""
+    return Path(model_path if request.param == "minilm" else tiny_model)
+
+
+def test_a_model_without_tokenizer_files_is_refused(saved_model, tmp_path, capsys):
+    """Without them transformers builds a 5-token vocabulary: every word is [UNK], and the run used to exit 0 with
+    a score of that; refused as training refuses such a start model (modules/model.py load_tokenizer)."""
+    model_dir = damaged_copy(saved_model, tmp_path / "no_tokenizer", *TOKENIZER_FILES)
+    code = run_cmteb.main(["--model", str(model_dir), "--local-task", str(write_sts_folder(tmp_path / "sts")),
+                           "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    error_line(code, capsys.readouterr().err, re.escape(f"model {model_dir}: no tokenizer files (none of "
+                                                        "tokenizer.json, vocab.txt"))
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_module_folders_without_modules_json_are_refused(saved_model, tmp_path, capsys):
+    """A save that lost modules.json: sentence-transformers would read the folder as a plain transformers model
+    (mean pooling, no Dense, no Normalize) and say nothing."""
+    model_dir = damaged_copy(saved_model, tmp_path / "no_modules_json", "modules.json")
+    code = run_cmteb.main(["--model", str(model_dir), "--local-task", str(write_sts_folder(tmp_path / "sts")),
+                           "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    line = error_line(code, capsys.readouterr().err, re.escape(f"model {model_dir}: ") + r".*1_Pooling/.* but no "
+                      r"modules\.json")
+    assert ("2_Normalize/" in line) == (saved_model / "2_Normalize").is_dir()  # the tiny model's (MiniLM has none)
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_an_invalid_modules_json_is_named(tiny_model, tmp_path, capsys):
+    model_dir = damaged_copy(tiny_model, tmp_path / "bad_modules_json")
+    (model_dir / "modules.json").write_text('[\n  {"idx": 0, "path": ""},\n  {"idx": 1 "path": "1_Pooling"}\n]\n')
+    code = run_cmteb.main(["--model", str(model_dir), "--local-task", str(write_sts_folder(tmp_path / "sts")),
+                           "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    error_line(code, capsys.readouterr().err, re.escape(f"{model_dir / 'modules.json'}:3: invalid JSON (Expecting ','"))
+
+
+def test_how_the_model_is_read_is_said_for_every_model(model_path, tiny_model, tiny_bert, tmp_path, capsys):
+    """One line: the modules, pooling, normalisation, output dimension and saved prompts; summary.json keeps it."""
+    folder = write_sts_folder(tmp_path / "sts")
+    with_prompts = damaged_copy(tiny_model, tmp_path / "with_prompts")
+    config_file = with_prompts / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prompts": {"query": "query: ", "document": ""}}))
+    expected = {
+        model_path: ["read by sentence-transformers as BertModel (max_seq_length 256) -> mean pooling -> "
+                     "Normalize: 384 dims, normalised", "prompts: none"],
+        with_prompts: ["as BertModel (max_seq_length 64) -> mean pooling -> Normalize: 32 dims, normalised",
+                       "prompts: query='query: '"],
+        # a plain transformers folder: sentence-transformers' default, said so
+        tiny_bert: ["no modules.json: read by sentence-transformers as a plain transformers model: BertModel "
+                    "(max_seq_length 128) -> mean pooling: 32 dims, not normalised", "prompts: none"],
+    }
+    for index, (model, parts) in enumerate(expected.items()):
+        out = tmp_path / f"out{index}"
+        summary = run_cmteb.run(["--model", str(model), "--local-task", str(folder), "--output-dir", str(out),
+                                 "--no-progress"])
+        line = reading_line(capsys.readouterr().err, model)
+        assert all(part in line for part in parts), (line, parts)
+        assert summary["model"]["read_as"] == line.removeprefix(f"model {model}: ")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Long texts: cut to a character budget before the tokenizer sees them, as in training
+
+
+def write_task_with_a_huge_text(folder: Path, task_type: str, huge: str) -> Path:
+    if task_type == "STS":
+        fixtures.write_task_json(folder, name="HugeSts", type="STS", language=["eng"])
+        fixtures.write_jsonl(folder / "test.jsonl", [{**SMALL_STS[0], "sentence1": huge}, *SMALL_STS[1:]])
+    else:
+        fixtures.write_task_json(folder, name="HugeRetrieval", type="Retrieval", language=["eng"])
+        fixtures.write_jsonl(folder / "corpus.jsonl", [{**SMALL_CORPUS[0], "text": huge}, *SMALL_CORPUS[1:]])
+        fixtures.write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "alpha?"}, {"_id": "q2", "text": "beta?"}])
+        (folder / "qrels").mkdir()
+        (folder / "qrels" / "test.tsv").write_text(QRELS_HEADER + "q1\td1\t1\nq2\td2\t1\n")
+    return folder
+
+
+@pytest.mark.parametrize("task_type", ["STS", "Retrieval"])
+def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tiny_model, tmp_path, monkeypatch, task_type):
+    """A fast tokenizer reads a whole text (and allocates its offsets) before truncating: a 2M-word text cost 2.2 GB.
+    Every text reaches it cut to max_seq_length x modules.data.MAX_CHARS_PER_TOKEN characters (64 x 128 here)."""
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    from modules.data import MAX_CHARS_PER_TOKEN
+
+    budget = 64 * MAX_CHARS_PER_TOKEN  # the tiny model's max_seq_length
+    huge = " ".join(f"word{i % 997}" for i in range(1_000_000))
+    folder = write_task_with_a_huge_text(tmp_path / "huge", task_type, huge)
+    longest = []
+    real_preprocess = Transformer.preprocess
+
+    def spy(self, inputs, *args, **kwargs):  # where sentence-transformers hands the texts to the tokenizer
+        longest.append(max(len(text) for text in inputs))
+        assert longest[-1] <= budget, f"a text of {longest[-1]} characters reached the tokenizer"
+        return real_preprocess(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "preprocess", spy)
+    assert run_cmteb.main(["--model", str(tiny_model), "--local-task", str(folder), "--output-dir",
+                           str(tmp_path / "out"), "--no-progress"]) == 0
+    assert max(longest) == budget  # the huge text was scored, cut (the others are far shorter)

@@ -21,6 +21,7 @@ from tests.conftest import REPO, SENTENCES, accelerate_cmd, run_script, write_js
 from tests.test_llm_embed import script_args as llm_args
 from tests.test_llm_embed import tiny_decoders  # noqa: F401 (a fixture)
 from tests.test_train_finetune import CPU_ENV, common_args, two_process_cmd
+from tests.test_weight_files import RunsCode
 
 TOOL = "tools/export_checkpoint.py"
 TEXTS = ["a man is playing a guitar", "the cat sleeps on the sofa today", "a dog"]
@@ -121,14 +122,19 @@ def test_ddp_pretrain_checkpoint_in_bfloat16(tiny_bert, tmp_path):
     assert {value.dtype for value in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
 
 
-def test_deepspeed_zero1_checkpoint_takes_the_fp32_master_weights(tiny_bert, tiny_data, tmp_path):
-    """ZeRO-1 in bf16 with a frozen position table (a parameter without master copy, which DeepSpeed's ZeRO-1
-    checkpoint keeps only in the bf16 module)."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def zero1_run(tiny_bert, tiny_data, tmp_path_factory):
+    """DeepSpeed ZeRO-1 in bf16 on 2 processes, with a frozen position table (a parameter without master copy,
+    which DeepSpeed's ZeRO-1 checkpoint keeps only in the bf16 module)."""
+    run_dir = tmp_path_factory.mktemp("zero1") / "run"
     run_script(two_process_cmd("deepspeed_zero1", "bf16") + common_args(
         tiny_bert, tiny_data, run_dir, "--max_steps", "2", "--save_every", "2", "--scaling_dim", "24",
         "--freeze_position_embeddings"), env_extra=ONE_THREAD)
-    out, _ = check_export(run_dir, tmp_path, 2, "DeepSpeed ZeRO-1")
+    return run_dir
+
+
+def test_deepspeed_zero1_checkpoint_takes_the_fp32_master_weights(zero1_run, tmp_path):
+    out, _ = check_export(zero1_run, tmp_path, 2, "DeepSpeed ZeRO-1")
     trained = load_file(out / "model.safetensors")["encoder.layer.0.attention.self.query.weight"]
     assert (trained != trained.bfloat16().float()).float().mean() > 0.9  # not the engine's bf16 copy
 
@@ -190,27 +196,75 @@ def no_run_config(checkpoint):
     (checkpoint.parent / "run_config.json").unlink()
 
 
+def truncated_weights(checkpoint):
+    cut_in_half(checkpoint / "model.safetensors")
+
+
+def cut_in_half(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def refusal(*args):
+    """Run the tool expecting a refusal: exit status 2, no traceback, nothing on stdout; returns its error line."""
+    result = subprocess.run([sys.executable, TOOL, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("export_checkpoint.py: error: ") and result.stdout == "", (last, result.stdout)
+    return last
+
+
 def test_errors_are_one_line_naming_the_path(single_run, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "file").write_text("x")
-    orphan, bare, mismatched = (broken_run(single_run, tmp_path, damage) for damage in (no_run_config, no_weights,
-                                                                                         extra_key))
+    orphan, bare, mismatched, cut = (broken_run(single_run, tmp_path, damage) for damage in (
+        no_run_config, no_weights, extra_key, truncated_weights))
     cases = [  # checkpoint, out, what the line says
         (tmp_path, tmp_path / "a", [f"{tmp_path}: not a checkpoint"]),
         (orphan, tmp_path / "b", [f"{orphan.parent / 'run_config.json'}: not found"]),
         (bare, tmp_path / "c", [f"{bare}: no model weights"]),
         (mismatched, tmp_path / "d", [f"{mismatched}: its weights do not fit", "1 unexpected (backbone.pooler.dense.weight)"]),
         (single_run / "checkpoint-2", full, [f"{full} exists and is not empty"]),
+        (cut, tmp_path / "e", [f"{cut / 'model.safetensors'}: damaged or truncated"]),
     ]
     for checkpoint, out, messages in cases:
-        result = subprocess.run([sys.executable, TOOL, str(checkpoint), str(out)], cwd=REPO, capture_output=True,
-                                text=True)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("export_checkpoint.py: error: ") and all(m in last for m in messages), last
-        assert result.stdout == "" and (out == full or not out.exists())
+        last = refusal(checkpoint, out)
+        assert all(m in last for m in messages), last
+        assert out == full or not out.exists()
     assert [p.name for p in full.iterdir()] == ["file"]
+
+
+def files_in(directory):
+    return {path.relative_to(directory): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_an_output_that_is_holds_or_lies_inside_the_checkpoint_is_refused(single_run, tmp_path):
+    """OUT replaced (--overwrite) would delete the checkpoint when it is the checkpoint or holds it (its run dir, a
+    folder above); inside the checkpoint it would be written into it. Each is refused, nothing touched."""
+    run_dir = shutil.copytree(single_run, tmp_path / "runs" / "run", ignore=shutil.ignore_patterns("final", "finetune"))
+    checkpoint, before = run_dir / "checkpoint-2", files_in(tmp_path)
+    for out in (checkpoint, run_dir, tmp_path / "runs", checkpoint / "exported"):
+        last = refusal(checkpoint, out, "--overwrite")
+        relation = "lies inside" if out == checkpoint / "exported" else "is" if out == checkpoint else "contains"
+        assert f"{out}: the output would overwrite an input: it {relation} {checkpoint}" in last, last
+    assert files_in(tmp_path) == before
+
+
+@pytest.mark.parametrize("pattern", ["mp_rank_00_model_states.pt", "*_optim_states.pt"], ids=["module", "optimizer"])
+def test_a_deepspeed_checkpoint_holding_code_is_refused_unrun(zero1_run, tmp_path, pattern):
+    """A real ZeRO-1 checkpoint with an object that runs code when unpickled added to the engine's model states
+    (read by our export and by DeepSpeed's zero_to_fp32) or to an optimizer shard (zero_to_fp32): refused, the file
+    and the global named, the code never run. The real checkpoints of the other DeepSpeed tests load: the types
+    DeepSpeed stores are allowed."""
+    run_dir = shutil.copytree(zero1_run, tmp_path / "run", ignore=shutil.ignore_patterns("final", "finetune"))
+    file = sorted((run_dir / "checkpoint-2" / "pytorch_model").glob(pattern))[0]
+    marker = tmp_path / "code_ran"
+    state = torch.load(file, map_location="cpu", weights_only=False)  # written by the run above
+    state["client_state"] = RunsCode(marker)
+    torch.save(state, file)
+    last = refusal(run_dir / "checkpoint-2", tmp_path / "out")
+    assert f"error: {file}: " in last and "posix.mkdir" in last, last
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_help_answers_without_importing_torch():

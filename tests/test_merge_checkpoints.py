@@ -287,3 +287,48 @@ def test_weights_outside_the_models_modules_are_left_out(two_runs, tmp_path):
     assert not (tmp_path / "out" / "adapter").exists()
     assert (tmp_path / "out" / "2_Dense" / "model.safetensors").is_file()
     assert weights(tmp_path / "out").keys() == weights(two_runs / "1" / "final").keys()
+
+
+# --- inputs that are not models, and outputs over inputs ---
+
+def refusal(*args):
+    """Run the tool expecting a refusal: exit status 2, no traceback; returns its error line."""
+    result = merge(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("merge_checkpoints.py: error: "), last
+    return last
+
+
+def files_in(directory):
+    return {path.relative_to(directory): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("inside", ["final", "checkpoint-2"])
+def test_an_output_inside_an_input_is_refused(two_runs, tmp_path, inside):
+    """--output inside a model directory or a checkpoint would be written into that input: refused, nothing
+    written."""
+    run = shutil.copytree(two_runs / "2", tmp_path / "run", ignore=shutil.ignore_patterns("finetune"))
+    before, output = files_in(run), run / inside / "soup"
+    last = refusal(two_runs / "1" / "final", run / inside, "--output", output)
+    assert f"--output {output}: the output would overwrite an input: it lies inside {run / inside}" in last, last
+    assert files_in(run) == before and not output.exists()
+
+
+@pytest.mark.parametrize("model", ["final", "checkpoint-2"])
+def test_a_truncated_weights_file_is_one_line_naming_it(two_runs, tmp_path, model):
+    """A model directory's or a checkpoint's model.safetensors cut in half."""
+    run = shutil.copytree(two_runs / "2", tmp_path / "run", ignore=shutil.ignore_patterns("finetune"))
+    file = run / model / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    last = refusal(two_runs / "1" / "final", run / model, "--output", tmp_path / "out")
+    assert f"error: {file}: damaged or truncated" in last, last
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_dir_is_named_with_the_models_it_holds(two_runs, tmp_path):
+    run = two_runs / "1"
+    last = refusal(run, two_runs / "2" / "final", "--output", tmp_path / "out")
+    assert last.endswith(f"error: {run} is a run's output directory: give {run / 'final'} or one of its checkpoints "
+                         "(checkpoint-2)"), last
+    assert not (tmp_path / "out").exists()

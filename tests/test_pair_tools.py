@@ -254,3 +254,27 @@ def test_command_line_error_is_one_clear_line(tmp_path):
                             cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"error: {path}:2: missing column 'text'" in result.stderr
+
+
+def test_a_writer_whose_last_flush_fails_leaves_no_partial_file(tmp_path):
+    """On a full disk the buffered tail is written at close: that failure must not leave OUT.tmp behind either."""
+    import errno
+
+    from modules.pair_tools import PairWriter
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, text):
+            return self.handle.write(text)
+
+        def close(self):
+            self.handle.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match="No space left"):
+        with PairWriter(tmp_path / "out.jsonl", []) as writer:
+            writer.handle = FullDisk(writer.handle)
+            writer.write({"text": "a", "text_pos": "b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

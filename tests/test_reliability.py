@@ -240,6 +240,168 @@ def test_a_checkpoint_holding_a_pickle_of_ours_is_refused_without_unpickling_it(
     assert_refused(result, "custom_checkpoint_0.pkl")
 
 
+# --------------------------------------------------------------------------- a full disk
+
+
+def no_space(path=None):
+    """The error a write into a full disk raises: OSError 28, naming the file when open() raised it, not write()."""
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([str(path)] if path else []))
+
+
+def full_disk_at_checkpoint_4(monkeypatch, output):
+    """accelerate's save_state finds the disk full writing checkpoint 4's optimizer state (half written)."""
+    import accelerate.checkpointing
+
+    real_save = accelerate.checkpointing.save
+    target = output / "checkpoint-4.tmp" / "optimizer.bin"
+
+    def save(obj, path, *args, **kwargs):
+        if Path(path) == target:
+            target.write_bytes(b"PK half")
+            raise no_space(target)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save)
+    return target
+
+
+def full_disk_at_the_summary(monkeypatch, output):
+    """train_summary.json's write() finds the disk full: an OSError without a file name, as Path.write_text raises."""
+    real_write_text = Path.write_text
+    target = output / "train_summary.json"
+
+    def write_text(self, data, *args, **kwargs):
+        if self == target:
+            with open(self, "w") as handle:
+                handle.write(data[:10])
+                raise no_space()
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    return target
+
+
+@pytest.mark.parametrize("fill_disk, kept", [(full_disk_at_checkpoint_4, [2]), (full_disk_at_the_summary, [2, 4, 6])])
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_with_nothing_lost(
+        tiny_bert, sts_data, tmp_path, monkeypatch, capsys, fill_disk, kept):
+    """The script ends with exit status 2 and one line naming the file being written (a traceback before); the complete
+    checkpoints stay, and resuming from the latest ends with the weights of a run that never stopped."""
+    import train_finetune
+    from modules.checkpoints import completed_checkpoints
+    from modules.cli import run_cli
+    from tests.conftest import assert_same_final_weights
+
+    def args(output, *extra):
+        return ["--model_name_or_path", str(tiny_bert), "--meta_list", str(sts_data / "meta.txt"), "--output_dir",
+                str(output), "--cosent_batch_size", "4", "--max_steps", "6", "--save_every", "2", "--pair_max_len",
+                "16", "--report_to", "none", *extra]
+
+    train_finetune.main(args(tmp_path / "whole"))
+    output = tmp_path / "out"
+    with monkeypatch.context() as patches:
+        target = fill_disk(patches, output)
+        patches.setattr(sys, "argv", ["train_finetune.py"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(lambda: train_finetune.main(args(output)))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"train_finetune.py: error: {target}: no space left on device;")
+    assert completed_checkpoints(output) == [output / f"checkpoint-{step}" for step in kept]
+    train_finetune.main(args(output, "--resume_from_checkpoint", "latest"))
+    assert f"resumed from {output / f'checkpoint-{kept[-1]}'}" in capsys.readouterr().out
+    assert_same_final_weights(tmp_path / "whole", output)
+    assert (output / "train_summary.json").read_text() and not (output / "checkpoint-4.tmp").exists()
+
+
+def torch_save_past_the_end_of_the_disk(path):
+    """torch.save failing as it does on a full disk (seen on a 64 KiB tmpfs): its zip writer raises RuntimeError
+    "unexpected pos", with no errno and no file name. A file size limit makes the write fail the same way here."""
+    import resource
+    import signal
+
+    import torch
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        torch.save({"state": torch.zeros(10_000)}, str(path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def safetensors_save_file(tensors, filename):
+    """What safetensors raises on a full disk (seen on a 64 KiB tmpfs): no OSError, the errno in its message."""
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def json_dump(obj, fp):
+    """json.dump's write into a full disk: OSError 28 without a file name; the open file names it."""
+    raise no_space()
+
+
+class JsonlWriter:
+    """A writer holding its open file (as the data tools' PairWriter does); its write finds the disk full."""
+
+    def __init__(self, path):
+        self.handle = open(path, "w")
+
+    def write(self, record):
+        raise no_space()
+
+
+def writing(path, how):
+    import errno
+
+    if how == "quota":
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
+    if how == "safetensors":
+        safetensors_save_file({}, str(path))
+    if how in ("torch", "torch, disk not full"):
+        torch_save_past_the_end_of_the_disk(path)
+    if how == "writer":
+        JsonlWriter(path).write({"text": "q"})
+    with open(path, "w") as handle:
+        json_dump({}, handle)
+
+
+@pytest.mark.parametrize("how, problem", [("quota", "disk quota exceeded"), ("safetensors", "no space left on device"),
+                                          ("torch", "no space left on device"), ("json", "no space left on device"),
+                                          ("writer", "no space left on device")])
+def test_a_full_disk_is_one_line_naming_the_file_whichever_writer_found_it(tmp_path, monkeypatch, capsys, how, problem):
+    from modules.cli import run_cli
+
+    path = tmp_path / "out" / "optimizer.bin"
+    path.parent.mkdir()
+    full = os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255))  # no free block
+    monkeypatch.setattr(os, "statvfs", lambda target: full)
+    monkeypatch.setattr(sys, "argv", ["tool.py"])
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lambda: writing(path, how))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"tool.py: error: {path}: {problem}; free some space and run again (a training run resumes from its last "
+        "complete checkpoint with --resume_from_checkpoint latest)"]
+
+
+def test_a_failed_write_on_a_disk_with_room_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """torch's writer says nothing of why it failed: only a disk left without a free block makes it a full disk."""
+    from modules.cli import run_cli
+
+    monkeypatch.setattr(sys, "argv", ["tool.py"])
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        run_cli(lambda: writing(tmp_path / "optimizer.bin", "torch, disk not full"))
+    with pytest.raises(PermissionError):
+        run_cli(lambda: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(tmp_path))))
+
+
 # --------------------------------------------------------------------------- under accelerate launch
 
 

@@ -333,3 +333,64 @@ def test_pretraining_refuses_a_bad_record_in_one_line_or_skips_it(tiny_bert, tmp
     train_pretrain.main(pretrain_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "skipped", "--skip_bad_records"))
     assert re.search(rf"^skipped \d+ bad records? of pairs \(first: {re.escape(str(tmp_path))}/pairs.jsonl:7: "
                      r"empty 'text_pos'\)$", capsys.readouterr().out, re.MULTILINE)
+
+
+# ---------------------------------------------------------------- texts with no visible character, lone surrogates
+
+
+@pytest.mark.parametrize("suffix, bad_text, problem", [
+    (".jsonl", "\u200b\u200c\u200d\u2060\ufeff", "empty 'text_pos': only invisible characters U+200B U+200C U+200D "
+                                                   "U+2060 U+FEFF"),
+    (".jsonl.gz", "\u00ad\u200b", "empty 'text_pos': only invisible characters U+00AD U+200B"),
+    (".parquet", "\u2060 \u2060", "empty 'text_pos': only invisible characters U+2060 U+0020"),
+    (".jsonl", "ok\ud800", "lone surrogate U+D800 in 'text_pos' at character 3: half of a UTF-16 pair, not text"),
+    (".jsonl.gz", "\udbff", "lone surrogate U+DBFF in 'text_pos' at character 1: half of a UTF-16 pair, not text"),
+], ids=["zero-width jsonl", "zero-width gz", "zero-width parquet", "surrogate jsonl", "surrogate gz"])
+def test_a_pair_without_visible_text_or_with_a_lone_surrogate_is_refused_naming_file_and_line(tmp_path, suffix,
+                                                                                           bad_text, problem):
+    records = pair_records(9)
+    records[6]["text_pos"] = bad_text
+    path = tmp_path / f"pairs{suffix}"
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    if suffix == ".jsonl":
+        path.write_bytes(lines)
+    elif suffix == ".jsonl.gz":
+        write_gzip(path, lines)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=4)
+    where = f"{path} row group 1 row 2" if suffix == ".parquet" else f"{path}:7"
+    with pytest.raises(DataError) as refused:
+        read_all(stream_of(path), 10)
+    assert str(refused.value) == f"{where}: {problem}"
+
+
+@pytest.mark.parametrize("bad_text, problem", [
+    ("\u200b\ufeff", "empty 'text': only invisible characters U+200B U+FEFF"),
+    ("caf\udce9", "lone surrogate U+DCE9 in 'text' at character 4: half of a UTF-16 pair, not text"),
+], ids=["zero-width", "surrogate"])
+def test_pretraining_refuses_a_text_without_visible_characters_or_with_a_lone_surrogate(tiny_bert, tmp_path, capsys,
+                                                                                     monkeypatch, bad_text, problem):
+    """Two loader workers (the default) read the records: the worker's error still ends the run in one line."""
+    import train_pretrain
+    from tests.test_data import refusal
+
+    records = pair_records(40)
+    records[6]["text"] = bad_text
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    (tmp_path / "meta.txt").write_text("pairs.jsonl 1\n")
+    assert refusal(train_pretrain.main, pretrain_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "refused"),
+                   "train_pretrain.py", monkeypatch, capsys) == f"train_pretrain.py: error: {pairs}:7: {problem}"
+    train_pretrain.main(pretrain_args(tiny_bert, tmp_path / "meta.txt", tmp_path / "skipped", "--skip_bad_records"))
+    assert re.search(rf"^skipped \d+ bad records? of pairs \(first: {re.escape(f'{pairs}:7: {problem}')}\)$",
+                     capsys.readouterr().out, re.MULTILINE)
+    assert (tmp_path / "skipped" / "final").is_dir()
+
+
+def test_pretraining_weights_whose_sum_is_infinite_are_refused_naming_the_line(tmp_path):
+    """The sum was inf: every source's probability NaN, and numpy refused the first draw with a ValueError."""
+    write_jsonl(tmp_path / "a.jsonl", pair_records(4))
+    (tmp_path / "meta.txt").write_text("a.jsonl 1 name=a\na.jsonl 1.5e308 name=b\na.jsonl 1e308 name=c\n")
+    with pytest.raises(DataError) as refused:
+        read_pretrain_meta_list(tmp_path / "meta.txt")
+    assert str(refused.value) == (f"{tmp_path / 'meta.txt'}:3: weight=1e+308 makes the sum of the weights infinite; "
+                                  "weights are relative shares: divide them all by the same number")

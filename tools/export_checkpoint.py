@@ -11,7 +11,9 @@ the merged model and the adapter in OUT/adapter, as final/. A run with --wise_ft
 model as final/ is; --no_wise_ft exports the weights as trained. A run with --ema_decay exports the checkpoint's
 moving average of the weights, as final/ holds it; --no_ema the trained weights. Prompts that a run reads from its files
 (--query_prefix_file, --instruction_template with --task_instructions) are read again from where run_config.json
-says. OUT is written as OUT.tmp, then renamed.
+says. OUT is written as OUT.tmp, then renamed; it may not be the checkpoint, hold it (its run dir: --overwrite would
+delete the run) or lie inside it. The checkpoint's pickles are read weights-only (a DeepSpeed checkpoint with the
+types DeepSpeed stores): a file holding anything else is refused unread, as is a damaged one, naming it.
 """
 
 import contextlib

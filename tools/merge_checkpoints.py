@@ -13,7 +13,8 @@ trained tensor must be in every model with the same shape, while buffers (positi
 embedding reads, need not be. The merged model keeps the first model's layout (files, format, tensor names, buffers,
 pooler), config, tokenizer, pooling and prompts; its README.md names the merged models, their weights and what each
 is (a run's final/ or checkpoint, a merge, a model), and their common base model. OUT is written as OUT.tmp, then
-renamed. See modules/merging.py for the formulas and the layout rules, modules/merge_card.py for the card.
+renamed; it may not be, hold or lie inside a MODEL. A run's output directory is no MODEL: the refusal names its final/
+and checkpoints. See modules/merging.py for the formulas and the layout rules, modules/merge_card.py for the card.
 """
 
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import MERGE_METHODS
+from modules.output_paths import refuse_output_over_inputs
 
 
 def parse_args(argv=None):
@@ -42,6 +44,7 @@ def parse_args(argv=None):
     if len(args.weights) != len(args.models) or min(args.weights) < 0 or not sum(args.weights) > 0:
         p.error(f"--weights: one number >= 0 per model ({len(args.models)}), not all 0")
     output = Path(args.output)
+    refuse_output_over_inputs(output, args.models, name=f"--output {output}")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         p.error(f"--output {output} exists and is not an empty directory")
     return args
@@ -50,15 +53,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from modules.checkpoints import TRAINER_STATE, written_whole  # after parsing: --help answers at once
+    from modules.export import refuse_run_dir
     from modules.merge_card import merge_card
     from modules.merging import merge_model_dirs
 
+    for model in map(Path, args.models):  # before any checkpoint is exported
+        if not model.is_dir():
+            raise UsageError(f"{model}: no such directory")
+        refuse_run_dir(model)
     with tempfile.TemporaryDirectory() as exports:
         model_dirs = [exported(Path(model), Path(exports) / str(i)) if (Path(model) / TRAINER_STATE).is_file()
                       else Path(model) for i, model in enumerate(args.models)]
-        for model_dir in model_dirs:
-            if not model_dir.is_dir():
-                raise UsageError(f"{model_dir}: no such directory")
         with written_whole(Path(args.output)) as partial:
             shutil.copytree(model_dirs[0], partial)
             files = merge_model_dirs(model_dirs, args.weights, args.method, partial)
