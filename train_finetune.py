@@ -13,8 +13,8 @@ from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
-    DTYPE_NAMES, META_LINE, PE_METHODS, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments, check_output_arguments, claim_output_dir,
+    DTYPE_NAMES, META_LINE, PE_METHODS, STS_LOSS_HELP, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
+    add_output_arguments, check_output_arguments, claim_output_dir, sts_loss_flag,
 )
 
 KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
@@ -74,7 +74,9 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     g = p.add_argument_group("loss")
     g.add_argument("--retri_temperature", type=float, default=0.01)
     g.add_argument("--cls_temperature", type=float, default=0.05)
-    g.add_argument("--cosent_temperature", type=float, default=0.05)
+    g.add_argument("--cosent_temperature", type=float, default=0.05,
+                   help="temperature of the cosent kind's objective, whichever --sts_loss picks (pearson has none)")
+    g.add_argument("--sts_loss", type=sts_loss_flag, default="cosent", help=STS_LOSS_HELP)
     g.add_argument("--retri_weight", type=float, default=1.0,
                    help="loss weights are relative: each is divided by the largest among the run's task kinds")
     g.add_argument("--cls_weight", type=float, default=0.2)
@@ -194,7 +196,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
     from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
     from modules.data import EpochBatches, TaskCollator, finetune_data
-    from modules.distillation import build_teacher
+    from modules.distillation import build_teacher, distillation_terms
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import task_loss, to_device
@@ -207,6 +209,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from modules.position import check_lengths_fit
     from modules.prompts import set_training_prompts
     from modules.progress import Progress, Stopwatch
+    from modules.run_logs import GradNorms, LossWindow
     from modules.run_summary import finetune_setup, startup_lines
     from modules.throughput import FlopCounter, SpeedMeter, peak_tflops
     from modules.training import build_optimizer, make_accelerator, make_scheduler
@@ -275,7 +278,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     ema = WeightEMA(accelerator, model, args.ema_decay) if args.ema_decay else None  # --ema_decay
     saved_beside = [state for state in (mining, ema) if state is not None]  # safetensors files in every checkpoint
     setup = finetune_setup(args, accelerator, datasets, batch_sizes, sampler, total_steps, warmup_steps, loss_weights)
-    accelerator.print("\n".join(startup_lines(setup, args)))
+    accelerator.print("\n".join(startup_lines(setup)))
 
     # ---- resume: weights, optimizer, data position, and what the run has recorded so far
     global_step, start_epoch, start_batch, state = 0, 0, 0, {}
@@ -299,14 +302,15 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                         keep=dev.best.kept(), model=model, states=saved_beside)
 
     # dev scores of what final/ would hold at each evaluation (the start model first), the best kept
-    dev = DevRun(dev_sets, args, prompts, ema, state)
+    dev = DevRun(dev_sets, args, prompts, ema, state, model.output_dim)
     if dev and checkpoint is None and dev.evaluate(accelerator, model, tokenizer, max_lengths, 0):
         save(0, 0)  # --keep_best: the start model is the best so far
 
     # ---- train
     model.train()
     progress = Progress(total_steps, global_step, accelerator.is_local_main_process)
-    window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS))}
+    window = LossWindow(KINDS, datasets)  # loss/<kind>, and loss/<kind>/<dataset> where a kind has several
+    grad_norms = GradNorms(accelerator, args.max_grad_norm)  # clips; grad_norm before clipping, grad_clipped
     done = global_step >= total_steps
     step_clock = Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     for epoch in range(start_epoch, num_epochs):
@@ -328,14 +332,13 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                     f"{part['kind']} loss of {datasets[part['dataset_index']].name} "
                     f"({datasets[part['dataset_index']].source})" for part in parts])
                 accelerator.backward(sum(loss_weights[part["kind"]] * loss for part, loss in zip(parts, part_losses)))
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norms.clip(model.parameters())
                 optimizer.step()
                 optimizer.zero_grad()
             speed.add_batches(parts)
             for part, loss in zip(parts, part_losses):
-                window["loss"][KINDS.index(part["kind"])] += loss.detach().float().cpu()
-                window["count"][KINDS.index(part["kind"])] += 1
+                window.add(part, loss)
                 if mining is not None and part["dataset_index"] in mining:
                     last_mined = [part["dataset_index"], [int(i) for i in part["indices"]]]
             if not accelerator.sync_gradients:
@@ -348,15 +351,12 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
             speed.add_step(step_clock.stop())
             progress.update()
             if global_step % args.log_every == 0 or global_step == total_steps:
-                mean_losses = accelerator.reduce(window["loss"].to(accelerator.device), "mean").cpu()
-                metrics = {f"loss/{k}": (mean_losses[i] / window["count"][i]).item()
-                           for i, k in enumerate(KINDS) if window["count"][i]}
-                metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                                **speed.window_metrics(),  # real tokens, MFU
-                                **contrastive_masks(losses)})  # candidates the false-negative masks removed
+                metrics = {**window.metrics(accelerator), **distillation_terms(losses, accelerator),  # L_KD alone
+                           "lr": scheduler.get_last_lr()[0], "epoch": epoch, **grad_norms.metrics(),
+                           **speed.window_metrics(),  # real tokens, MFU
+                           **contrastive_masks(losses)}  # candidates the false-negative masks removed, and the share
                 accelerator.log(metrics, step=global_step)
                 progress.log(global_step, metrics)
-                window = {"loss": torch.zeros(len(KINDS)), "count": torch.zeros(len(KINDS))}
             if mining is not None and last_mined and global_step % args.dhnm_interval == 0:
                 counts = dhnm_round(accelerator, model, tokenizer, mining, last_mined, max_lengths,
                                     query_prefix[datasets[last_mined[0]].name], args, dhnm_log)
@@ -382,7 +382,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     summary = {**setup, "steps": global_step, **speed.run_figures(accelerator.device), **dev.summary(),
                **({"dhnm": dhnm_log} if mining is not None else {})}
     finish_run(accelerator, model, args, summary, dev.history, ema, final_step,
-               dev.scorer(tokenizer, max_lengths) if dev else None)
+               dev.scorer(tokenizer, max_lengths) if dev else None,
+               dev.variant_scorer(tokenizer, max_lengths) if dev else None)
 
 
 if __name__ == "__main__":

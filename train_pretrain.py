@@ -105,6 +105,7 @@ def main(argv=None):
     from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
     from modules.progress import Progress, Stopwatch
+    from modules.run_logs import GradNorms
     from modules.run_summary import pretrain_setup, startup_lines
     from modules.streaming import PretrainBatches, describe_sources, read_pretrain_meta_list
     from modules.streaming import checked_batch, skipped_record_count, skipped_record_lines
@@ -153,7 +154,7 @@ def main(argv=None):
     ema = WeightEMA(accelerator, model, args.ema_decay) if args.ema_decay else None  # --ema_decay
     saved_beside = [ema] if ema is not None else []  # safetensors files in every checkpoint
     setup = pretrain_setup(args, accelerator, sources)
-    accelerator.print("\n".join(startup_lines(setup, args)))
+    accelerator.print("\n".join(startup_lines(setup)))
 
     global_step, loader_state, source_batches, state = 0, None, [0] * len(sources), {}
     if checkpoint is not None:
@@ -183,13 +184,14 @@ def main(argv=None):
                         process_state=loader_state, keep=dev.best.kept(), model=model, states=saved_beside)
 
     # dev scores of what final/ would hold at each evaluation (the start model first), the best kept
-    dev = DevRun(dev_sets, args, prompts, ema, state)
+    dev = DevRun(dev_sets, args, prompts, ema, state, model.output_dim)
     if dev and checkpoint is None and dev.evaluate(accelerator, model, tokenizer, max_lengths, 0):
         save()  # --keep_best: the start model is the best so far
 
     model.train()
     progress = Progress(args.max_steps, global_step, accelerator.is_local_main_process)
     window = {"loss": torch.zeros(()), "steps": 0}
+    grad_norms = GradNorms(accelerator, args.max_grad_norm)  # clips; grad_norm before clipping, grad_clipped
     step_clock = Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
     while global_step < args.max_steps:
         step_clock.start()
@@ -208,8 +210,7 @@ def main(argv=None):
             accelerator.backward(loss)
         stop_on_non_finite_loss(accelerator, global_step + 1, [loss], [f"loss of {sources[batch_source].name} "
                                                                        f"({sources[batch_source].source})"])
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norms.clip(model.parameters())
         optimizer.step()
         scheduler.step()
         if ema is not None:
@@ -222,7 +223,7 @@ def main(argv=None):
         window.update(loss=window["loss"] + loss.detach().float().cpu(), steps=window["steps"] + 1)
         if global_step % args.log_every == 0 or global_step == args.max_steps:
             loss_sum = accelerator.reduce(window["loss"].to(accelerator.device), "mean").item()  # every process's part
-            metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0],
+            metrics = {"loss": loss_sum / window["steps"], "lr": scheduler.get_last_lr()[0], **grad_norms.metrics(),
                        **speed.window_metrics()}  # real tokens, MFU
             if args.skip_bad_records:
                 metrics["skipped_records"] = skipped_record_count(loader_state)  # this process's, so far
@@ -248,7 +249,8 @@ def main(argv=None):
         print(f"process {accelerator.process_index}: {line}" if accelerator.num_processes > 1 else line, flush=True)
     finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source,
                                           **speed.run_figures(accelerator.device), **dev.summary()},
-               dev.history, ema, final_step, dev.scorer(tokenizer, max_lengths) if dev else None)
+               dev.history, ema, final_step, dev.scorer(tokenizer, max_lengths) if dev else None,
+               dev.variant_scorer(tokenizer, max_lengths) if dev else None)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,20 @@ import re
 import string
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import datasets
 import mteb
 import numpy as np
 import torch
 from mteb.abstasks import AbsTask
 from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
+from mteb.models.model_meta import ScoringFunction
 from mteb.results import TaskResult
 from mteb.types import PromptType
 from safetensors import SafetensorError, safe_open
@@ -37,9 +40,22 @@ from tqdm.auto import tqdm
 from local_tasks import as_local_tasks, folder_task
 from modules.cli import UsageError
 from modules.data import cut_texts
+from modules.digests import files_digest, folder_files
 from modules.json_files import finite_json, write_json
 from modules.model import load_tokenizer
-from modules.model_card import update_cmteb_section
+from modules.model_card import precision_table, update_cmteb_section
+from modules.progress import clock
+from modules.quantization import (  # comma_list: the parsing of --tasks, --types, --dims and --quantize
+    FLOAT32,
+    INT8,
+    calibrated_ranges,
+    comma_list,
+    mteb_vectors,
+    parse_dims,
+    parse_quantizations,
+    read_calibration_texts,
+    truncate_embeddings,
+)
 
 BENCHMARK = "MTEB(cmn, v1)"
 # C-MTEB's task types, in the order the summary lists them; other types follow alphabetically.
@@ -59,16 +75,6 @@ class ModelError(UsageError):
 
 class NonFiniteScoreError(UsageError):
     """A score came out NaN or infinite; the reports record it as null and leave it out of the averages."""
-
-
-def comma_list(values: list[str] | str | None) -> list[str]:
-    """Split 'a,b c' style arguments into ['a', 'b', 'c'] (order kept, duplicates dropped)."""
-    if values is None:
-        return []
-    if isinstance(values, str):
-        values = [values]
-    items = [item.strip() for value in values for item in value.split(",")]
-    return list(dict.fromkeys(item for item in items if item))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,12 +353,17 @@ def merge_prompts(
 
 
 class SentenceEncoder(AbsEncoder):
-    """mteb encoder around a SentenceTransformer, with explicit prompts and Matryoshka truncation.
+    """mteb encoder around a SentenceTransformer, with explicit prompts, Matryoshka truncation and quantization.
 
     Each `encode` call passes all of its texts to `SentenceTransformer.encode`, which batches them sorted by
     length. With `reuse_embeddings`, full-size embeddings are kept (until `forget_embeddings`) so that each
-    Matryoshka dimension of a task reuses one forward pass. The prompt given to every task and input kind is
-    recorded in `prompts_used`.
+    Matryoshka dimension and quantization of a task reuses one forward pass. The prompt given to every task and
+    input kind is recorded in `prompts_used`.
+
+    Quantized (`set_variant(dim, "int8" | "binary")`), `encode` returns `modules.quantization.mteb_vectors` of the
+    truncated embeddings: int8 codes (ranges from the calibration embeddings cut to `dim`) or +-1 signs, for queries and
+    documents alike, and mteb's similarity is cosine whatever the model's own: mteb's evaluators then score the cosine
+    of the int8 codes, or a monotone map of the Hamming similarity (see that module).
     """
 
     def __init__(
@@ -362,6 +373,7 @@ class SentenceEncoder(AbsEncoder):
         prompts: dict[str, str],
         instruction_template: str | None = None,
         reuse_embeddings: bool = False,
+        calibration: np.ndarray | None = None,
     ) -> None:
         self.model = model
         self.full_meta = meta
@@ -369,19 +381,29 @@ class SentenceEncoder(AbsEncoder):
         self.prompts = prompts
         self.instruction_template = instruction_template
         self.reuse_embeddings = reuse_embeddings
+        self.calibration = calibration
         self.dim: int | None = None
+        self.quantization = FLOAT32
+        self.ranges: np.ndarray | None = None
         self.prompts_used: dict[str, dict[str, str | None]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
+        self.plain_progress = False  # a line per encoding (a log, not a terminal): evaluate_tasks sets it
 
-    def set_dimension(self, dim: int) -> None:
-        """Truncate embeddings to `dim` from now on; a truncated model's results get their own mteb folder."""
-        if dim >= embedding_dimension(self.model):
-            self.dim, self.mteb_model_meta = None, self.full_meta
-            return
-        self.dim = dim
-        self.mteb_model_meta = self.full_meta.model_copy(
-            update={"embed_dim": dim, "experiment_kwargs": {"embed_dim": dim}}
-        )
+    def set_variant(self, dim: int, quantization: str = FLOAT32) -> None:
+        """Truncate embeddings to `dim` and quantize them from now on; each variant's results get their own mteb folder
+        (experiments/embed_dim_<dim>__output_dtypes_<quantization>, mteb's names for both)."""
+        self.dim = dim if dim < embedding_dimension(self.model) else None
+        self.quantization = quantization
+        self.ranges = calibrated_ranges(self.calibration, self.dim, quantization)
+        experiment = {"embed_dim": self.dim} if self.dim else {}
+        if quantization != FLOAT32:
+            experiment["output_dtypes"] = quantization
+        update: dict[str, Any] = {"experiment_kwargs": experiment} if experiment else {}
+        if self.dim:
+            update["embed_dim"] = self.dim
+        if quantization != FLOAT32:
+            update["similarity_fn_name"] = ScoringFunction.COSINE
+        self.mteb_model_meta = self.full_meta.model_copy(update=update) if update else self.full_meta
 
     def forget_embeddings(self) -> None:
         self._embeddings.clear()
@@ -410,6 +432,9 @@ class SentenceEncoder(AbsEncoder):
         prompt = self.prompt_for(task_metadata, prompt_type)
         input_kind = prompt_type.value if prompt_type else "symmetric"
         self.prompts_used.setdefault(task_metadata.name, {})[input_kind] = prompt
+        if self.plain_progress:
+            print(f"C-MTEB: {task_metadata.name}: embedding {len(texts):,} {input_kind} texts", file=sys.stderr,
+                  flush=True)
         embeddings = self._full_embeddings(
             texts,
             prompt,
@@ -418,7 +443,7 @@ class SentenceEncoder(AbsEncoder):
             show_progress_bar=kwargs.get("show_progress_bar", True),
         )
         check_finite_embeddings(embeddings, texts, task_metadata.name, self.full_meta.name)
-        return truncate_embeddings(embeddings, self.dim)
+        return mteb_vectors(truncate_embeddings(embeddings, self.dim), self.quantization, self.ranges)
 
     def _full_embeddings(
         self, texts: list[str], prompt: str | None, prompt_type: PromptType | None, **encode_kwargs
@@ -457,24 +482,37 @@ def content_key(texts: list[str], prompt: str | None, prompt_type: PromptType | 
     return digest.hexdigest()
 
 
-def truncate_embeddings(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
-    """The first `dim` coordinates, re-normalised to unit length; the embeddings unchanged for dim=None."""
-    if dim is None or dim >= embeddings.shape[1]:
-        return embeddings
-    truncated = embeddings[:, :dim]
-    return truncated / np.clip(np.linalg.norm(truncated, axis=1, keepdims=True), 1e-12, None)
-
-
 def resolve_dims(dims: str | None, full_dim: int) -> list[int]:
     """Sorted Matryoshka dimensions to evaluate, always including the model's full dimension."""
     try:
-        requested = {int(dim) for dim in comma_list(dims)}
-    except ValueError:
-        raise SetupError(f"--dims must be comma-separated integers, got {dims!r}.") from None
-    invalid = sorted(dim for dim in requested if not 0 < dim <= full_dim)
-    if invalid:
-        raise SetupError(f"--dims {invalid} outside 1..{full_dim} (the model's embedding dimension).")
-    return sorted(requested | {full_dim})
+        return parse_dims(dims, full_dim)
+    except UsageError as error:
+        raise SetupError(str(error)) from None
+
+
+def resolve_quantizations(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(--quantize's quantizations, float32 first; --calibration's texts, [] without int8), checked before the model
+    loads. The calibration file may not be data this run scores (inside --data-dir or a --local-task folder)."""
+    try:
+        quantizations = parse_quantizations(args.quantize, args.calibration)
+    except UsageError as error:
+        raise SetupError(str(error)) from None
+    if INT8 not in quantizations:
+        return quantizations, []
+    calibration = Path(args.calibration).resolve()
+    for folder in [*([args.data_dir] if args.data_dir else []), *(args.local_task or [])]:
+        if Path(folder).resolve() in calibration.parents:
+            raise SetupError(f"--calibration {args.calibration} lies in {folder}, data this run scores: calibrate "
+                             "int8 on other texts, e.g. the training file.")
+    return quantizations, read_calibration_texts(args.calibration)
+
+
+def calibration_record(path: Path | None, texts: list[str]) -> dict[str, Any] | None:
+    """What the summary records of int8's calibration set: the file, how many texts, a hash of those texts."""
+    if not texts:
+        return None
+    digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:12]
+    return {"file": str(path), "texts": len(texts), "texts_hash": digest}
 
 
 def default_model_name(model: str) -> str:
@@ -492,23 +530,8 @@ def weights_revision(model_dir: Path | str) -> str | None:
     root = Path(model_dir)
     if not root.is_dir():
         return None
-    files = sorted(
-        path
-        for path in root.rglob("*")
-        if path.suffix in WEIGHT_SUFFIXES
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()[:12]
+    files = folder_files(root, lambda path: path.suffix in WEIGHT_SUFFIXES)
+    return files_digest(root, files).hexdigest()[:12] if files else None
 
 
 def model_revision(model_dir: str, model: SentenceTransformer) -> str | None:
@@ -570,21 +593,32 @@ def export_checkpoint_model(checkpoint: Path, out: Path, no_wise_ft: bool) -> di
 def evaluate_tasks(
     encoder: SentenceEncoder,
     tasks: list[AbsTask],
-    dims: list[int],
+    variants: list[tuple[int, str]],
     output_dir: Path,
     batch_size: int,
     progress: bool,
-) -> dict[int, dict[str, TaskResult]]:
-    """Run every task at every dimension with mteb; returns {dim: {task name: mteb TaskResult}}."""
+) -> dict[tuple[int, str], dict[str, TaskResult]]:
+    """Run every task at every (dimension, quantization) with mteb; returns {(dim, quantization): {task name: mteb
+    TaskResult}}."""
     cache = mteb.ResultCache(output_dir)
-    encode_kwargs = {"batch_size": batch_size, "show_progress_bar": progress}
-    results: dict[int, dict[str, TaskResult]] = {dim: {} for dim in dims}
-    task_bar = tqdm(tasks, desc="C-MTEB", unit="task", disable=not progress)
-    for task in task_bar:
+    interactive = progress and sys.stderr.isatty()  # bars on a terminal; plain lines in a log (slurm, nohup)
+    if not interactive:
+        datasets.disable_progress_bars()  # mteb's data loading: carriage-return bars garble a log
+    encoder.plain_progress = progress and not interactive
+    encode_kwargs = {"batch_size": batch_size, "show_progress_bar": interactive}
+    results: dict[tuple[int, str], dict[str, TaskResult]] = {variant: {} for variant in variants}
+    task_bar = tqdm(tasks, desc="C-MTEB", unit="task", disable=not interactive)
+    started = time.perf_counter()
+    for done, task in enumerate(task_bar):
         task_bar.set_postfix_str(task.metadata.name)
+        if encoder.plain_progress:
+            elapsed = time.perf_counter() - started
+            left = f", about {clock(elapsed / done * (len(tasks) - done))} left" if done else ""
+            print(f"C-MTEB: task {done + 1}/{len(tasks)} {task.metadata.name} ({task.metadata.type}), "
+                  f"{clock(elapsed)} elapsed{left}", file=sys.stderr, flush=True)
         task.load_data()
-        for dim in dims:
-            encoder.set_dimension(dim)
+        for variant in variants:
+            encoder.set_variant(*variant)
             model_result = mteb.evaluate(
                 encoder,
                 task,
@@ -594,10 +628,24 @@ def evaluate_tasks(
                 co2_tracker=False,
                 show_progress_bar=False,
             )
-            results[dim][task.metadata.name] = model_result.task_results[0]
+            results[variant][task.metadata.name] = model_result.task_results[0]
         encoder.forget_embeddings()
         task.unload_data()
     return results
+
+
+def calibration_embeddings(
+    model: SentenceTransformer, texts: list[str], batch_size: int, progress: bool
+) -> np.ndarray | None:
+    """Full-size embeddings of --calibration's texts (no prompt, cut as `SentenceEncoder.encode` cuts texts); None
+    without texts."""
+    if not texts:
+        return None
+    if model.max_seq_length:
+        texts = cut_texts(texts, model.max_seq_length)
+    embeddings = model.encode(texts, prompt="", convert_to_numpy=True, batch_size=batch_size,
+                              show_progress_bar=progress)
+    return np.asarray(embeddings, dtype=np.float32)
 
 
 def leaderboard_scores(task_scores: dict[str, float], task_types: dict[str, str]) -> dict[str, Any]:
@@ -659,9 +707,12 @@ def score_row(
 
 
 def not_finite_scores(summary: dict[str, Any]) -> list[str]:
-    """Every score of the summary's rows that was NaN or infinite (recorded as null), with its dimension."""
+    """Every score of the summary's rows that was NaN or infinite (recorded as null), with its dimension (and
+    quantization)."""
     rows = summary.get("dims") or [{"dim": summary["model"]["embedding_dim"], **summary}]
-    return [f"{entry} (dim {row['dim']})" for row in rows for entry in row.get("not_finite", [])]
+    rows = [*rows, *summary.get("quantized", [])]
+    return [f"{entry} (dim {row['dim']}{', ' + row['quantization'] if 'quantization' in row else ''})"
+            for row in rows for entry in row.get("not_finite", [])]
 
 
 def benchmark_coverage(
@@ -704,15 +755,18 @@ def build_summary(
     encoder: SentenceEncoder,
     tasks: list[AbsTask],
     dims: list[int],
-    results: dict[int, dict[str, TaskResult]],
+    results: dict[tuple[int, str], dict[str, TaskResult]],
     sources: dict[str, dict[str, str]] | None = None,
     checkpoint: dict[str, Any] | None = None,
     results_dir: Path | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The summary of a run; `results` by (dim, quantization) as `evaluate_tasks` returns them."""
     task_types = {task.metadata.name: task.metadata.type for task in tasks}
     metrics = {task.metadata.name: task.metadata.main_score for task in tasks}
     full_dim = max(dims)
-    full_row = score_row(results[full_dim], task_types, metrics)
+    full_row = score_row(results[(full_dim, FLOAT32)], task_types, metrics)
+    quantizations = list(dict.fromkeys(quantization for _, quantization in results))
     summary = {
         "model": {
             "path": str(args.model),
@@ -736,6 +790,8 @@ def build_summary(
             "local_tasks": [str(folder) for folder in getattr(args, "local_task", None) or []],
             "batch_size": args.batch_size,
             "dims": dims if args.dims else None,
+            "quantize": quantizations[1:] or None,
+            "calibration": calibration,
             "query_instruction": args.query_instruction,
             "instruction_template": encoder.instruction_template,
             "prompts": encoder.prompts,
@@ -755,7 +811,12 @@ def build_summary(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.dims:
-        summary["dims"] = [{"dim": dim, **score_row(results[dim], task_types, metrics)} for dim in dims]
+        summary["dims"] = [{"dim": dim, **score_row(results[(dim, FLOAT32)], task_types, metrics)} for dim in dims]
+    if len(quantizations) > 1:
+        summary["quantized"] = [
+            {"dim": dim, "quantization": quantization, **score_row(results[(dim, quantization)], task_types, metrics)}
+            for dim in dims for quantization in quantizations[1:]
+        ]
     return summary
 
 
@@ -837,6 +898,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         ]
         for name in summary["pair_ap"]:
             lines.append(f"| {name} | " + " | ".join(score_cell(row["pair_ap"][name]) for row in rows) + " |")
+    if summary.get("quantized"):
+        lines += ["", "## Quantized embeddings (main score x 100)", "", precision_table(summary)]
     if local:
         lines += ["", "## Local tasks", ""]
         lines += [f"- {name}: {sources[name]['source']} (data hash {sources[name]['data_hash']})" for name in local]
@@ -902,6 +965,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tasks, sources = gather_tasks(args)
     prompts = read_prompts(args.prompts)
     template = read_instruction_template(args.instruction_template)
+    quantizations, calibration_texts = resolve_quantizations(args)
 
     with contextlib.ExitStack() as stack:
         model_dir, checkpoint = str(args.model), None
@@ -914,22 +978,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"model {args.model}: {reading}", file=sys.stderr, flush=True)
         revision = model_revision(model_dir, model)
         dims = resolve_dims(args.dims, embedding_dimension(model))
+        variants = [(dim, quantization) for dim in dims for quantization in quantizations]
         name = args.model_name or default_model_name(args.model)
         encoder = SentenceEncoder(
             model,
             build_model_meta(model, name, revision),
             merge_prompts(model.prompts, prompts, args.query_instruction),
             instruction_template=template,
-            reuse_embeddings=len(dims) > 1,
+            reuse_embeddings=len(variants) > 1,
+            calibration=calibration_embeddings(model, calibration_texts, args.batch_size, not args.no_progress),
         )
         output_dir = args.output_dir or Path("runs/cmteb") / name.replace("/", "__")
         results = evaluate_tasks(
-            encoder, tasks, dims, output_dir, args.batch_size, progress=not args.no_progress
+            encoder, tasks, variants, output_dir, args.batch_size, progress=not args.no_progress
         )
     meta = encoder.full_meta
     results_dir = output_dir / "results" / meta.model_name_as_path() / meta.revision
     strict_result_files(results_dir)
-    summary = build_summary(args, model, encoder, tasks, dims, results, sources, checkpoint, results_dir)
+    calibration = calibration_record(args.calibration, calibration_texts)
+    summary = build_summary(args, model, encoder, tasks, dims, results, sources, checkpoint, results_dir, calibration)
     summary["model"]["read_as"] = reading
     print(write_reports(summary, output_dir))
     print(f"Results in {output_dir}")

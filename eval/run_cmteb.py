@@ -4,6 +4,7 @@
 Examples:
     python eval/run_cmteb.py --model runs/piccolo2/final
     python eval/run_cmteb.py --model PATH --types STS,Retrieval --dims 64,128,256,512
+    python eval/run_cmteb.py --model PATH --types STS --dims 128 --quantize int8,binary --calibration train.jsonl
     python eval/run_cmteb.py --model PATH --tasks T2Retrieval LCQMC \\
         --query-instruction "为这个句子生成表示以用于检索相关文章："
     python eval/run_cmteb.py --model PATH --data-dir /data/cmteb   # offline; layout in eval/README.md
@@ -11,10 +12,10 @@ Examples:
     python eval/run_cmteb.py --model runs/ft/checkpoint-500 --types STS   # a checkpoint, exported first
 
 Writes mteb's own result files under OUTPUT_DIR/results/, and summary.json / summary.md (plus
-matryoshka.png with --dims) in OUTPUT_DIR. Scores follow the C-MTEB leaderboard: each task's main score
-x 100, the mean of the tasks of each type, and the mean over all tasks; averages over part of the
-benchmark are labelled "partial (k of 31 tasks)". Results are filed under a revision of the model: a hash
-of its weight files. See eval/README.md.
+matryoshka.png with --dims) in OUTPUT_DIR; --quantize also scores int8 / binary embeddings at every dimension.
+Scores follow the C-MTEB leaderboard: each task's main score x 100, the mean of the tasks of each type, and the
+mean over all tasks; averages over part of the benchmark are labelled "partial (k of 31 tasks)". Results are filed
+under a revision of the model: a hash of its weight files. See eval/README.md.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
+        action="append",
         required=True,
         help="sentence-transformers model directory, a training checkpoint folder (checkpoint-<step> with "
-        "trainer_state.json: exported first with tools/export_checkpoint.py), or a hub name when online",
+        "trainer_state.json: exported first with tools/export_checkpoint.py), or a hub name when online; repeat it "
+        "to score several models alike and print one table comparing them",
     )
     parser.add_argument(
         "--model-name", help="model name in mteb's result folders (default: PARENT/NAME of --model)"
@@ -72,6 +75,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--benchmark", default=BENCHMARK, help="mteb benchmark to draw tasks from")
     parser.add_argument(
         "--dims", help="comma-separated Matryoshka dimensions, e.g. 64,128,256; the full one is added"
+    )
+    parser.add_argument(
+        "--quantize",
+        help="comma-separated embedding quantizations also scored, at every dimension: int8 (needs --calibration), "
+        "binary (Hamming). The embeddings', not the model's compute dtype (--precision)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE",
+        help="data file (JSONL of text / text_pair / text_pos / text_neg / sentence1 / sentence2, e.g. the training "
+        "file) whose embeddings set int8's range of each dimension; never data the run scores",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
     parser.add_argument(
@@ -132,12 +147,36 @@ def check_model_path(model: str) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate as the command line asks and write the reports; returns the summary."""
+    """Evaluate as the command line asks and write the reports; returns the summary, or {model: summary} for
+    several models (each in its own folder under --output-dir, then one table comparing them)."""
     args = parse_args(argv)
-    check_model_path(args.model)
+    models = list(dict.fromkeys(args.model))
+    if len(models) > 1 and args.model_name:
+        raise UsageError("--model-name names one model: give it with a single --model")
+    for model in models:
+        check_model_path(model)
     import cmteb  # heavy: after the flags are parsed
 
-    return cmteb.evaluate(args)
+    if len(models) == 1:
+        return cmteb.evaluate(argparse.Namespace(**{**vars(args), "model": models[0]}))
+    summaries = {}
+    for model in models:
+        output_dir = args.output_dir / cmteb.default_model_name(model).replace("/", "__") if args.output_dir else None
+        summaries[model] = cmteb.evaluate(argparse.Namespace(**{**vars(args), "model": model, "output_dir": output_dir}))
+    print(comparison_table(summaries))
+    return summaries
+
+
+def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of several models' scores: the average over the tasks, then each task, a column per model."""
+    models = list(summaries)
+    tasks = list(dict.fromkeys(task for summary in summaries.values() for task in summary["tasks"]))
+    rows = [("Average", [summaries[m]["average"] for m in models])]
+    rows += [(task, [summaries[m]["tasks"].get(task) for m in models]) for task in tasks]
+    lines = ["| Task | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    lines += [f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in values) + " |"
+              for name, values in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ class CandidateRules:
         self.margin, self.relative = margin, relative
         self.hard_alpha, self.in_batch_alpha = hard_alpha, in_batch_alpha
         self.query_ids = self.positive_sets = self.candidate_ids = self.own_negatives = None
-        self.counts = counts if counts is not None else {"removed": 0, "forwards": 0}
+        self.counts = counts if counts is not None else {"removed": 0, "candidates": 0, "forwards": 0}
 
     def removed(self, rows, cosines, labels):
         """Bool [rows, C]: the candidates left out of these rows' softmax."""
@@ -52,8 +52,12 @@ class CandidateRules:
         log_weights[torch.arange(cosines.size(0), device=cosines.device), labels] = 0
         return log_weights
 
-    def count(self, removed):
-        self.counts["removed"] += int(removed.sum())
+    def count(self, removed, candidates):
+        """Add a forward's removed candidates to ``counts``, and the candidates it considered (bool [rows, C]: each
+        row's negatives)."""
+        removed, candidates = torch.stack([(removed & candidates).sum(), candidates.sum()]).tolist()  # one wait
+        self.counts["removed"] += removed
+        self.counts["candidates"] += candidates
         self.counts["forwards"] += 1
 
 
@@ -66,8 +70,10 @@ def adjusted(scores, rules, rows, labels, temperature, count=True):
     if log_weights is not None:
         scores = scores + log_weights
     removed = rules.removed(rows, cosines, labels[rows])
-    if count:
-        rules.count(removed)
+    if count:  # candidates: every score but the positive and those left out already (-inf: ImprovedInfoNCE's q_i.q_i)
+        candidates = torch.isfinite(cosines)
+        candidates[torch.arange(candidates.size(0), device=candidates.device), labels[rows]] = False
+        rules.count(removed, candidates)
     return scores.masked_fill(removed, float("-inf"))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .run_options import shown_path
 
-_RUN_RESULTS = ("steps", "best", "final_weights", "final_scores")  # train_summary.json keys of a run's end, not setup
+_RUN_RESULTS = ("steps", "best", "final_weights", "final_scores", "final_variants")  # train_summary.json keys of a run's end, not setup
 
 
 def export_summary(run_dir, step, ema_decay=0, wise_ft_alpha=1):
@@ -84,11 +84,28 @@ def dev_section(args, summary, eval_history, weights):
         cells = [*_dev_set(name, args, splits), *("" if v is None else f"{v:.2f}" for v in values)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _dev_note(weights, final)]
+    if summary.get("final_variants"):
+        rows = {(row["dim"], row["quantization"]): row["scores"] for row in summary["final_variants"]}
+        lines += ["", "final/ at each embedding size (the first dims, re-normalised) and precision (binary: sign bits "
+                  "scored by Hamming similarity; int8: the cosine of the codes, ranges from --eval_calibration):", "",
+                  size_precision_table(rows, list(next(iter(rows.values()))), "Dev metric")]
     best = summary.get("best")
     if best:
         kept = (f" (`{shown_path(best['checkpoint'], args.output_dir)}` in the run's output directory)"
                 if best.get("checkpoint") else "")
         lines += ["", f"Best {best['metric']}: {best['value']:.2f} at step {best['step']}{kept}."]
+    return "\n".join(lines)
+
+
+def size_precision_table(by_variant, names, label):
+    """A markdown table of {(dim, precision): {name: score}}: a row per name and dim, a column per precision."""
+    dims = list(dict.fromkeys(dim for dim, _ in by_variant))
+    precisions = list(dict.fromkeys(precision for _, precision in by_variant))
+    lines = [f"| {label} | Dim | " + " | ".join(precisions) + " |", "|---|---:|" + "---:|" * len(precisions)]
+    for name in names:
+        for dim in dims:
+            cells = [by_variant.get((dim, precision), {}).get(name) for precision in precisions]
+            lines.append(f"| {name} | {dim} | " + " | ".join("n/a" if c is None else f"{c:.2f}" for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UsageError
-from .losses import at_least_fp32
+from .losses import Matryoshka, at_least_fp32
 
 
 def score_kl(student_scores, teacher_scores, temperature, teacher_temperature):
@@ -38,12 +38,14 @@ def score_kl(student_scores, teacher_scores, temperature, teacher_temperature):
 class ScoreDistillation(nn.Module):
     """A contrastive loss plus ``weight`` x L_KD (see the module docstring); ``teacher`` is
     {"scores": [B, C], "own": bool}: own, C = 1 + K candidates (positive, then the row's negatives); else
-    C = B (1 + K): [positives | negatives of row 0 | negatives of row 1 | ...] of this process."""
+    C = B (1 + K): [positives | negatives of row 0 | negatives of row 1 | ...] of this process. L_KD without the
+    weight is summed in ``self.distilled`` (detached, read by ``distillation_terms``)."""
 
     def __init__(self, loss, weight, temperature, teacher_temperature):
         super().__init__()
         self.loss, self.weight = loss, weight
         self.temperature, self.teacher_temperature = temperature, teacher_temperature
+        self.distilled = {"kl": 0.0, "forwards": 0}  # since the caller last reset it
 
     def forward(self, query, positive, negatives=None, text_ids=None, teacher=None):
         loss = self.loss(query, positive, negatives, text_ids)
@@ -56,11 +58,34 @@ class ScoreDistillation(nn.Module):
             student = torch.einsum("bd,bcd->bc", query, torch.cat([positive[:, None], negatives], dim=1))
         else:
             student = query @ torch.cat([positive, negatives.reshape(-1, positive.size(1))]).T
-        return loss + self.weight * score_kl(student, teacher["scores"], self.temperature, self.teacher_temperature)
+        kl = score_kl(student, teacher["scores"], self.temperature, self.teacher_temperature)
+        self.distilled.update(kl=self.distilled["kl"] + kl.detach(), forwards=self.distilled["forwards"] + 1)
+        return loss + self.weight * kl
 
     @property
     def masked(self):
         return getattr(self.loss, "masked", None)
+
+
+def distillation_terms(losses, accelerator=None):
+    """{"loss/<kind>_distill": the mean L_KD (without --distill_weight) of the kind's forwards} since the last call
+    (then reset), for the log; under ``accelerator`` averaged over processes like the losses (every process calls
+    it). Under Matryoshka each dim's forward counts once."""
+    terms = {}
+    for kind, loss in losses.items():
+        distilled = getattr(loss.loss if isinstance(loss, Matryoshka) else loss, "distilled", None)
+        if distilled is None:
+            continue
+        device = accelerator.device if accelerator is not None else "cpu"
+        values = torch.stack([torch.as_tensor(distilled["kl"], dtype=torch.float32, device=device),
+                              torch.tensor(float(distilled["forwards"]), device=device)])
+        if accelerator is not None:
+            values = accelerator.reduce(values, "sum")
+        kl, forwards = values.tolist()
+        if forwards:
+            terms[f"loss/{kind}_distill"] = kl / forwards
+        distilled.update(kl=0.0, forwards=0)
+    return terms
 
 
 class ParallelMSE(nn.Module):

@@ -31,30 +31,62 @@ def embed_texts(model, tokenizer, texts, max_length, batch_size=64, normalize=Tr
     ``model`` may be the accelerate-wrapped module (DDP, FSDP, DeepSpeed), so every process of a
     sharded run must call this together.
     """
+    from .progress import text_progress
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunks = []
+    chunks, progress = [], text_progress(texts)  # shown inside modules.progress.embedding_progress only
     for start in range(0, len(order), batch_size):
         batch_texts = [texts[i] for i in order[start : start + batch_size]]
         tokens = tokenize(tokenizer, batch_texts, max_length)  # each text cut to a character budget first
         chunks.append(model(**{name: tensor.to(device) for name, tensor in tokens.items()}).float().cpu())
+        progress.update(batch_texts)
+    progress.finish_call()
     model.train(was_training)
     embeddings = torch.cat(chunks)[torch.argsort(torch.tensor(order))]
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
 
-def pair_cosines(model, tokenizer, first, second, max_length, batch_size=64):
+def variant_embedder(dim, quantization, ranges=None, cache=None):
+    """An ``embed_texts`` for scoring a Matryoshka size and an embedding quantization (modules/quantization.py): the
+    embeddings cut to ``dim`` (re-normalised) and quantized, as unit vectors whose dot product is a monotone (affine)
+    map of the quantized similarity (cosine of int8 codes; for binary, equal bits), so every scorer here ranks and
+    correlates as the quantized index would. Each (texts, max_length) is embedded once per ``cache`` (a dict shared by
+    the variants of one model)."""
+    from .quantization import FLOAT32, mteb_vectors, truncate_embeddings
+
+    cache = {} if cache is None else cache
+
+    def embed(model, tokenizer, texts, max_length, batch_size=64):
+        key = (tuple(texts), max_length)
+        if key not in cache:
+            cache[key] = embed_texts(model, tokenizer, list(texts), max_length, batch_size)
+        full = cache[key]
+        if quantization == FLOAT32 and (dim is None or dim >= full.shape[1]):
+            return full
+        vectors = mteb_vectors(truncate_embeddings(full.numpy(), dim), quantization, ranges)
+        if quantization == FLOAT32:
+            return torch.from_numpy(vectors)
+        # float64: equal codes (a text paired with itself) get exactly equal cosines, tied as the quantized index ties
+        return F.normalize(torch.from_numpy(vectors.astype(np.float64)), dim=-1)
+
+    return embed
+
+
+def pair_cosines(model, tokenizer, first, second, max_length, batch_size=64, embed=None):
     """cos(first[i], second[i]) for every pair, both sides embedded in one pass (numpy)."""
-    embeddings = embed_texts(model, tokenizer, list(first) + list(second), max_length, batch_size)
+    embed = embed or embed_texts  # looked up at call time (tests replace it)
+    embeddings = embed(model, tokenizer, list(first) + list(second), max_length, batch_size)
     return (embeddings[: len(first)] * embeddings[len(first) :]).sum(-1).numpy()
 
 
-def sts_spearman(model, tokenizer, pairs, max_length, batch_size=64):
+def sts_spearman(model, tokenizer, pairs, max_length, batch_size=64, embed=None):
     """Spearman correlation (x100) between cos(text, text_pair) and the gold label."""
+    embed = embed or embed_texts
     scores = pair_cosines(model, tokenizer, [p["text"] for p in pairs], [p["text_pair"] for p in pairs], max_length,
-                          batch_size)
+                          batch_size, embed)
     return 100 * spearmanr(scores, [p["label"] for p in pairs]).statistic
 
 
@@ -91,9 +123,15 @@ def read_retrieval_folder(folder, split=None):
     return queries, dict(zip(corpus.ids, corpus.texts)), qrels
 
 
+def top_k(scores, k):
+    """Each row's ``k`` best document indices, best first, tied scores in corpus order (quantized similarities tie
+    often; ``topk`` orders ties arbitrarily)."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].tolist()
+
+
 def ndcg_at_k(scores, relevant, k=10):
     """Mean nDCG@k (x100), graded gains: ``scores`` [queries, docs]; ``relevant[i]`` = {doc index: grade}."""
-    top = scores.topk(min(k, scores.size(1)), dim=1).indices.tolist()
+    top = top_k(scores, k)
     total = 0.0
     for ranked, grades in zip(top, relevant):
         dcg = sum(grades.get(doc, 0.0) / math.log2(rank + 2) for rank, doc in enumerate(ranked))
@@ -103,12 +141,13 @@ def ndcg_at_k(scores, relevant, k=10):
 
 
 def retrieval_ndcg(model, tokenizer, queries, corpus, qrels, query_max_len=64, passage_max_len=256, k=10,
-                   query_prefix=""):
+                   query_prefix="", embed=None):
     """nDCG@k (x100) of ranking the whole corpus by cosine for each judged query."""
+    embed = embed or embed_texts
     doc_ids = list(corpus)
-    documents = embed_texts(model, tokenizer, [corpus[d] for d in doc_ids], passage_max_len)
+    documents = embed(model, tokenizer, [corpus[d] for d in doc_ids], passage_max_len)
     query_ids = list(queries)
-    query_embeddings = embed_texts(model, tokenizer, [query_prefix + queries[q] for q in query_ids], query_max_len)
+    query_embeddings = embed(model, tokenizer, [query_prefix + queries[q] for q in query_ids], query_max_len)
     position = {d: i for i, d in enumerate(doc_ids)}
     relevant = [{position[d]: g for d, g in qrels[q].items() if d in position} for q in query_ids]
     return ndcg_at_k(query_embeddings @ documents.T, relevant, k)
@@ -164,7 +203,7 @@ def retrieval_scores(query_embeddings, document_embeddings, relevant, names=("nd
         if metric == "ndcg":
             results[name] = ndcg_at_k(scores, relevant, k)
         else:
-            top = scores.topk(min(k, scores.size(1)), dim=1).indices.tolist()
+            top = top_k(scores, k)
             recall = sum(len(set(ranked) & set(grades)) / len(grades) for ranked, grades in zip(top, relevant))
             results[name] = 100 * recall / len(relevant)
     return results
@@ -202,19 +241,20 @@ def task_metric_names(task):
     return list(dict.fromkeys([task.main_score, *TRAINING_METRICS[task.type]]))
 
 
-def score_local_task(model, tokenizer, task, max_lengths, prompts=None):
+def score_local_task(model, tokenizer, task, max_lengths, prompts=None, embed=None):
     """{"<task>/<metric>": value x100} of a local task folder (modules/task_folders.py), every text embedded once,
     with the prompts mteb would give the model (``prompts``: the model's); with several splits the names are
     "<task>/<split>/<metric>"."""
+    embed = embed or embed_texts
     prompts, names, metrics = prompts or {}, task_metric_names(task), {}
     for split in task.splits:
         data = task.split_data(split)
         if task.type == "Retrieval":
             query_prompt, document_prompt = (prompt_for(prompts, task.name, task.type, kind) for kind in ("query", "document"))
             doc_ids, query_ids = list(data["corpus"]), list(data["queries"])
-            documents = embed_texts(model, tokenizer, [document_prompt + f"{d['title']} {d['text']}".strip()
+            documents = embed(model, tokenizer, [document_prompt + f"{d['title']} {d['text']}".strip()
                                                        for d in data["corpus"].values()], max_lengths["passage"])
-            queries = embed_texts(model, tokenizer, [query_prompt + data["queries"][q] for q in query_ids],
+            queries = embed(model, tokenizer, [query_prompt + data["queries"][q] for q in query_ids],
                                   max_lengths["query"])
             position = {d: i for i, d in enumerate(doc_ids)}
             relevant = [{position[d]: g for d, g in data["qrels"][q].items()} for q in query_ids]
@@ -222,7 +262,7 @@ def score_local_task(model, tokenizer, task, max_lengths, prompts=None):
         else:
             prompt = prompt_for(prompts, task.name, task.type)
             first, second = _pair_embeddings(model, tokenizer, [prompt + text for text in data["sentence1"]],
-                                             [prompt + text for text in data["sentence2"]], max_lengths["pair"])
+                                             [prompt + text for text in data["sentence2"]], max_lengths["pair"], embed)
             scores = (sts_scores(first, second, data["score"]) if task.type == "STS"
                       else pair_classification_scores(first, second, data["label"]))
         prefix = f"{task.name}/{split}/" if len(task.splits) > 1 else f"{task.name}/"
@@ -230,8 +270,9 @@ def score_local_task(model, tokenizer, task, max_lengths, prompts=None):
     return metrics
 
 
-def _pair_embeddings(model, tokenizer, first, second, max_length):
-    embeddings = embed_texts(model, tokenizer, list(first) + list(second), max_length)
+def _pair_embeddings(model, tokenizer, first, second, max_length, embed=None):
+    embed = embed or embed_texts
+    embeddings = embed(model, tokenizer, list(first) + list(second), max_length)
     return embeddings[: len(first)], embeddings[len(first) :]
 
 
@@ -272,19 +313,43 @@ class DevSets:
 
     def evaluate(self, accelerator, model, tokenizer, max_lengths, prompts, step):
         """Score, log to the trackers as eval/<metric> and print one line; returns {metric: value}."""
-        metrics = self(model, tokenizer, max_lengths, prompts)
+        from .progress import embedding_progress
+
+        with embedding_progress(f"step {step}: dev evaluation", accelerator.is_local_main_process):
+            metrics = self(model, tokenizer, max_lengths, prompts)
         accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
         accelerator.print(f"step {step}: dev " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
         return metrics
 
-    def __call__(self, model, tokenizer, max_lengths, prompts=None):
+    def __call__(self, model, tokenizer, max_lengths, prompts=None, embed=None):
         """Every dev metric of ``model``, texts given the prompts mteb would give them (``prompts``: the model's)."""
         metrics = {}
         if self.sts_pairs is not None:
             prompt = prompt_for(prompts or {}, None, "STS")
             metrics["sts_spearman"] = float(sts_spearman(model, tokenizer, [
                 {**pair, "text": prompt + pair["text"], "text_pair": prompt + pair["text_pair"]}
-                for pair in self.sts_pairs], max_lengths["pair"]))
+                for pair in self.sts_pairs], max_lengths["pair"], embed=embed))
         for task in self.tasks:
-            metrics.update(score_local_task(model, tokenizer, task, max_lengths, prompts))
+            metrics.update(score_local_task(model, tokenizer, task, max_lengths, prompts, embed))
         return metrics
+
+    def at_variants(self, model, tokenizer, max_lengths, prompts, variants, calibration_texts=None):
+        """[{"dim", "quantization", "scores": {metric: value}}] at each (dim, quantization) of ``variants``, every text
+        embedded once; int8 ranges from ``calibration_texts`` (embedded at the pair length, no prompt)."""
+        return variant_scores(lambda embed: self(model, tokenizer, max_lengths, prompts, embed), model, tokenizer,
+                              variants, calibration_texts, max_lengths.get("pair") or max(max_lengths.values()))
+
+
+def variant_scores(score, model, tokenizer, variants, calibration_texts=None, calibration_length=128):
+    """``score(embed)`` ({metric: value}) at each (dim, quantization) of ``variants`` through ``variant_embedder``s
+    sharing one cache: [{"dim", "quantization", "scores"}]."""
+    from .quantization import INT8, calibrated_ranges
+
+    calibration = None
+    if any(quantization == INT8 for _, quantization in variants):
+        calibration = embed_texts(model, tokenizer, calibration_texts, calibration_length).numpy()
+    cache, rows = {}, []
+    for dim, quantization in variants:
+        embed = variant_embedder(dim, quantization, calibrated_ranges(calibration, dim, quantization), cache)
+        rows.append({"dim": dim, "quantization": quantization, "scores": score(embed)})
+    return rows

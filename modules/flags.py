@@ -20,6 +20,15 @@ DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 META_LINE = "<path> <repeat> [type=KIND] [batch_size=N] [weight=W] [name=NAME]"  # fine-tuning meta lists
 PRETRAIN_META_LINE = "<path> <weight> [columns=QUERY,POSITIVE] [name=NAME]"
+# --sts_loss: the objectives of the cosent kind (modules/sts_losses.py) and how a model card names them
+STS_LOSSES = {"cosent": "CoSENT", "pearson": "Pearson (1 - r, no temperature)",
+              "rank_kl": "rank KL (tie-aware rank targets)", "pro": "PRO (listwise)",
+              "angle": "AnglE (CoSENT on angle similarity)"}
+STS_LOSS_HELP = ("objective of cosent-kind batches: cosent | pearson (1 - Pearson r, no temperature) | rank_kl "
+                 "(KL to tie-aware rank targets, CoDiEmb) | pro (listwise Preference Ranking Optimization, CoDiEmb) | "
+                 "angle (AnglE: CoSENT on the angle similarity); a comma list of NAME[:WEIGHT] trains their weighted "
+                 "sum (CoDiEmb: pearson:2,pro:0.5,rank_kl:5). Each ranks or correlates the global batch's pairs; "
+                 "--cosent_temperature is the temperature of each (modules/sts_losses.py)")
 
 
 def add_output_arguments(parser):
@@ -50,6 +59,16 @@ def add_output_arguments(parser):
                    help="a local task folder (task.json: STS, PairClassification or Retrieval; see eval/README.md) "
                         "scored with the STS file; repeatable")
     g.add_argument("--eval_every", type=int, default=0, help="optimizer steps between evaluations (0: start and end)")
+    g.add_argument("--eval_dims", default=None,
+                   help="comma list of Matryoshka dims at which final/ is also scored on the dev sets, its full size "
+                        "added (default: --mrl_dims where the script has it; '' for none); in train_summary.json and "
+                        "the card's dims x precision table")
+    g.add_argument("--eval_quantize", default="",
+                   help="comma list of embedding quantizations final/ is also scored in on the dev sets, at every "
+                        "--eval_dims size: binary (sign bits, Hamming), int8 (needs --eval_calibration)")
+    g.add_argument("--eval_calibration", default=None,
+                   help="data file (JSONL, e.g. a training file) whose texts set int8's per-dimension ranges for "
+                        "--eval_quantize int8; never a dev set")
     g.add_argument("--metric_for_best", default=None,
                    help="a logged dev metric, e.g. CranfieldLocal/ndcg_at_10 or sts_spearman (higher is better)")
     g.add_argument("--keep_best", action="store_true",
@@ -77,6 +96,45 @@ ABOVE_ZERO = ("retri_temperature", "cls_temperature", "cosent_temperature", "tem
               "dhnm_ratio", "dhnm_max_abs", "lora_alpha", "rope_factor", "mask_relative",
               "teacher_temperature")
 FRACTIONS = ("warmup_ratio",)
+
+
+def sts_loss_terms(value):
+    """[(name, weight)] of an --sts_loss value, a comma list of NAME or NAME:WEIGHT (weight 1; finite, > 0; each
+    name once); ValueError naming what is wrong."""
+    import math
+
+    terms = {}
+    for part in value.split(","):
+        name, colon, weight = part.strip().partition(":")
+        if name not in STS_LOSSES:
+            raise ValueError(f"unknown STS loss {name!r}: give one of {', '.join(STS_LOSSES)}, or a comma list of "
+                             "NAME[:WEIGHT] to sum")
+        if name in terms:
+            raise ValueError(f"{value}: {name} is named twice")
+        try:
+            terms[name] = float(weight) if colon else 1.0
+        except ValueError:
+            raise ValueError(f"{part.strip()}: the weight must be a number") from None
+        if not (math.isfinite(terms[name]) and terms[name] > 0):
+            raise ValueError(f"{part.strip()}: the weight must be > 0 (leave the loss out instead)")
+    return list(terms.items())
+
+
+def sts_loss_flag(value):
+    """argparse type of --sts_loss: the value as given, once ``sts_loss_terms`` accepts it (one-line error, exit 2)."""
+    import argparse
+
+    try:
+        sts_loss_terms(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def sts_loss_description(value):
+    """How a model card names an --sts_loss value: 'CoSENT', or '2 x Pearson (1 - r) + 0.5 x PRO (listwise)'."""
+    return " + ".join(STS_LOSSES[name] if weight == 1 else f"{weight:g} x {STS_LOSSES[name]}"
+                      for name, weight in sts_loss_terms(value))
 
 
 def check_ranges(parser, args):
@@ -143,6 +201,7 @@ def check_output_arguments(parser, args):
     if args.metric_for_best and not (args.eval_every > 0 and (args.eval_sts_file or args.eval_dir)):
         parser.error("--metric_for_best needs dev data (--eval_dir / --eval_sts_file) and --eval_every N")
     args.keep_best = args.keep_best or args.final_is_best
+    check_variant_flags(parser, args)
     check_ranges(parser, args)
     trackers = [t.strip() for t in args.report_to.split(",") if t.strip()]
     unknown = [t for t in trackers if t not in (*TRACKERS, "all", "none")]
@@ -183,11 +242,13 @@ def used_output_dir(args):
         return None
     shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
     found = input_inside(output_dir, flag_inputs(args))
-    if found:
-        return (f"--output_dir {output_dir} is not empty ({shown}) and holds {found}, an input of this run: continue "
-                "its run with --resume_from_checkpoint latest, or choose another directory")
-    return (f"--output_dir {output_dir} is not empty ({shown}): continue its run with --resume_from_checkpoint "
-            "latest, replace it with --overwrite_output_dir, or choose another directory")
+    resumable = any(name.startswith("checkpoint-") for name in held)
+    resume = "continue its run with --resume_from_checkpoint latest, " if resumable else ""
+    replace = "" if found else "replace it with --overwrite_output_dir, "
+    what = ("" if resumable else ": a finished run (final/, no checkpoint to resume)" if "final" in held else
+            ": no checkpoint or final model (a run that stopped before saving one, or other files), nothing to resume")
+    inside = f" and holds {found}, an input of this run" if found else ""
+    return f"--output_dir {output_dir} is not empty ({shown}){what}{inside}: {resume}{replace}or choose another directory"
 
 
 def deleted_input(args):
@@ -201,9 +262,36 @@ def deleted_input(args):
                       f"--output_dir {output_dir}: move it out of that directory or choose another --output_dir")
 
 
+def check_variant_flags(parser, args):
+    """--eval_dims (default: --mrl_dims unless 'piccolo'), --eval_quantize and --eval_calibration, checked; the dims
+    are checked against the model's size when it loads (``modules.model_selection.DevRun``)."""
+    from .quantization import comma_list, parse_quantizations
+
+    given = args.eval_dims is not None
+    if not given:
+        mrl = getattr(args, "mrl_dims", "") or ""
+        args.eval_dims = "" if mrl == "piccolo" else mrl
+    try:
+        dims = [int(dim) for dim in comma_list(args.eval_dims)]
+    except ValueError:
+        parser.error(f"--eval_dims must be a comma list of integers, got {args.eval_dims!r}")
+    try:
+        parse_quantizations(args.eval_quantize, args.eval_calibration, "--eval_quantize")
+    except UsageError as error:
+        parser.error(str(error).replace("--calibration", "--eval_calibration"))
+    if any(dim < 1 for dim in dims):
+        parser.error(f"--eval_dims {args.eval_dims}: every dim must be >= 1")
+    if args.eval_calibration and "int8" not in comma_list(args.eval_quantize):
+        parser.error("--eval_calibration calibrates --eval_quantize int8 only")
+    if args.eval_calibration and not Path(args.eval_calibration).is_file():
+        parser.error(f"--eval_calibration {args.eval_calibration}: no such file")
+    if ((given and dims) or args.eval_quantize) and not (args.eval_sts_file or args.eval_dir):
+        parser.error("--eval_dims / --eval_quantize score final/ on the dev sets: give --eval_dir or --eval_sts_file")
+
+
 # The files and folders a run reads, as the scripts that have the flag name them.
 INPUT_FLAGS = ("meta_list", "model_name_or_path", "teacher_model", "eval_sts_file", "eval_dir", "query_prefix_file",
-               "task_instructions")
+               "task_instructions", "eval_calibration")
 
 
 def flag_inputs(args):

@@ -129,7 +129,7 @@ class InfoNCE(nn.Module):
         self.shared_queries = shared_queries
         self.mask_duplicates, self.mask_margin, self.mask_relative = mask_duplicates, mask_margin, mask_relative
         self.hard_alpha, self.in_batch_alpha = hard_alpha, in_batch_alpha
-        self.masked = {"removed": 0, "forwards": 0}  # candidates the masks removed, since the caller last reset it
+        self.masked = {"removed": 0, "candidates": 0, "forwards": 0}  # since the caller last reset it
 
     def forward(self, query, positive, negatives=None, text_ids=None):
         """query, positive: [B, D]; negatives: [B, K, D] or None; ``text_ids`` (for the duplicate mask): hashes of the
@@ -438,8 +438,11 @@ def matryoshka_from_flags(loss, dims_flag, weights_flag, output_dim):
 
 def task_losses(args, kinds, output_dim):
     """The fine-tuning losses of each task kind from the flags (temperatures, CBB, false-negative masks, hardness
-    weights, the improved contrastive loss, the spread-out regulariser, distillation, Matryoshka), and each kind's
-    weight relative to the largest among the run's ``kinds``."""
+    weights, the improved contrastive loss, the spread-out regulariser, distillation, the STS objective, Matryoshka),
+    and each kind's weight relative to the largest among the run's ``kinds``."""
+    from .distillation import ParallelMSE, ScoreDistillation  # they build on this module's helpers
+    from .sts_losses import sts_loss
+
     candidates = {"mask_duplicates": args.mask_duplicates, "mask_margin": args.mask_margin,
                   "mask_relative": args.mask_relative, "hard_alpha": args.hard_negative_alpha,
                   "in_batch_alpha": args.in_batch_alpha}
@@ -448,10 +451,8 @@ def task_losses(args, kinds, output_dim):
         "retri_contrast": retrieval(args.retri_temperature, in_batch_negatives=not args.retri_hard_negatives_only,
                                     shared_queries=args.cbb, **candidates),
         "cls_contrast": InfoNCE(args.cls_temperature, in_batch_negatives=False, **candidates),
-        "cosent": CoSENT(args.cosent_temperature),
+        "cosent": sts_loss(getattr(args, "sts_loss", "cosent"), args.cosent_temperature),  # --sts_loss
     }
-    from .distillation import ParallelMSE, ScoreDistillation  # it builds on this module's helpers
-
     if args.spread_out_weight:
         losses["retri_contrast"] = SpreadOut(losses["retri_contrast"], args.spread_out_weight)
     if args.distill_weight:
@@ -468,12 +469,14 @@ def task_losses(args, kinds, output_dim):
 
 
 def contrastive_masks(losses):
-    """{"mask/<kind>_removed": candidates removed per forward} since the last call (then reset), for the log."""
+    """{"mask/<kind>_removed": candidates removed per forward, "mask/<kind>_removed_fraction": removed / the
+    negatives the rows considered (the positive is never removed)} since the last call (then reset), for the log."""
     counts = {}
     for kind, loss in losses.items():
         inner = loss.loss if isinstance(loss, Matryoshka) else loss
         masked = getattr(inner, "masked", None)
         if masked and masked["forwards"]:
             counts[f"mask/{kind}_removed"] = masked["removed"] / masked["forwards"]
-            masked.update(removed=0, forwards=0)
+            counts[f"mask/{kind}_removed_fraction"] = masked["removed"] / max(masked["candidates"], 1)
+            masked.update(removed=0, candidates=0, forwards=0)
     return counts

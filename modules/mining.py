@@ -18,6 +18,7 @@ the negatives have become easy, and the i-th replacement takes the candidates ra
 [(i-1)*n + skip, i*n + skip) (n negatives a sample, skip 10) and records their score as the new S0.
 """
 
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from modules.data import DataError
-from modules.progress import StageProgress
+from modules.progress import StageProgress, embedding_progress
 
 DHNM_STATE = "dhnm_state.safetensors"
 
@@ -41,14 +42,15 @@ def embed_with_progress(model, tokenizer, texts, max_length, batch_size, stage, 
 
     order = np.argsort([len(text) for text in texts], kind="stable")
     chunk_size = batch_size * batches_per_chunk
-    progress, embeddings = StageProgress(stage, len(texts), "texts"), None
-    for start in range(0, len(texts), chunk_size):
-        rows = order[start : start + chunk_size]
-        chunk = embed_texts(model, tokenizer, [texts[i] for i in rows], max_length, batch_size).numpy()
-        if embeddings is None:
-            embeddings = np.empty((len(texts), chunk.shape[1]), dtype=np.float32)
-        embeddings[rows] = chunk
-        progress.update(start + len(rows))
+    embeddings = None
+    print(f"{stage}: {len(texts):,} texts", flush=True)
+    with embedding_progress(stage, texts=texts, stream=sys.stdout):  # the whole stage, by characters
+        for start in range(0, len(texts), chunk_size):
+            rows = order[start : start + chunk_size]
+            chunk = embed_texts(model, tokenizer, [texts[i] for i in rows], max_length, batch_size).numpy()
+            if embeddings is None:
+                embeddings = np.empty((len(texts), chunk.shape[1]), dtype=np.float32)
+            embeddings[rows] = chunk
     return embeddings
 
 

@@ -138,7 +138,7 @@ class EmbeddingModel(nn.Module):
             tokenizer,
             pooling=pooling or st["pooling"] or "mean",
             scaling_layer=scaling_layer,
-            max_seq_length=max_seq_length or st["max_seq_length"] or 512,
+            max_seq_length=within_positions(backbone, max_seq_length or st["max_seq_length"] or 512),
             prompts=st["prompts"],
         )
 
@@ -286,6 +286,18 @@ def _without_zero3_loading():
         yield
     finally:
         AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()  # back to what accelerate set up
+
+
+def within_positions(backbone, length):
+    """``length`` capped at the backbone's learned position table (a tokenizer's 512 on a 128-position model would
+    crash on the first long text, and be saved as the model's max_seq_length); rotary / relative: as given."""
+    from .position import find_position_table
+
+    try:
+        _, table, offset = find_position_table(backbone)
+    except ValueError:
+        return length
+    return min(length, table.num_embeddings - offset)
 
 
 def _read_sentence_transformers_layout(path: Path) -> dict:

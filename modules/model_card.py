@@ -3,7 +3,7 @@ fit to publish: no path of the machine that ran it, the terms of its training da
 weights, which weights final/ holds, its local dev scores apart from C-MTEB.
 
 eval/run_cmteb.py rewrites the card's C-MTEB section (between the CMTEB_BEGIN / CMTEB_END markers) when it
-scores the directory.
+scores the directory; with --quantize the section holds every task by dimension and precision (``precision_table``).
 """
 
 import json
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from .card_weights import dev_section, weights_record, weights_text
+from .card_weights import dev_section, size_precision_table, weights_record, weights_text
 from .data_licences import data_terms, non_commercial
+from .flags import sts_loss_description
 from .run_options import shown_command, shown_path, weight_options
 
 CARD_NOTE = "<!-- Written by modules/model_card.py; eval/run_cmteb.py rewrites the C-MTEB section. -->"
@@ -258,7 +259,7 @@ def _loss_section(args, summary, rows):
         return "## Loss\n\n" + text
     weights = summary.get("loss_weights")
     kinds = list(weights or dict.fromkeys(row["kind"] for row in rows if "kind" in row) or _PICCOLO_KINDS)
-    described = {"cosent": "CoSENT",
+    described = {"cosent": sts_loss_description(getattr(args, "sts_loss", "cosent")),  # --sts_loss
                  "cls_contrast": f"InfoNCE, its {args.cls_negatives} negative(s) only (no in-batch)",
                  "retri_contrast": (f"InfoNCE, its {args.retri_negatives} hard negative(s) only (no in-batch)"
                                     if args.retri_hard_negatives_only else
@@ -376,7 +377,8 @@ def _command(args):
 
 
 def _cmteb_text(cmteb):
-    """The C-MTEB section's content: run_cmteb.py's averages per type and overall, and every task's score."""
+    """The C-MTEB section's content: run_cmteb.py's averages per type and overall, every task's score, and with
+    --quantize every task at every dimension and precision."""
     if not cmteb:
         return "Not evaluated yet: `python eval/run_cmteb.py --model <this directory>` writes its scores here."
     tasks, benchmark = cmteb["tasks"], cmteb.get("settings", {}).get("benchmark", CMTEB_BENCHMARK)
@@ -401,11 +403,26 @@ def _cmteb_text(cmteb):
     lines += ["", "| Type | Task | Score |", "|---|---|---:|"]
     lines += [f"| {cmteb['task_types'][task]} | {task} | {score:.2f} |" for task, score in tasks.items()]
     settings, versions = cmteb.get("settings", {}), cmteb.get("versions", {})
+    if cmteb.get("quantized"):
+        calibration = settings.get("calibration")
+        int8 = (f"; int8: cosine of the codes, ranges from {calibration['texts']} texts of "
+                f"`{shown_path(calibration['file'])}`" if calibration else "")
+        lines += ["", f"Each task at every size and precision (main score x 100; binary: Hamming similarity{int8}):",
+                  "", precision_table(cmteb)]
     data = str(settings.get("data", "?"))
     lines += ["", (f"mteb {versions.get('mteb', '?')}, {cmteb.get('date', '')}; data: "
                    f"{shown_path(data) if Path(data).is_absolute() else data}; "
                    f"query instruction: {settings.get('query_instruction')!r}.")]
     return "\n".join(lines)
+
+
+def precision_table(cmteb):
+    """A run_cmteb.py summary's scores at every dimension and precision: a row per task (the average first) and
+    dimension, a column per precision (float32, then its ``quantized`` rows' int8 / binary)."""
+    rows = [*(cmteb.get("dims") or [{"dim": cmteb["model"]["embedding_dim"], **cmteb}]), *cmteb.get("quantized", [])]
+    by_variant = {(row["dim"], row.get("quantization", "float32")): {"Average": row["average"], **row["tasks"]}
+                  for row in rows}
+    return size_precision_table(by_variant, ["Average", *cmteb["tasks"]], "Task")
 
 
 def _usage_section(args, layout):

@@ -46,8 +46,9 @@ class BestCheckpoint:
 class DevRun:
     """A run's dev sets, evaluation history and best evaluation. ``saved``: a checkpoint's trainer state."""
 
-    def __init__(self, dev_sets, args, prompts, ema, saved=None):
+    def __init__(self, dev_sets, args, prompts, ema, saved=None, output_dim=None):
         saved = saved or {}
+        self.variants, self.calibration_texts = final_variants(args, output_dim) if dev_sets else ([], None)
         self.dev_sets, self.prompts, self.ema, self.every = dev_sets, prompts, ema, args.eval_every
         self.history = {int(step): {name: math.nan if value is None else value for name, value in metrics.items()}
                         for step, metrics in (saved.get("eval_history") or {}).items()}  # null: a NaN (json_files)
@@ -88,5 +89,27 @@ class DevRun:
         """A function scoring a model on this process alone (final/'s weights, modules/outputs.py)."""
         return lambda module: self.dev_sets(module, tokenizer, max_lengths, self.prompts)
 
+    def variant_scorer(self, tokenizer, max_lengths):
+        """A function scoring a model at every --eval_dims size and --eval_quantize precision on this process alone
+        (final/'s weights): [{"dim", "quantization", "scores"}]; None when the flags ask for nothing beyond float32
+        at the full size."""
+        if len(self.variants) < 2:
+            return None
+        return lambda module: self.dev_sets.at_variants(module, tokenizer, max_lengths, self.prompts, self.variants,
+                                                        self.calibration_texts)
+
     def summary(self):
         return self.best.summary()
+
+
+def final_variants(args, output_dim):
+    """([(dim, quantization)] final/ is scored at, by --eval_dims and --eval_quantize, the full size always; the
+    texts of --eval_calibration or None), checked before training starts (exit 2)."""
+    from .quantization import INT8, parse_dims, parse_quantizations, read_calibration_texts
+
+    if output_dim is None or not (getattr(args, "eval_dims", "") or getattr(args, "eval_quantize", "")):
+        return [], None
+    dims = parse_dims(args.eval_dims, output_dim, "--eval_dims")
+    quantizations = parse_quantizations(args.eval_quantize, args.eval_calibration, "--eval_quantize")
+    texts = read_calibration_texts(args.eval_calibration) if INT8 in quantizations else None
+    return [(dim, quantization) for dim in dims for quantization in quantizations], texts

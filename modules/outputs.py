@@ -66,7 +66,8 @@ def _deepspeed_fp32_state_dict(accelerator, model):
     return {key: state_dict[key] for key in keys}
 
 
-def finish_run(accelerator, model, args, summary, eval_history=None, ema=None, final_step=None, score_final=None):
+def finish_run(accelerator, model, args, summary, eval_history=None, ema=None, final_step=None, score_final=None,
+               score_variants=None):
     """Write output_dir/final (a sentence-transformers directory, weights in ``--save_dtype``, from the weight average
     ``ema`` when given, averaged with the start model when ``--wise_ft_alpha`` < 1) with its model card,
     train_summary.json (with pairs/s and ``final_weights``: what final/ holds) and, when there was a dev set,
@@ -74,7 +75,8 @@ def finish_run(accelerator, model, args, summary, eval_history=None, ema=None, f
 
     ``final_step``: the step whose weights the model holds now (the last, or the best checkpoint's). With dev sets
     and WiSE-FT, final/'s weights differ from every scored step's: ``score_final(module)`` scores them on the main
-    process (``final_scores``; not under sharded weights, which no single process holds).
+    process (``final_scores``; not under sharded weights, which no single process holds). ``score_variants(module)``
+    scores final/ at every --eval_dims size and --eval_quantize precision the same way (``final_variants``).
     """
     state_dict = export_state_dict(accelerator, model)
     if accelerator.is_main_process:
@@ -87,6 +89,8 @@ def finish_run(accelerator, model, args, summary, eval_history=None, ema=None, f
         check_finite_weights(state_dict, "final/")
         if score_final is not None and args.wise_ft_alpha < 1 and not weights_sharded(accelerator):
             summary["final_scores"] = _score(accelerator.unwrap_model(model), state_dict, score_final)
+        if score_variants is not None:
+            summary["final_variants"] = _score_variants(accelerator, model, state_dict, score_variants)
         final_dir = Path(args.output_dir) / "final"
         with written_whole(final_dir) as partial:  # a kill mid-save leaves final.tmp, never a half final/
             accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
@@ -113,6 +117,21 @@ def _score(module, state_dict, score):
     metrics = score(module)
     print("final/ (as saved): dev " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()), flush=True)
     return metrics
+
+
+def _score_variants(accelerator, model, state_dict, score):
+    """final/ scored at each size and precision (``score``), a line each; [] under sharded weights, said once."""
+    if weights_sharded(accelerator):
+        print("--eval_dims / --eval_quantize: final/ not scored here (sharded weights); score it with "
+              "eval/dev_scores.py --dims ... --quantize ...", flush=True)
+        return []
+    module = accelerator.unwrap_model(model)
+    module.load_state_dict(state_dict)
+    rows = score(module)
+    for row in rows:
+        print(f"final/ at dim {row['dim']} {row['quantization']}: dev "
+              + ", ".join(f"{name} {value:.2f}" for name, value in row["scores"].items()), flush=True)
+    return rows
 
 
 def final_weights(state_dict, args, wise_ft=True):

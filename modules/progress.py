@@ -4,6 +4,7 @@ On a terminal, a tqdm bar with the latest metrics; otherwise (slurm, nohup, a pi
 ``--log_every`` steps, since a bar's carriage returns put a whole log on one line.
 """
 
+import contextlib
 import sys
 import time
 from datetime import timedelta
@@ -32,7 +33,7 @@ class Progress:
             elapsed = time.perf_counter() - self.started
             remaining = elapsed / max(step - self.initial, 1) * (self.total - step)
             values = " ".join(f"{name} {value:.4g}" for name, value in shown.items())
-            print(f"step {step}/{self.total} | {values} | elapsed {_clock(elapsed)} eta {_clock(remaining)}",
+            print(f"step {step}/{self.total} | {values} | elapsed {clock(elapsed)} eta {clock(remaining)}",
                   file=self.stream, flush=True)
 
     def close(self):
@@ -56,10 +57,77 @@ class StageProgress:
         self.shown, elapsed = now, now - self.started
         left = elapsed / done * (self.total - done) if done else 0.0
         print(f"{self.stage}: {done:,}/{self.total:,} {self.unit} ({100 * done / self.total:.0f}%), "
-              f"{_clock(elapsed)} elapsed, {_clock(left)} left", file=self.stream, flush=True)
+              f"{clock(elapsed)} elapsed, {clock(left)} left", file=self.stream, flush=True)
 
 
-def _clock(seconds):
+EVERY = 30.0  # seconds between plain progress lines in a log
+_embedding_stages = []  # the embedding stages open now (embedding_progress), innermost last
+
+
+@contextlib.contextmanager
+def embedding_progress(label, enabled=True, texts=None, stream=None):
+    """While open, ``modules.evaluation.embed_texts`` shows its progress under ``label``: each call on its own, or,
+    given all the stage's ``texts`` (embedded in several calls), the stage as a whole, ending with a line at 100%.
+    ``enabled`` False (another process of the run) shows nothing."""
+    shared = TextProgress(texts, label, stream=stream, last_line=True) if enabled and texts is not None else None
+    _embedding_stages.append((label if enabled else None, shared))
+    try:
+        yield
+    finally:
+        _embedding_stages.pop()
+        if shared is not None:
+            shared.close()
+
+
+def text_progress(texts):
+    """The progress an ``embed_texts`` call of ``texts`` reports to: the open stage's shared one, a new one for this
+    call, or one that shows nothing outside ``embedding_progress``."""
+    label, shared = _embedding_stages[-1] if _embedding_stages else (None, None)
+    return shared if shared is not None else TextProgress(texts, label, own=True)
+
+
+class TextProgress:
+    """Progress of embedding ``texts`` by characters (long texts cost more; embed_texts goes shortest first, so a
+    count of texts would read 90% with most of the work left): a bar on a terminal, else a plain line once the
+    stage has run ``every`` seconds, then every ``every`` seconds, and a last one. ``label`` None: silent."""
+
+    def __init__(self, texts, label, every=None, stream=None, own=False, last_line=False):
+        self.label, self.own, self.last_line = label, own, last_line
+        self.stream, self.every = stream or sys.stderr, EVERY if every is None else every
+        self.total, self.done, self.count = sum(map(len, texts)) or 1, 0, len(texts)
+        self.started = self.shown = time.perf_counter()
+        self.printed = False
+        interactive = label is not None and self.stream.isatty()
+        self.bar = tqdm(total=self.total, desc=label, unit="char", unit_scale=True, leave=False,
+                        file=self.stream) if interactive else None
+
+    def update(self, texts):
+        if self.label is None:
+            return
+        characters = sum(map(len, texts))
+        self.done += characters
+        if self.bar is not None:
+            self.bar.update(characters)
+            return
+        now = time.perf_counter()
+        if now - self.shown >= self.every or ((self.printed or self.last_line) and self.done >= self.total):
+            self.shown, elapsed = now, now - self.started
+            left = elapsed / self.done * max(self.total - self.done, 0)
+            print(f"{self.label}: {self.count:,} texts, {min(100 * self.done / self.total, 100):.0f}% of their "
+                  f"characters, {clock(elapsed)} elapsed, {clock(left)} left", file=self.stream, flush=True)
+            self.printed = True
+
+    def finish_call(self):
+        """The end of an embed_texts call: a call's own progress closes; a stage's shared one goes on."""
+        if self.own:
+            self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def clock(seconds):
     return str(timedelta(seconds=round(seconds)))
 
 

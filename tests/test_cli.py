@@ -82,9 +82,9 @@ def test_refused_output_dir_message(tiny_data, tmp_path):
     result, seconds = run(common_args(tmp_path / "m", tiny_data, tmp_path))
     assert result.returncode == 2 and seconds < 1.0
     assert result.stderr.strip() == (
-        f"train_finetune.py: error: --output_dir {tmp_path} is not empty (old.txt): continue its run with "
-        "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another directory "
-        "(see --help)")
+        f"train_finetune.py: error: --output_dir {tmp_path} is not empty (old.txt): no checkpoint or final model (a run "
+        "that stopped before saving one, or other files), nothing to resume: replace it with --overwrite_output_dir, "
+        "or choose another directory (see --help)")
 
 
 def test_start_up_summary_plain_log_lines_and_training_only_throughput(tiny_bert, tiny_data, tmp_path, capsys,
@@ -149,3 +149,16 @@ def test_a_run_prints_no_warnings_that_look_like_failure(tiny_bert, tiny_data, t
     output = result.stdout + result.stderr
     for noise in ("Setting accelerator to CPU", "deprecated", "FutureWarning", "MISSING", "newly initialized", "\r"):
         assert noise not in output, (noise, output)
+
+
+def test_every_script_and_tool_shows_its_defaults_in_help():
+    """The reported case: tools/mine_hard_negatives.py --help showed no defaults. Every command-line script of the
+    repo (training, eval/, tools/) builds its parser with modules.cli.ArgumentParser, which shows them."""
+    scripts = [*REPO.glob("train_*.py"), *(REPO / "eval").glob("*.py"), *(REPO / "tools").glob("*.py")]
+    plain = [str(path.relative_to(REPO)) for path in scripts if "argparse.ArgumentParser(" in path.read_text()]
+    assert plain == []
+    shown = subprocess.run([sys.executable, str(REPO / "tools" / "mine_hard_negatives.py"), "--help"],
+                           capture_output=True, text=True, timeout=120).stdout
+    helps = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n  (?=-)", shown)}
+    for flag, default in [("--num_negatives", "7"), ("--range_end", "210"), ("--index", "'auto'")]:
+        assert helps[flag].endswith(f"(default: {default})"), helps[flag]

@@ -174,15 +174,22 @@ def document_text(doc: dict) -> str:
 
 
 def ndcg_at_10(model, written: dict, query_prefix: str = "") -> float:
-    doc_ids = [doc["id"] for doc in written["corpus"]]
     similarities = (
         embed(model, [query_prefix + q["text"] for q in written["queries"]])
         @ embed(model, [document_text(doc) for doc in written["corpus"]]).T
     )
+    return ranked_ndcg_at_10(similarities, written)
+
+
+def ranked_ndcg_at_10(similarities: np.ndarray, written: dict) -> float:
+    """Mean nDCG@10 (linear gains) of each query's documents ranked by similarity, tied ones by document id
+    descending (pytrec_eval's order, which mteb's retrieval scores follow)."""
+    doc_ids = [doc["id"] for doc in written["corpus"]]
     values = []
     for query, row in zip(written["queries"], similarities, strict=True):
         relevance = written["qrels"][query["id"]]
-        ranking = [doc_ids[index] for index in np.argsort(-row)[:10]]
+        scores = dict(zip(doc_ids, row.tolist()))
+        ranking = sorted(doc_ids, key=lambda doc_id: (scores[doc_id], doc_id), reverse=True)[:10]
         dcg = sum(relevance.get(doc_id, 0) / math.log2(rank + 2) for rank, doc_id in enumerate(ranking))
         ideal = sum(
             rel / math.log2(rank + 2)
@@ -318,6 +325,140 @@ def test_dims_give_one_row_per_dimension_and_a_plot(evaluation):
     assert (evaluation.output_dir / "matryoshka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for dim in DIMS:
         assert (evaluation.results_dir / "experiments" / f"embed_dim_{dim}" / "STSB.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantized embeddings (--quantize int8,binary --calibration FILE): mteb's scores of the quantized similarity
+
+
+QUANTIZED_TASKS = ["STSBenchmark", "DuRetrieval", "Ocnli"]
+
+
+@pytest.fixture(scope="module")
+def quantized(local_data, model_path, direct_model, tmp_path_factory) -> SimpleNamespace:
+    """One run on an STS, a retrieval and a pair-classification task at DIMS[0] and the full dimension, in float32,
+    int8 (calibrated on 100 SICK training pairs) and binary; and the calibration embeddings, computed directly."""
+    root = tmp_path_factory.mktemp("cmteb_quantized")
+    calibration = root / "calibration.jsonl"
+    calibration.write_text("".join((REPO / "data/demo/sick_train.jsonl").read_text().splitlines(keepends=True)[:100]))
+    summary = run_cmteb.run(
+        ["--model", model_path, "--model-name", "test/minilm", "--data-dir", str(local_data["dir"]),
+         "--tasks", *QUANTIZED_TASKS, "--dims", str(DIMS[0]), "--quantize", "binary,int8", "--calibration",
+         str(calibration), "--max-seq-length", str(MAX_SEQ_LENGTH), "--batch-size", str(BATCH_SIZE),
+         "--output-dir", str(root / "out"), "--no-progress"]
+    )
+    records = [json.loads(line) for line in calibration.read_text().splitlines()]
+    texts = list(dict.fromkeys(text for record in records for text in (record["text"], record["text_pair"])))
+    return SimpleNamespace(summary=summary, output_dir=root / "out", results_dir=Path(summary["results_dir"]),
+                           calibration_texts=texts, calibration_file=calibration)
+
+
+def quantized_row(summary: dict, dim: int, precision: str) -> dict:
+    (row,) = [row for row in summary["quantized"] if (row["dim"], row["quantization"]) == (dim, precision)]
+    return row
+
+
+def quantized_result(results_dir: Path, task: str, dim: int, precision: str) -> dict:
+    """The scores of mteb's result file of a task at a dimension and precision (mteb's experiment folder names)."""
+    folder = f"embed_dim_{dim}__output_dtypes_{precision}" if dim != FULL_DIM else f"output_dtypes_{precision}"
+    result = json.loads((results_dir / "experiments" / folder / f"{task}.json").read_text())
+    (split_scores,) = result["scores"].values()
+    return split_scores[0]
+
+
+def quantized_similarities(model, first: list[str], second: list[str], dim: int, precision: str,
+                           calibration_texts: list[str], matrix: bool = False) -> np.ndarray:
+    """Direct similarities of texts at a dimension and precision: dims - Hamming distance of the sign bits, or the
+    cosine of the int8 codes of sentence-transformers' quantize_embeddings calibrated on `calibration_texts`;
+    pairwise, or every first text with every second one."""
+    from tests.test_quantization import hamming_similarity, st_quantize, unit
+
+    first, second = embed(model, first, dim), embed(model, second, dim)
+    if matrix:
+        first, second = first[:, None, :], second[None, :, :]
+    if precision == "binary":
+        return hamming_similarity(first, second)
+    calibration = embed(model, calibration_texts, dim)
+    first, second = (unit(st_quantize(side, "int8", calibration)) for side in (first, second))
+    return (first * second).sum(axis=-1)
+
+
+def tie_aware_best_accuracy(scores: np.ndarray, labels: list[int]) -> float:
+    """Accuracy of 'similar if score >= t' at the best t, t one of the scores but the lowest (no tie split)."""
+    scores, similar = np.asarray(scores, dtype=np.float64), np.asarray(labels) == 1
+    return max(float(((scores >= threshold) == similar).mean()) for threshold in np.unique(scores)[1:])
+
+
+@pytest.mark.parametrize("precision", ["binary", "int8"])
+@pytest.mark.parametrize("dim", [DIMS[0], FULL_DIM])
+def test_quantized_sts_score_is_spearman_of_the_quantized_similarity(quantized, local_data, direct_model, dim,
+                                                                     precision):
+    pairs = local_data["STSBenchmark"]
+    similarities = quantized_similarities(direct_model, [p["sentence1"] for p in pairs],
+                                          [p["sentence2"] for p in pairs], dim, precision, quantized.calibration_texts)
+    expected = spearmanr(similarities, [p["score"] for p in pairs]).statistic
+    scores = quantized_result(quantized.results_dir, "STSBenchmark", dim, precision)
+    assert scores["cosine_spearman"] == pytest.approx(expected, abs=MTEB_ROUNDING)
+    assert scores["cosine_pearson"] != pytest.approx(scores["cosine_spearman"], abs=1e-3)  # a real correlation
+    row = quantized_row(quantized.summary, dim, precision)
+    assert row["tasks"]["STSBenchmark"] == pytest.approx(100 * expected, abs=100 * MTEB_ROUNDING)
+
+
+@pytest.mark.parametrize("precision", ["binary", "int8"])
+@pytest.mark.parametrize("dim", [DIMS[0], FULL_DIM])
+def test_quantized_retrieval_ranks_by_the_quantized_similarity(quantized, local_data, direct_model, dim, precision):
+    written = local_data["DuRetrieval"]
+    similarities = quantized_similarities(direct_model, [q["text"] for q in written["queries"]],
+                                          [document_text(doc) for doc in written["corpus"]], dim, precision,
+                                          quantized.calibration_texts, matrix=True)
+    expected = ranked_ndcg_at_10(similarities, written)
+    assert quantized_result(quantized.results_dir, "DuRetrieval", dim, precision)["ndcg_at_10"] == pytest.approx(
+        expected, abs=MTEB_ROUNDING)
+    if precision == "binary":  # integer similarities: many ties, broken as pytrec_eval breaks them
+        assert any(len(set(row.tolist())) < len(row) for row in similarities)
+
+
+@pytest.mark.parametrize("precision", ["binary", "int8"])
+def test_quantized_pair_classification_thresholds_the_quantized_similarity(quantized, local_data, direct_model,
+                                                                           precision):
+    pairs = local_data["Ocnli"]
+    similarities = quantized_similarities(direct_model, [p["sentence1"] for p in pairs],
+                                          [p["sentence2"] for p in pairs], DIMS[0], precision,
+                                          quantized.calibration_texts)
+    expected = tie_aware_best_accuracy(similarities, [p["label"] for p in pairs])
+    scores = quantized_result(quantized.results_dir, "Ocnli", DIMS[0], precision)
+    assert scores["cosine_accuracy"] == pytest.approx(expected, abs=1e-9)
+    if precision == "binary":  # every similarity mteb computes is a monotone map of the Hamming similarity
+        assert scores["dot_accuracy"] == scores["manhattan_accuracy"] == scores["euclidean_accuracy"] == \
+            scores["max_accuracy"] == scores["cosine_accuracy"]
+
+
+def test_quantized_rows_are_summarised_beside_the_float32_ones(quantized, local_data, direct_model):
+    summary = quantized.summary
+    assert [(row["dim"], row["quantization"]) for row in summary["quantized"]] == [
+        (DIMS[0], "int8"), (DIMS[0], "binary"), (FULL_DIM, "int8"), (FULL_DIM, "binary")]
+    assert summary["settings"]["quantize"] == ["int8", "binary"]
+    calibration = summary["settings"]["calibration"]
+    assert calibration["file"] == str(quantized.calibration_file) and len(calibration["texts_hash"]) == 12
+    assert calibration["texts"] == len(quantized.calibration_texts) == 196  # 200 texts, 4 of them twice
+    assert summary["tasks"]["STSBenchmark"] == pytest.approx(  # float32 rows as without --quantize
+        100 * cosine_spearman(direct_model, local_data["STSBenchmark"]), abs=1e-2)
+    markdown = (quantized.output_dir / "summary.md").read_text()
+    assert "## Quantized embeddings (main score x 100)" in markdown
+    assert "| Task | Dim | float32 | int8 | binary |" in markdown
+    cells = [f"{row['tasks']['Ocnli']:.2f}" for row in (summary["dims"][0], quantized_row(summary, DIMS[0], "int8"),
+                                                           quantized_row(summary, DIMS[0], "binary"))]
+    assert f"| Ocnli | {DIMS[0]} | {' | '.join(cells)} |" in markdown
+
+
+def test_int8_without_calibration_or_calibrated_on_scored_data_is_refused_before_the_model_loads(local_data, capsys):
+    assert run_cmteb.main(["--model", "unused", "--tasks", "STSB", "--quantize", "int8"]) == 2
+    assert "--quantize int8 needs --calibration FILE" in capsys.readouterr().err
+    scored = local_data["dir"] / "STSB" / "test.jsonl"
+    assert run_cmteb.main(["--model", "unused", "--data-dir", str(local_data["dir"]), "--tasks", "STSB",
+                           "--quantize", "int8,binary", "--calibration", str(scored)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"run_cmteb.py: error: --calibration {scored} lies in {local_data['dir']}, data this run")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1190,3 +1331,22 @@ def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tiny_model, tmp_path, 
     assert run_cmteb.main(["--model", str(tiny_model), "--local-task", str(folder), "--output-dir",
                            str(tmp_path / "out"), "--no-progress"]) == 0
     assert max(longest) == budget  # the huge text was scored, cut (the others are far shorter)
+
+
+def test_several_models_are_scored_alike_and_compared_in_one_table(local_data, model_path, tiny_bert, tmp_path,
+                                                                   capsys):
+    """--model given twice: each model scored as a single --model run scores it, in its own folder, then one table."""
+    from modules.model import EmbeddingModel
+
+    tiny = tmp_path / "tiny"
+    EmbeddingModel.from_pretrained(tiny_bert, max_seq_length=32).save_pretrained(tiny)
+    common = ["--data-dir", str(local_data["dir"]), "--tasks", "STSB", "--max-seq-length", "32", "--no-progress"]
+    both = run_cmteb.run(["--model", model_path, "--model", str(tiny), *common, "--output-dir", str(tmp_path / "both")])
+    alone = run_cmteb.run(["--model", str(tiny), *common, "--output-dir", str(tmp_path / "alone")])
+    assert list(both) == [model_path, str(tiny)]
+    assert both[str(tiny)]["tasks"] == alone["tasks"] and both[model_path]["tasks"]["STSB"] != alone["tasks"]["STSB"]
+    table = capsys.readouterr().out.split(f"| Task | {model_path} | {tiny} |\n")[1].splitlines()
+    assert table[1] == f"| Average | {both[model_path]['average']:.2f} | {both[str(tiny)]['average']:.2f} |"
+    assert table[2] == f"| STSB | {both[model_path]['tasks']['STSB']:.2f} | {both[str(tiny)]['tasks']['STSB']:.2f} |"
+    assert len(list((tmp_path / "both").glob("*/summary.json"))) == 2
+    assert run_cmteb.main(["--model", model_path, "--model", str(tiny), "--model-name", "x", *common]) == 2

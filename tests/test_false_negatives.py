@@ -92,7 +92,9 @@ def test_duplicate_texts_leave_the_softmax(in_batch):
     # in-batch: q0 drops p4 (same text) and the negative "q0", q1 drops p3 and the negative "p1", q3 the negative
     # "q3", q4 drops p0; own negatives only: q0's "q0"
     removed = contrastive_masks({"retri_contrast": loss_fn})
-    assert removed == {"mask/retri_contrast_removed": 6 if in_batch else 1}
+    # of 6 rows x 17 negatives (6 positives + 12 negatives, less the row's own positive); own: 6 x 2
+    assert removed == {"mask/retri_contrast_removed": 6 if in_batch else 1,
+                       "mask/retri_contrast_removed_fraction": 6 / 102 if in_batch else 1 / 12}
     assert contrastive_masks({"retri_contrast": loss_fn}) == {}  # read and reset
 
 

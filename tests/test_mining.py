@@ -107,6 +107,24 @@ def test_max_positive_ratio_compares_with_the_best_positive(tiny_bert, retrieval
     assert above_first > 0  # the constructed case: a cap from the first positive would have dropped these
 
 
+def test_positives_in_the_corpus_are_not_encoded_again(tiny_bert, retrieval_data, tmp_path, monkeypatch):
+    """--max_positive_ratio with a --corpus that holds every positive: their rows are reused, only texts the corpus
+    lacks are encoded (before, every positive was encoded a second time)."""
+    import modules.mining
+
+    root, _ = retrieval_data
+    encoded, real = {}, modules.mining.embed_with_progress
+    monkeypatch.setattr(modules.mining, "embed_with_progress", lambda model, tokenizer, texts, *args: encoded.update(
+        {args[-1]: list(texts)}) or real(model, tokenizer, texts, *args))
+    mine(tiny_bert, root, tmp_path / "capped.jsonl", "--max_positive_ratio", "1.0")
+    assert list(encoded) == ["encoding the corpus", "encoding the queries"]
+    write_jsonl(tmp_path / "train.jsonl", [{"text": q, "text_pos": ["0931 zx qv 77 kj", q + " today"]} for q in QUERIES])
+    (tmp_path / "corpus.jsonl").write_text((root / "corpus.jsonl").read_text())
+    encoded.clear()
+    mine(tiny_bert, tmp_path, tmp_path / "other.jsonl", "--max_positive_ratio", "1.0")
+    assert encoded["encoding the positives not in the corpus"] == ["0931 zx qv 77 kj"]
+
+
 def test_without_a_corpus_the_positives_become_one_beside_the_output(tiny_bert, retrieval_data, tmp_path):
     root, _ = retrieval_data
     output = tmp_path / "out" / "mined.jsonl.gz"

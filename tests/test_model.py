@@ -94,3 +94,19 @@ def test_the_scaling_layer_trains_at_its_own_learning_rate(tiny_bert):
         assert len(in_scaling) == 1 and group["lr"] == (1e-3 if in_scaling.pop() else 2e-5)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert {g["lr"] for g in build_optimizer(model, 2e-5, 0.01).param_groups} == {2e-5}
+
+
+def test_a_model_reads_no_more_tokens_than_its_position_table_holds(tiny_bert, tmp_path):
+    """The tiny BERT has 128 positions and MiniLM's tokenizer (512): loaded, and saved as final/ is, it read 512
+    tokens, so the saved model crashed on any text over 128 tokens (eval/run_cmteb.py: a tensor-size error)."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    assert model.max_seq_length == 128
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
+    long_text = " ".join(["word"] * 600)
+    assert SentenceTransformer(str(tmp_path / "saved")).encode([long_text]).shape == (1, 32)
+    assert EmbeddingModel.from_pretrained(tiny_bert, max_seq_length=64).max_seq_length == 64  # shorter: as asked

@@ -141,10 +141,11 @@ def test_the_cmteb_task_names_are_mteb_benchmarks(tmp_path):
 # C-MTEB section from eval/run_cmteb.py
 
 
-def test_run_cmteb_fills_the_cards_cmteb_section(tiny_bert, tmp_path):
+def carded_model(tiny_bert, tmp_path):
+    """tmp_path/final: the tiny BERT saved with a training card (no C-MTEB section yet); returns it and the fixtures
+    module that builds task folders."""
     sys.path.insert(0, str(REPO / "eval"))
     import _eval_fixtures as fixtures
-    import run_cmteb
 
     import train_finetune
     from modules.model_card import write_model_card
@@ -154,6 +155,12 @@ def test_run_cmteb_fills_the_cards_cmteb_section(tiny_bert, tmp_path):
     args = train_finetune.parse_args(["--model_name_or_path", str(tiny_bert), "--meta_list", "m.txt",
                                       "--output_dir", str(tmp_path / "run")])
     write_model_card(model_dir, args, {}, {})
+    return model_dir, fixtures
+
+
+def test_run_cmteb_fills_the_cards_cmteb_section(tiny_bert, tmp_path):
+    model_dir, fixtures = carded_model(tiny_bert, tmp_path)
+    import run_cmteb  # eval/, on the path now
     for task in ("STSB", "LCQMC"):
         fixtures.build_sts_task(shared_data(f"zh-{task.lower()}/dev.jsonl"), tmp_path / "tasks" / task, "test", 40)
 
@@ -171,6 +178,39 @@ def test_run_cmteb_fills_the_cards_cmteb_section(tiny_bert, tmp_path):
     assert f"| STS | LCQMC | {summary['tasks']['LCQMC']:.2f} |" in card
     assert str(tmp_path) not in card and "data: tasks;" in card  # the --data-dir, by name
     yaml.safe_load(card.split("---\n", 2)[1])  # the front matter is untouched
+
+
+def test_run_cmteb_writes_each_task_at_every_size_and_precision_into_the_card(tiny_bert, tmp_path):
+    model_dir, fixtures = carded_model(tiny_bert, tmp_path)
+    import run_cmteb  # eval/, on the path now
+    fixtures.build_sts_task(shared_data("zh-stsb/dev.jsonl"), tmp_path / "tasks" / "STSB", "test", 40)
+    calibration = tmp_path / "train.jsonl"
+    calibration.write_text("".join((REPO / "data/demo/stsb_train.jsonl").read_text().splitlines(keepends=True)[:30]))
+    summary = run_cmteb.run(["--model", str(model_dir), "--data-dir", str(tmp_path / "tasks"), "--tasks", "STSB",
+                             "--dims", "16", "--quantize", "int8,binary", "--calibration", str(calibration),
+                             "--output-dir", str(tmp_path / "cmteb"), "--no-progress"])
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
+    cmteb = card.split("<!-- C-MTEB section: begin -->")[1].split("<!-- C-MTEB section: end -->")[0]
+    assert "| Task | Dim | float32 | int8 | binary |" in cmteb
+    assert f"int8: cosine of the codes, ranges from {summary['settings']['calibration']['texts']} texts of " \
+           f"`{calibration.name}`" in cmteb and str(tmp_path) not in cmteb
+    quantized = {(row["dim"], row["quantization"]): row for row in summary["quantized"]}
+    for dim, float_row in zip((16, 32), summary["dims"], strict=True):
+        scores = [float_row, quantized[(dim, "int8")], quantized[(dim, "binary")]]
+        assert table_row(cmteb, f"STSB | {dim}")[2:] == [f"{row['tasks']['STSB']:.2f}" for row in scores]
+        assert table_row(cmteb, f"Average | {dim}")[2:] == [f"{row['average']:.2f}" for row in scores]
+    assert table_row(cmteb, "32")[1] == f"{summary['average']:.2f}"  # the float32 table as before
+
+
+def test_the_precision_table_without_dims_has_a_row_per_task_at_the_full_dimension():
+    from modules.model_card import precision_table
+
+    summary = {"model": {"embedding_dim": 384}, "tasks": {"STSB": 80.0, "LCQMC": 70.0}, "average": 75.0,
+               "quantized": [{"dim": 384, "quantization": "binary", "tasks": {"STSB": 77.0, "LCQMC": None},
+                              "average": 77.0}]}
+    assert precision_table(summary).splitlines() == [
+        "| Task | Dim | float32 | binary |", "|---|---:|---:|---:|", "| Average | 384 | 75.00 | 77.00 |",
+        "| STSB | 384 | 80.00 | 77.00 |", "| LCQMC | 384 | 70.00 | n/a |"]
 
 
 def test_a_card_that_is_not_ours_is_left_alone(tmp_path):

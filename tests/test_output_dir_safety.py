@@ -246,3 +246,37 @@ def test_the_meta_list_and_its_data_in_the_run_dir_are_neither_deleted_nor_offer
     used = run(argv)
     assert_refused(used, f"holds --meta_list {out / 'data' / 'meta.txt'}, an input of this run")
     assert "--overwrite_output_dir" not in used.stderr
+
+
+def test_a_pretraining_run_stopped_by_bad_data_is_not_offered_a_resume(tiny_bert, tmp_path):
+    """The reported case: pretraining streams its data, so a bad record stops the run after run_config.json is
+    written; the retry's refusal says there is nothing to resume (no checkpoint) and offers --overwrite_output_dir,
+    which then runs."""
+    write_jsonl(tmp_path / "pairs.jsonl", [{"query": "a cat", "positive": "a small cat"}, {"query": "", "positive": "b"}])
+    (tmp_path / "meta.txt").write_text("pairs.jsonl 1\n")
+    argv = ["train_pretrain.py", "--model_name_or_path", str(tiny_bert), "--meta_list", str(tmp_path / "meta.txt"),
+            "--output_dir", str(tmp_path / "run"), "--batch_size", "2", "--max_steps", "1", "--report_to", "none",
+            "--query_max_len", "16", "--passage_max_len", "16"]
+    assert_refused(run(argv), "pairs.jsonl:2")
+    assert (tmp_path / "run" / "run_config.json").is_file()
+    retry = run(argv)
+    assert_refused(retry, "no checkpoint or final model (a run that stopped before saving one, or other files), "
+                          "nothing to resume: replace it with --overwrite_output_dir, or choose another directory")
+    assert "--resume_from_checkpoint" not in retry.stderr
+
+
+@pytest.mark.parametrize("held, expected", [
+    ("checkpoint-2", "continue its run with --resume_from_checkpoint latest, replace it with --overwrite_output_dir, "
+                     "or choose another directory"),
+    ("final", "a finished run (final/, no checkpoint to resume): replace it with --overwrite_output_dir, or choose "
+              "another directory"),
+])
+def test_the_refusal_of_a_used_dir_offers_what_its_contents_allow(tiny_bert, tiny_data, tmp_path, capsys, held,
+                                                                   expected):
+    import train_finetune
+
+    (tmp_path / "run" / held).mkdir(parents=True)
+    (tmp_path / "run" / "run_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as refused:
+        train_finetune.parse_args(common_args(tiny_bert, tiny_data, tmp_path / "run")[1:])
+    assert refused.value.code == 2 and expected in capsys.readouterr().err

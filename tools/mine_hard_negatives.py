@@ -32,17 +32,16 @@ best positive's score (likely unlabelled positives). Queries with too few candid
 that read well in a nohup or slurm log.
 """
 
-import argparse
 import os
 from pathlib import Path
 
-from modules.cli import run_cli
+from modules.cli import ArgumentParser, run_cli
 
 SEARCH_BLOCK = 8192  # queries searched at a time: bounds the memory of the results and paces the progress lines
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)  # defaults shown in --help
     p.add_argument("input", help="retrieval dataset (.jsonl, .jsonl.gz, .parquet: text, text_pos) or a BEIR folder")
     p.add_argument("--model", required=True, help="sentence-transformers or transformers directory")
     p.add_argument("--output", required=True, help="mined dataset (.jsonl or .jsonl.gz)")
@@ -142,15 +141,21 @@ def distinct_positives(records):
     return texts, [[index[text] for text in record["text_pos"]] for record in records]
 
 
-def best_positive_scores(query_embeddings, records, corpus_embeddings, positives, embed):
-    """Each query's highest cosine with one of its positives: corpus rows, or (``positives`` None) embedded here."""
+def best_positive_scores(query_embeddings, records, corpus, corpus_embeddings, positives, embed):
+    """Each query's highest cosine with one of its positives: corpus rows (``positives``, or, with a --corpus, the
+    rows holding a positive's text), the positives the corpus lacks embedded here."""
     import numpy as np
 
-    embeddings = corpus_embeddings
     if positives is None:
         texts, positives = distinct_positives(records)
-        embeddings = embed(texts, "encoding the positives")
-    return np.array([(embeddings[rows] @ query).max() for query, rows in zip(query_embeddings, positives)])
+        row = {text: i for i, text in reversed(list(enumerate(corpus.texts)))}  # a text's first row
+        missing = [text for text in texts if text not in row]
+        extra = embed(missing, "encoding the positives not in the corpus") if missing else corpus_embeddings[:0]
+        extra_row = {text: len(corpus_embeddings) + i for i, text in enumerate(missing)}
+        rows = [row.get(text, extra_row.get(text)) for text in texts]
+        positives = [[rows[i] for i in indices] for indices in positives]
+        corpus_embeddings = np.concatenate([corpus_embeddings, extra])
+    return np.array([(corpus_embeddings[rows] @ query).max() for query, rows in zip(query_embeddings, positives)])
 
 
 def explain_drops(report, args):
@@ -193,7 +198,7 @@ def main(argv=None):
     queries = embed([args.query_prefix + r["text"] for r in records], "encoding the queries", args.query_max_len)
     limits = np.full(len(records), np.inf if args.max_score is None else args.max_score)
     if args.max_positive_ratio:
-        best = best_positive_scores(queries, records, corpus_embeddings, positives, embed)
+        best = best_positive_scores(queries, records, corpus, corpus_embeddings, positives, embed)
         limits = np.minimum(limits, args.max_positive_ratio * best)
 
     # room for the positives and the query, which are skipped

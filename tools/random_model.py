@@ -9,12 +9,14 @@ table), the tokenizer is a small one trained on ``corpus`` (ids below its size),
 whatever the vocabulary. Not for quality: the weights are random.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from modules.cli import ArgumentParser  # noqa: E402
+
 DEMO_TEXTS = REPO / "data" / "demo" / "sick_retrieval.jsonl"
 
 SHAPES = {
@@ -106,7 +108,7 @@ def save_random_model(arch, size, output_dir, max_positions=None, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)  # defaults shown in --help
     parser.add_argument("--arch", choices=sorted(SHAPES), required=True)
     parser.add_argument("--size", required=True, help="bert: tiny, base, large; qwen2: tiny, small, 0.5b")
     parser.add_argument("--output_dir", required=True)
