@@ -32,9 +32,10 @@ demo: $(VENV)/.installed
 	  --wise_ft_alpha $(DEMO_ALPHA) --log_every 20
 	HF_HUB_OFFLINE=1 $(BIN)/python eval/dev_scores.py --model $(MINILM) --model runs/demo/final
 
-# The English recipe (meta_lists/en_sts.txt; needs ../shared/data): CoSENT on STS-B + SICK train and InfoNCE on
-# Cranfield's training split, lr 6e-5, Matryoshka at 64/128/256 dims (weight 0.25 each) beside the full 384 (weight 1),
-# final/ = 0.7 x trained + 0.3 x start weights; then the dev scores of both models at every size and precision.
+# The English recipe (meta_lists/en_sts.txt; needs ../shared/data): STS-B + SICK train pairs and InfoNCE on
+# Cranfield's training split, lr 6e-5, STS trained with CoDiEmb's mix (2 x Pearson + 0.5 x PRO + 5 x rank KL) in
+# place of CoSENT, Matryoshka at 64/128/256/384 dims, final/ = 0.7 x trained + 0.3 x start weights; then the dev
+# scores of both models at every size and precision.
 en-sts: $(VENV)/.installed
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/accelerate launch -q \
 	  --config_file launch/single.yaml train_finetune.py --model_name_or_path $(MINILM) \
@@ -42,7 +43,7 @@ en-sts: $(VENV)/.installed
 	  --max_steps 316 --lr 6e-5 --warmup_ratio 0.1 --cosent_batch_size 32 --retri_batch_size 16 \
 	  --cosent_weight 1 --retri_weight 1 --cosent_temperature 0.05 --retri_temperature 0.05 --retri_negatives 0 \
 	  --pair_max_len 128 --query_max_len 64 --passage_max_len 256 --wise_ft_alpha 0.7 --log_every 50 \
-	  --mrl_dims 64,128,256,384 --mrl_weights 0.25,0.25,0.25,1
+	  --mrl_dims 64,128,256,384 --sts_loss pearson:2,pro:0.5,rank_kl:5
 	HF_HUB_OFFLINE=1 $(BIN)/python eval/dev_scores.py --model $(MINILM) --model runs/en-sts/final \
 	  --dims 64,128,256 --quantize int8,binary --calibration data/demo/sick_train.jsonl
 

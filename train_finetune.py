@@ -302,7 +302,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
                         keep=dev.best.kept(), model=model, states=saved_beside)
 
     # dev scores of what final/ would hold at each evaluation (the start model first), the best kept
-    dev = DevRun(dev_sets, args, prompts, ema, state, model.output_dim)
+    dev = DevRun(dev_sets, args, prompts, ema, state, accelerator.unwrap_model(model).output_dim)
     if dev and checkpoint is None and dev.evaluate(accelerator, model, tokenizer, max_lengths, 0):
         save(0, 0)  # --keep_best: the start model is the best so far
 

@@ -184,7 +184,7 @@ def main(argv=None):
                         process_state=loader_state, keep=dev.best.kept(), model=model, states=saved_beside)
 
     # dev scores of what final/ would hold at each evaluation (the start model first), the best kept
-    dev = DevRun(dev_sets, args, prompts, ema, state, model.output_dim)
+    dev = DevRun(dev_sets, args, prompts, ema, state, accelerator.unwrap_model(model).output_dim)
     if dev and checkpoint is None and dev.evaluate(accelerator, model, tokenizer, max_lengths, 0):
         save()  # --keep_best: the start model is the best so far
 

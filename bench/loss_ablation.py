@@ -11,8 +11,8 @@ Recipes (the packaged all-MiniLM-L6-v2, no download):
 - ``cranfield-hn``: ``cranfield`` with 3 hard negatives per query, mined once by the start model from the training
   queries' own positives (ranks 3-30, tools/mine_hard_negatives.py), so hardness weights have hard negatives to weigh.
 - ``en-sts``: ``make en-sts``'s flags (CoSENT on STS-B + SICK train, InfoNCE on Cranfield, 316 steps, WiSE-FT 0.7)
-  without its Matryoshka flags, which a variant adds: ``--variant mrlw='--mrl_dims 64,128,256,384 --mrl_weights
-  0.25,0.25,0.25,1'`` is ``make en-sts``.
+  before Matryoshka and the STS menu, which variants add: ``--variant mrl_codi='--mrl_dims 64,128,256,384
+  --sts_loss pearson:2,pro:0.5,rank_kl:5'`` is ``make en-sts``.
 
 ``--soup`` also scores, per variant, the uniform mean (tools/merge_checkpoints.py) of the final models of each two
 consecutive seeds (1+2, 2+3, 3+1), as the row ``NAME soup``, and with 3 or more seeds the mean of all of them

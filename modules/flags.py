@@ -268,13 +268,13 @@ def check_variant_flags(parser, args):
     from .quantization import comma_list, parse_quantizations
 
     given = args.eval_dims is not None
-    if not given:
-        mrl = getattr(args, "mrl_dims", "") or ""
-        args.eval_dims = "" if mrl == "piccolo" else mrl
     try:
-        dims = [int(dim) for dim in comma_list(args.eval_dims)]
+        dims = [int(dim) for dim in comma_list(args.eval_dims)] if given else []
     except ValueError:
         parser.error(f"--eval_dims must be a comma list of integers, got {args.eval_dims!r}")
+    if not given:  # --mrl_dims, checked on its own (check_matryoshka_flags)
+        mrl = getattr(args, "mrl_dims", "") or ""
+        args.eval_dims = "" if mrl == "piccolo" else mrl
     try:
         parse_quantizations(args.eval_quantize, args.eval_calibration, "--eval_quantize")
     except UsageError as error:
