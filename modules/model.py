@@ -291,13 +291,10 @@ def _without_zero3_loading():
 def within_positions(backbone, length):
     """``length`` capped at the backbone's learned position table (a tokenizer's 512 on a 128-position model would
     crash on the first long text, and be saved as the model's max_seq_length); rotary / relative: as given."""
-    from .position import find_position_table
+    from .position import learned_positions
 
-    try:
-        _, table, offset = find_position_table(backbone)
-    except ValueError:
-        return length
-    return min(length, table.num_embeddings - offset)
+    positions = learned_positions(backbone)
+    return length if positions is None else min(length, positions)
 
 
 def _read_sentence_transformers_layout(path: Path) -> dict:

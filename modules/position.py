@@ -72,15 +72,22 @@ def find_position_table(backbone) -> tuple[str, nn.Embedding, int]:
     )
 
 
+def learned_positions(backbone):
+    """How many tokens ``backbone``'s learned position table holds; None without one (rotary, relative)."""
+    try:
+        _, table, offset = find_position_table(backbone)
+    except ValueError:
+        return None
+    return table.num_embeddings - offset
+
+
 def check_lengths_fit(backbone, lengths: dict, remedy="") -> None:
     """Refuse max-length flags (``{"--passage_max_len": 512}``) beyond a learned position table, at start: the
     first long batch would otherwise crash the run with a tensor-size error and nothing saved. Backbones
     without such a table (rotary, relative) are not checked."""
-    try:
-        _, table, offset = find_position_table(backbone)
-    except ValueError:
+    positions = learned_positions(backbone)
+    if positions is None:
         return
-    positions = table.num_embeddings - offset
     beyond = [f"{flag} {length}" for flag, length in lengths.items() if length > positions]
     if beyond:
         raise UsageError(f"{', '.join(beyond)}: the model has {positions} positions; lower it to <= {positions}"
