@@ -13,11 +13,12 @@ from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
-    DTYPE_NAMES, META_LINE, PE_METHODS, STS_LOSS_HELP, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
+    DTYPE_NAMES, PE_METHODS, STS_LOSS_HELP, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
     add_output_arguments, check_output_arguments, claim_output_dir, sts_loss_flag,
 )
-
-KINDS = ("retri_contrast", "cls_contrast", "cosent", "parallel")
+from modules.meta_list import META_LINE
+from modules.model_builders import build_encoder
+from modules.task_kinds import TASK_KINDS
 
 
 def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False):
@@ -161,24 +162,6 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     return args
 
 
-def build_encoder(args, accelerator):
-    """The model this script trains: an encoder (or any EmbeddingModel directory), position table optionally extended."""
-    from modules.model import DTYPES, EmbeddingModel
-    from modules.position import extend_model_positions, freeze_position_embeddings
-
-    attention = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, scaling_dim=args.scaling_dim,
-                                           dtype=DTYPES[args.torch_dtype], **attention)
-    if args.extend_pe:
-        trained = extend_model_positions(model, args.max_length, args.pe_extension, args.pe_alpha)
-        accelerator.print(f"position table: {trained} trained positions -> {args.max_length} ({args.pe_extension})")
-    elif args.freeze_position_embeddings:
-        freeze_position_embeddings(model.backbone)
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    return model
-
-
 def max_lengths_in_use(max_lengths, datasets, dev_sets):
     """{flag: length} of the texts this run tokenizes: CoSENT pairs, contrastive queries and passages, dev sets."""
     roles = {role for d in datasets for role in (("pair",) if d.kind in ("cosent", "parallel") else ("query", "passage"))}
@@ -195,15 +178,17 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from torch.utils.data import DataLoader
 
     from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
-    from modules.data import EpochBatches, TaskCollator, finetune_data
+    from modules.collator import TaskCollator
+    from modules.data import finetune_data
     from modules.distillation import build_teacher, distillation_terms
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import task_loss, to_device
-    from modules.losses import contrastive_masks, task_losses
+    from modules.losses import contrastive_masks
     from modules.mining import MiningState, dhnm_round
     from modules.model_selection import DevRun
     from modules.nonfinite import stop_on_non_finite_loss
+    from modules.objective import task_losses
     from modules.outputs import finish_run, write_run_config
     from modules.padding_free import check_padding_free
     from modules.position import check_lengths_fit
@@ -211,6 +196,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     from modules.progress import Progress, Stopwatch
     from modules.run_logs import GradNorms, LossWindow
     from modules.run_summary import finetune_setup, startup_lines
+    from modules.samplers import EpochBatches
     from modules.throughput import FlopCounter, SpeedMeter, peak_tflops
     from modules.training import build_optimizer, make_accelerator, make_scheduler
 
@@ -309,7 +295,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     # ---- train
     model.train()
     progress = Progress(total_steps, global_step, accelerator.is_local_main_process)
-    window = LossWindow(KINDS, datasets)  # loss/<kind>, and loss/<kind>/<dataset> where a kind has several
+    window = LossWindow(TASK_KINDS, datasets)  # loss/<kind>, and loss/<kind>/<dataset> where a kind has several
     grad_norms = GradNorms(accelerator, args.max_grad_norm)  # clips; grad_norm before clipping, grad_clipped
     done = global_step >= total_steps
     step_clock = Stopwatch()  # the clock runs in training steps only, not in evaluations or saves
@@ -374,11 +360,8 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     progress.close()
 
     # ---- final model and scores
-    if dev and global_step not in dev.history:
-        dev.evaluate(accelerator, model, tokenizer, max_lengths, global_step)
-    final_step = dev.final_step(args.final_is_best, global_step, accelerator.is_main_process)
-    if final_step != global_step:  # --final_is_best: the best checkpoint's weights (and weight average)
-        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{final_step}", saved_beside)
+    final_step = dev.final_weights(accelerator, model, tokenizer, max_lengths, global_step, args.final_is_best,
+                                   args.output_dir, saved_beside)  # --final_is_best: the best step's checkpoint
     summary = {**setup, "steps": global_step, **speed.run_figures(accelerator.device), **dev.summary(),
                **({"dhnm": dhnm_log} if mining is not None else {})}
     finish_run(accelerator, model, args, summary, dev.history, ema, final_step,

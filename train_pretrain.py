@@ -17,9 +17,10 @@ from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
-    DTYPE_NAMES, PRETRAIN_META_LINE, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments, check_output_arguments, claim_output_dir,
+    DTYPE_NAMES, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments, add_output_arguments,
+    check_output_arguments, claim_output_dir,
 )
+from modules.meta_list import PRETRAIN_META_LINE
 
 
 def parse_args(argv=None):
@@ -73,20 +74,6 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(args):
-    """The encoder this script trains (tools/export_checkpoint.py rebuilds it the same way)."""
-    from modules.model import DTYPES, EmbeddingModel
-    from modules.position import check_lengths_fit
-
-    attention = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, pooling=args.pooling, dtype=DTYPES[args.torch_dtype],
-                                           **attention)
-    check_lengths_fit(model.backbone, {"--query_max_len": args.query_max_len, "--passage_max_len": args.passage_max_len})
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    return model
-
-
 def main(argv=None):
     args = parse_args(argv)
     run_lock = claim_output_dir(args)  # held while main runs: one run at a time per --output_dir
@@ -100,7 +87,9 @@ def main(argv=None):
     from modules.evaluation import DevSets
     from modules.forward import embed, to_device
     from modules.gradcache import cached_loss_backward, check_gradcache_supported
-    from modules.losses import InBatchInfoNCE, matryoshka_from_flags
+    from modules.losses import InBatchInfoNCE
+    from modules.matryoshka import matryoshka_from_flags
+    from modules.model_builders import build_pretrain_encoder
     from modules.model_selection import DevRun
     from modules.nonfinite import stop_on_non_finite_loss
     from modules.outputs import finish_run, write_run_config
@@ -135,7 +124,7 @@ def main(argv=None):
         raise UsageError(f"--metric_for_best {args.metric_for_best}: the dev metrics are "
                          f"{', '.join(dev_sets.metric_names())}")
 
-    model = build_model(args)
+    model = build_pretrain_encoder(args)
     query_prefix = set_training_prompts(model, args, [("pairs", "retri_contrast")])["pairs"]  # saved as "query"
     prompts = model.prompts
     if args.padding_free:
@@ -237,11 +226,8 @@ def main(argv=None):
             save()
     progress.close()
 
-    if dev and global_step not in dev.history:
-        dev.evaluate(accelerator, model, tokenizer, max_lengths, global_step)
-    final_step = dev.final_step(args.final_is_best, global_step, accelerator.is_main_process)
-    if final_step != global_step:  # --final_is_best: the best checkpoint's weights (and weight average)
-        load_checkpoint(accelerator, Path(args.output_dir) / f"checkpoint-{final_step}", saved_beside)
+    final_step = dev.final_weights(accelerator, model, tokenizer, max_lengths, global_step, args.final_is_best,
+                                   args.output_dir, saved_beside)  # --final_is_best: the best step's checkpoint
     by_source = {source.name: count for source, count in zip(sources, source_batches)}
     accelerator.print("batches per source: " + ", ".join(f"{name} {count} ({100 * count / global_step:.1f}%)"
                                                         for name, count in by_source.items()))

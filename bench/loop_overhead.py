@@ -66,8 +66,10 @@ def the_same_batches(args, meta):
     """The batches train_finetune.py trains at this seed on one process (its sampler and collator)."""
     from train_finetune import parse_args
 
-    from modules.data import TaskCollator, build_sampler, load_meta_list
+    from modules.collator import TaskCollator
+    from modules.data import load_meta_list
     from modules.model import load_tokenizer
+    from modules.samplers import build_sampler
 
     run_args = parse_args(flags(args, meta, "unused"))
     datasets = load_meta_list(meta, None, {"retri_contrast": 0})

@@ -67,10 +67,11 @@ def flat_scores(full_dim, by_variant):
 def variant_scores(path, sts_sets, retrieval_sets, max_length=128, dims=None, quantizations=None, calibration=None):
     """(full dimension, {(dim, quantization): {set: score}}): every set scored at every dimension and precision, each
     text embedded once (modules.evaluation.variant_scores)."""
-    from modules.data import MetaEntry, load_task_dataset
     from modules.evaluation import read_retrieval_folder, retrieval_ndcg, sts_spearman, variant_scores
+    from modules.meta_list import MetaEntry
     from modules.model import EmbeddingModel
     from modules.quantization import INT8, parse_dims, parse_quantizations, read_calibration_texts
+    from modules.task_datasets import load_task_dataset
 
     quantizations = parse_quantizations(quantizations, calibration)
     check_calibration_apart(calibration, sts_sets, retrieval_sets)

@@ -9,9 +9,9 @@ replaced. `as_local_task` builds a subclass of the task's own class whose `load_
 - Classification: `<train split>.jsonl` and `<split>.jsonl` with `text`, `label`.
 - Clustering: `<split>.jsonl` with `sentences`, `labels` (for C-MTEB's legacy clustering tasks one line is
   one clustering set, holding a list of sentences and a list of labels).
-- Retrieval and Reranking: `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`),
-  `qrels/<split>.tsv` (`query-id corpus-id score`), and for reranking `top_ranked/<split>.jsonl`
-  (`query-id`, `corpus-ids`: the candidates to rerank).
+- Retrieval and Reranking: the BEIR layout read by modules/beir.py: `corpus.jsonl` (`_id`, `title`, `text`),
+  `queries.jsonl` (`_id`, `text`), `qrels/<split>.tsv` (`query-id corpus-id score`), and for reranking
+  `top_ranked/<split>.jsonl` (`query-id`, `corpus-ids`: the candidates to rerank).
 
 Multilingual tasks have one such folder per hf subset: `DATA_DIR/<TaskName>/<subset>/`.
 
@@ -28,10 +28,9 @@ AbsTaskRetrieval) with metadata from task.json, evaluated by mteb's evaluator of
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,10 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.languages.check_language_code import check_language_code
 
+from modules.beir import read_retrieval_split
 from modules.cli import DataError
-from modules.task_folders import LocalTask, read_task_folder
+from modules.task_folders import read_task_folder
 
-QRELS_COLUMNS = ("query-id", "corpus-id", "score")
 TOP_RANKED_COLUMNS = ("query-id", "corpus-ids")
 README_HINT = "see eval/README.md, 'Offline evaluation from local files'"
 
@@ -64,14 +63,16 @@ class LocalDataError(DataError):
 def as_local_task(task: AbsTask, data_dir: Path | str) -> AbsTask:
     """Return a copy of `task` (same class, metadata, splits and subsets) that loads its data from `data_dir`.
 
-    The files are checked here (presence and columns of the first record), so that a broken folder fails
-    before any model is loaded; every record is checked when the data are loaded.
+    The files are checked here (every record of a retrieval folder, the presence and columns of the first record
+    of the others), so that a broken folder fails before any model is loaded; every record is checked when the data
+    are loaded.
     """
     task_class = type(task)
     local_class = type(
         task_class.__name__,
-        (LocalFilesTask, task_class),
-        {"__doc__": f"{task_class.__name__} read from local files.", "__module__": __name__},
+        (LocalDataTask, task_class),
+        {"__doc__": f"{task_class.__name__} read from local files.", "__module__": __name__,
+         "read_local_data": load_local_dataset},
     )
     local_task = local_class(seed=task.seed)
     local_task.task_dir = Path(data_dir) / task.metadata.name
@@ -94,15 +95,16 @@ def as_local_tasks(tasks: Sequence[AbsTask], data_dir: Path | str) -> list[AbsTa
     return local_tasks
 
 
-class LocalFilesTask:
-    """Mixin placed before a real mteb task class: replaces its hub download by reading `task_dir`."""
+class LocalDataTask:
+    """Mixin placed before an mteb task class: replaces its hub download by `read_local_data(task)`, set by the
+    subclass (local files under `task_dir`: `load_local_dataset`; a task.json folder: `folder_dataset`)."""
 
-    task_dir: Path
+    read_local_data: Callable[[AbsTask], Any]
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
             return
-        self.dataset = load_local_dataset(self)
+        self.dataset = self.read_local_data()
         self.data_loaded = True
 
 
@@ -250,16 +252,17 @@ def _label_names_to_ids(splits: dict[str, list[dict[str, Any]]], column: str) ->
 def _read_retrieval_subset(
     task: AbsTaskRetrieval, folder: Path, max_rows: int | None
 ) -> dict[str, RetrievalSplitData]:
-    corpus = _read_documents(folder / "corpus.jsonl", max_rows, with_title=True)
-    queries = _read_documents(folder / "queries.jsonl", max_rows)
-    # Cross-file checks need whole files: with max_rows (the check before the model loads) they wait.
-    known = {} if max_rows else {"corpus_ids": set(corpus["id"]), "query_ids": set(queries["id"])}
+    """Every split of the folder, read whole (modules/beir.py) whatever `max_rows`: the checks across files need
+    whole files."""
     splits = {}
     for split in task.eval_splits:
-        relevant_docs = read_qrels(folder / "qrels" / f"{split}.tsv", max_rows, **known)
+        try:
+            data = read_retrieval_split(folder, split, len(task.eval_splits))
+        except DataError as error:
+            raise LocalDataError(f"{error} ({README_HINT})") from None
         top_ranked_path = folder / "top_ranked" / f"{split}.jsonl"
         if top_ranked_path.exists():
-            top_ranked = read_top_ranked(top_ranked_path, max_rows, **known)
+            top_ranked = read_top_ranked(top_ranked_path, set(data.corpus), set(data.queries))
         elif task.metadata.type == "Reranking":
             raise LocalDataError(
                 f"Reranking task {task.metadata.name} needs its candidates in {top_ranked_path} "
@@ -267,107 +270,40 @@ def _read_retrieval_subset(
             )
         else:
             top_ranked = None
-        splits[split] = RetrievalSplitData(
-            corpus=corpus,
-            queries=_queries_with_qrels(queries, relevant_docs),
-            relevant_docs=relevant_docs,
-            top_ranked=top_ranked,
-        )
+        splits[split] = retrieval_split_data(data.queries, data.corpus, data.qrels, top_ranked)
     return splits
 
 
-def _read_documents(path: Path, max_rows: int | None, with_title: bool = False) -> Dataset:
-    """Read a corpus or queries file; ids may be called `_id` (BEIR, mteb) or `id`, and each occurs once (a
-    second document of an id would replace the first one in mteb's scoring)."""
-    records, first_line = [], {}
-    for line, row in read_jsonl(path, ("text",), max_rows):
-        where = f"{path}:{line}"
-        row_id = row.get("_id", row.get("id"))
-        if row_id is None:
-            raise LocalDataError(f"{where}: no `_id` (or `id`) column; the record has {sorted(row)}.")
-        row_id = str(row_id)
-        if row_id in first_line:
-            raise LocalDataError(f"{where}: id {row_id!r} occurs twice (first at line {first_line[row_id]}).")
-        first_line[row_id] = line
-        record = {"id": row_id, "text": row["text"]}
-        if with_title:  # every document gets one: a column missing from some records reads as None in mteb
-            record["title"] = row.get("title") or ""
-        for column, value in record.items():
-            if not isinstance(value, str):
-                raise LocalDataError(f"{where}: column {column!r} must be a string, got {value!r}.")
-        records.append(record)
-    return Dataset.from_list(records)
+def retrieval_split_data(
+    queries: dict[str, str], corpus: dict[str, dict[str, str]], qrels: dict[str, dict[str, int]],
+    top_ranked: dict[str, list[str]] | None = None,
+) -> RetrievalSplitData:
+    """A split as modules/beir.py reads it, in the datasets mteb's retrieval evaluator takes (it joins title and
+    text itself)."""
+    return RetrievalSplitData(
+        corpus=Dataset.from_list([{"id": doc_id, **document} for doc_id, document in corpus.items()]),
+        queries=Dataset.from_list([{"id": query_id, "text": text} for query_id, text in queries.items()]),
+        relevant_docs=qrels,
+        top_ranked=top_ranked,
+    )
 
 
-def _queries_with_qrels(queries: Dataset, relevant_docs: dict[str, dict[str, int]]) -> Dataset:
-    """Keep the queries that have judgements, as mteb's hub loader does."""
-    keep = [index for index, query_id in enumerate(queries["id"]) if query_id in relevant_docs]
-    return queries.select(keep)
-
-
-def read_qrels(
-    path: Path,
-    max_rows: int | None = None,
-    corpus_ids: set[str] | None = None,
-    query_ids: set[str] | None = None,
-) -> dict[str, dict[str, int]]:
-    """Read a TREC-style qrels TSV with the header `query-id corpus-id score`.
-
-    With `corpus_ids` / `query_ids` every row must judge a document of corpus.jsonl and a query of
-    queries.jsonl: a judgement of a missing document scores 0 unseen, one of a missing query is dropped. The
-    first row that does not is reported, as `file:line`.
-    """
-    if not path.is_file():
-        raise LocalDataError(f"Missing file {path} ({README_HINT}).")
-    relevant_docs: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        missing = [column for column in QRELS_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise LocalDataError(
-                f"{path}: missing column(s) {missing} in the header; found {reader.fieldnames}. "
-                "The first line must be `query-id<TAB>corpus-id<TAB>score`."
-            )
-        for row_number, row in enumerate(reader, start=1):
-            where = f"{path}:{reader.line_num}"
-            query_id, doc_id, score = (row[column] for column in QRELS_COLUMNS)
-            if not (query_id and doc_id and score):
-                raise LocalDataError(f"{where}: expected query-id, corpus-id and score, tab-separated; got {row}.")
-            try:
-                number = float(score)
-            except ValueError:
-                raise LocalDataError(f"{where}: column 'score' must be a number, got {score!r}.") from None
-            score = int(finite_number(where, "score", number))  # float() reads "nan" and "inf"; int() refuses them
-            check_known(where, "query", query_id, query_ids, "queries.jsonl")
-            check_known(where, "document", doc_id, corpus_ids, "corpus.jsonl")
-            relevant_docs.setdefault(query_id, {})[doc_id] = score
-            if max_rows is not None and row_number >= max_rows:
-                break
-    if not relevant_docs:
-        raise LocalDataError(f"{path} holds no judgements (only its header).")
-    return relevant_docs
-
-
-def check_known(where: str, kind: str, item_id: str, known: set[str] | None, file_name: str) -> None:
-    """Refuse an id that is not among `known` (no check when `known` is None)."""
-    if known is not None and item_id not in known:
+def check_known(where: str, kind: str, item_id: str, known: set[str], file_name: str) -> None:
+    """Refuse an id that is not among `known`."""
+    if item_id not in known:
         raise LocalDataError(f"{where}: {kind} {item_id!r} is not in {file_name}.")
 
 
-def read_top_ranked(
-    path: Path,
-    max_rows: int | None = None,
-    corpus_ids: set[str] | None = None,
-    query_ids: set[str] | None = None,
-) -> dict[str, list[str]]:
-    """Read the candidate documents of each query of a reranking task (checked like `read_qrels`' rows)."""
+def read_top_ranked(path: Path, corpus_ids: set[str], query_ids: set[str]) -> dict[str, list[str]]:
+    """Read the candidate documents of each query of a reranking task, each a document of corpus.jsonl for a judged
+    query."""
     top_ranked = {}
-    for line, row in read_jsonl(path, TOP_RANKED_COLUMNS, max_rows):
+    for line, row in read_jsonl(path, TOP_RANKED_COLUMNS):
         where = f"{path}:{line}"
         if not isinstance(row["corpus-ids"], list):
             raise LocalDataError(f"{where}: column 'corpus-ids' must be a list of document ids.")
         query_id, doc_ids = str(row["query-id"]), [str(doc_id) for doc_id in row["corpus-ids"]]
-        check_known(where, "query", query_id, query_ids, "queries.jsonl")
+        check_known(where, "query", query_id, query_ids, "the judged queries of queries.jsonl")
         for doc_id in doc_ids:
             check_known(where, "document", doc_id, corpus_ids, "corpus.jsonl")
         top_ranked[query_id] = doc_ids
@@ -431,18 +367,6 @@ RETRIEVAL_SCORES = tuple(
 MAIN_SCORES = {"STS": STS_SCORES, "PairClassification": PAIR_CLASSIFICATION_SCORES, "Retrieval": RETRIEVAL_SCORES}
 
 
-class FolderTask:
-    """Mixin placed before mteb's abstract task class of the folder's type: data from `local_task`."""
-
-    local_task: LocalTask
-
-    def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-        if self.data_loaded:
-            return
-        self.dataset = folder_dataset(self)
-        self.data_loaded = True
-
-
 def folder_task(folder: Path | str) -> AbsTask:
     """An mteb task for a folder with a task.json (checked here, with its data files; DataError otherwise).
 
@@ -463,10 +387,9 @@ def folder_task(folder: Path | str) -> AbsTask:
             f"{spec_file}: main_score {spec.main_score!r} is not a score mteb computes for {spec.type} tasks; "
             f"one of {', '.join(allowed)}"
         )
-    description = json.loads(spec_file.read_text(encoding="utf-8")).get("description")
     metadata = TaskMetadata(
         name=spec.name,
-        description=description or f"Local {spec.type} task of the folder {folder.resolve()} (task.json).",
+        description=spec.description or f"Local {spec.type} task of the folder {folder.resolve()} (task.json).",
         reference=None,
         dataset={"path": f"local/{spec.name}", "revision": spec.revision},
         type=spec.type,
@@ -491,8 +414,9 @@ def folder_task(folder: Path | str) -> AbsTask:
     base = FOLDER_TASK_CLASSES[spec.type]
     task_class = type(
         _class_name(spec.name),
-        (FolderTask, base),
-        {"metadata": metadata, "__doc__": f"{spec.name}: a local {spec.type} task.", "__module__": __name__},
+        (LocalDataTask, base),
+        {"metadata": metadata, "__doc__": f"{spec.name}: a local {spec.type} task.", "__module__": __name__,
+         "read_local_data": folder_dataset},
     )
     task = task_class()
     task.local_task = spec
@@ -511,14 +435,7 @@ def folder_dataset(task: AbsTask) -> DatasetDict | dict[str, dict[str, Retrieval
         splits = {}
         for split in task.eval_splits:
             data = spec.split_data(split)
-            splits[split] = RetrievalSplitData(
-                corpus=Dataset.from_list(
-                    [{"id": doc_id, "title": doc["title"], "text": doc["text"]} for doc_id, doc in data["corpus"].items()]
-                ),
-                queries=Dataset.from_list([{"id": query_id, "text": text} for query_id, text in data["queries"].items()]),
-                relevant_docs=data["qrels"],
-                top_ranked=None,
-            )
+            splits[split] = retrieval_split_data(data["queries"], data["corpus"], data["qrels"])
         return {"default": splits}
     datasets = {}
     for split in task.eval_splits:

@@ -32,9 +32,9 @@ from typing import Any
 from modules.cli import ArgumentParser, UsageError
 
 # Light on purpose: --help and flag errors answer at once; the work (mteb, torch, sentence-transformers) is in
-# eval/cmteb.py, imported after the flags are parsed.
+# eval/cmteb.py and its eval/cmteb_*.py parts, imported after the flags are parsed.
 
-BENCHMARK = "MTEB(cmn, v1)"  # = cmteb.BENCHMARK
+BENCHMARK = "MTEB(cmn, v1)"  # = cmteb_tasks.BENCHMARK
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # 'name' or 'org/name'
 
@@ -156,12 +156,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for model in models:
         check_model_path(model)
     import cmteb  # heavy: after the flags are parsed
+    from cmteb_model import default_model_name
 
     if len(models) == 1:
         return cmteb.evaluate(argparse.Namespace(**{**vars(args), "model": models[0]}))
     summaries = {}
     for model in models:
-        output_dir = args.output_dir / cmteb.default_model_name(model).replace("/", "__") if args.output_dir else None
+        output_dir = args.output_dir / default_model_name(model).replace("/", "__") if args.output_dir else None
         summaries[model] = cmteb.evaluate(argparse.Namespace(**{**vars(args), "model": model, "output_dir": output_dir}))
     print(comparison_table(summaries))
     return summaries
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="The task .* is superseded by", category=UserWarning)
     try:
         run(argv)
-    except UsageError as error:  # cmteb.SetupError, local_tasks.LocalDataError, modules.cli.DataError, ...
+    except UsageError as error:  # cmteb_errors.SetupError, local_tasks.LocalDataError, modules.cli.DataError, ...
         print(f"run_cmteb.py: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import DataError
-from .data import BadRecord, iter_raw_records, text_column, text_problem
+from .records import BadRecord, iter_raw_records, text_column, text_problem
 
 
 def corpus_candidates(record, where, corpus_root):
@@ -56,7 +56,7 @@ class Corpus:
     _untrainable: dict = field(default=None, repr=False)
 
     def untrainable(self):
-        """{index: problem} of the passages training cannot use (modules.data.text_problem: no visible character, a
+        """{index: problem} of the passages training cannot use (modules.records.text_problem: no visible character, a
         lone surrogate), found once: a mined record naming one is a bad record, like one holding such a text itself.
         (Evaluation reads a corpus as it is.)"""
         if self._untrainable is None:

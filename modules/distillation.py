@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UsageError
-from .losses import Matryoshka, at_least_fp32
+from .loss_inputs import at_least_fp32
+from .matryoshka import unwrapped
 
 
 def score_kl(student_scores, teacher_scores, temperature, teacher_temperature):
@@ -73,7 +74,7 @@ def distillation_terms(losses, accelerator=None):
     it). Under Matryoshka each dim's forward counts once."""
     terms = {}
     for kind, loss in losses.items():
-        distilled = getattr(loss.loss if isinstance(loss, Matryoshka) else loss, "distilled", None)
+        distilled = getattr(unwrapped(loss), "distilled", None)
         if distilled is None:
             continue
         device = accelerator.device if accelerator is not None else "cpu"

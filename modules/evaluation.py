@@ -10,14 +10,17 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from .beir import document_text, read_retrieval_split, relevant_only
 from .cli import UsageError
-from .data import tokenize
+from .collator import tokenize
 from .prompts import prompt_for
 
 
 def load_sts_pairs(path):
     """The records of an STS file (text, text_pair, label), checked like training data (``--eval_sts_file``)."""
-    from .data import DataError, MetaEntry, load_task_dataset
+    from .cli import DataError
+    from .meta_list import MetaEntry
+    from .task_datasets import load_task_dataset
 
     if not Path(path).is_file():
         raise DataError(f"--eval_sts_file {path}: no such file")
@@ -91,36 +94,11 @@ def sts_spearman(model, tokenizer, pairs, max_length, batch_size=64, embed=None)
 
 
 def read_retrieval_folder(folder, split=None):
-    """(queries {id: text}, corpus {id: text}, qrels {query id: {doc id: grade}}) from a BEIR-layout folder:
-    corpus.jsonl (read by modules.corpus.read_corpus), queries.jsonl ({"_id" or "id", "text"}) and
-    qrels/<split>.tsv, or qrels.tsv when no split is asked for or the folder has no qrels/ (query-id,
-    corpus-id, score; with a header). Only judgements with score > 0, and the queries they judge, are kept."""
-    from .corpus import read_corpus
-    from .data import DataError, iter_raw_records
-
-    folder = Path(folder)
-    qrels_file = folder / "qrels" / f"{split}.tsv" if split and (folder / "qrels").is_dir() else folder / "qrels.tsv"
-    for path in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_file):
-        if not path.exists():
-            raise DataError(f"{folder}: no {path.relative_to(folder)} (expected the BEIR layout)")
-    corpus = read_corpus(folder / "corpus.jsonl")
-    qrels = {}
-    for line_no, line in enumerate(qrels_file.read_text(encoding="utf-8").splitlines()[1:], start=2):
-        try:
-            query_id, doc_id, grade = line.split("\t")
-            grade = float(grade)
-        except ValueError:
-            raise DataError(f"{qrels_file}:{line_no}: expected query-id, corpus-id and score separated by tabs") from None
-        if not math.isfinite(grade):  # float() reads "nan" and "inf": a NaN grade was dropped, an inf one gave NaN
-            raise DataError(f"{qrels_file}:{line_no}: score {grade} is not a finite number")
-        if grade > 0:
-            qrels.setdefault(query_id, {})[doc_id] = grade
-    queries = {}
-    for _, query in iter_raw_records(folder / "queries.jsonl"):
-        query_id = str(query.get("_id", query.get("id")))
-        if query_id in qrels:
-            queries[query_id] = query["text"]
-    return queries, dict(zip(corpus.ids, corpus.texts)), qrels
+    """(queries {id: text}, corpus {id: text}, qrels {query id: {doc id: grade}}) of a BEIR-layout folder, read by
+    modules/beir.py's rules, as this module's scorers rank it: each document's text as mteb joins title and text,
+    the relevant judgements only (grade > 0; every judged query needs one)."""
+    data = relevant_only(read_retrieval_split(folder, split))
+    return data.queries, {doc_id: document_text(doc) for doc_id, doc in data.corpus.items()}, data.qrels
 
 
 def top_k(scores, k):

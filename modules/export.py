@@ -18,10 +18,8 @@ tools/export_checkpoint.py puts the two together. The layouts accelerate's ``sav
 """
 
 import argparse
-import importlib
 import json
 import pickle
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +31,6 @@ from .cli import UsageError
 from .output_paths import refuse_output_over_inputs
 from .weight_files import check_pickles, deepspeed_globals, load_pickle, load_safetensors, weights_only_loads
 
-REPO = Path(__file__).resolve().parents[1]  # where the training scripts are
 SCRIPTS = ("train_finetune.py", "train_llm_embed.py", "train_pretrain.py")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 
@@ -163,24 +160,24 @@ def training_script(config, config_file):
 
 
 def rebuild_model(run_dir):
-    """(script, args, model): the model as the run's script built it before step one (the start weights), from the
-    run's run_config.json, with the prompts the script adds after building it."""
-    from .data import entry_kind, read_meta_list
+    """(script, args, model): the model as the run's script built it before step one (the start weights, by its
+    builder in modules/model_builders.py), from the run's run_config.json, with the prompts the script adds after
+    building it."""
+    from .meta_list import entry_kind, read_meta_list
+    from .model_builders import build_encoder, build_llm_model, build_pretrain_encoder
     from .prompts import set_training_prompts
 
     config_file, config, args = read_run_config(run_dir)
     script = training_script(config, config_file)
     quiet = SimpleNamespace(print=lambda *_, **__: None)  # the builders' accelerator, used to print only
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     if script == "train_pretrain.py":
-        model = importlib.import_module("train_pretrain").build_model(args)
+        model = build_pretrain_encoder(args)
         datasets = [("pairs", "retri_contrast")]  # every source's queries take --query_prefix
     else:
         if script == "train_llm_embed.py":
-            model = importlib.import_module("train_llm_embed").build_llm_model(args, quiet)
+            model = build_llm_model(args, quiet)
         else:
-            model = importlib.import_module("train_finetune").build_encoder(args, quiet)
+            model = build_encoder(args, quiet)
         datasets = [(entry.name, entry_kind(entry)) for entry in read_meta_list(args.meta_list, args.root_dir)]
     set_training_prompts(model, args, datasets)  # as the script does after building the model
     return script, args, model

@@ -6,6 +6,8 @@ from itertools import chain
 from pathlib import Path
 
 from .cli import DataError, UsageError
+from .meta_list import META_LINE, iter_meta_lines
+from .records import iter_raw_records
 from .run_lock import lock_output_dir, main_process, run_contents
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # --torch_dtype; "auto": the checkpoint's own dtype
@@ -18,8 +20,6 @@ MERGE_METHODS = ("mean", "slerp")  # tools/merge_checkpoints.py
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
-META_LINE = "<path> <repeat> [type=KIND] [batch_size=N] [weight=W] [name=NAME]"  # fine-tuning meta lists
-PRETRAIN_META_LINE = "<path> <weight> [columns=QUERY,POSITIVE] [name=NAME]"
 # --sts_loss: the objectives of the cosent kind (modules/sts_losses.py) and how a model card names them
 STS_LOSSES = {"cosent": "CoSENT", "pearson": "Pearson (1 - r, no temperature)",
               "rank_kl": "rank KL (tie-aware rank targets)", "pro": "PRO (listwise)",
@@ -166,7 +166,7 @@ def check_ranges(parser, args):
 
 def check_matryoshka_flags(parser, dims, weights):
     """--mrl_dims ('piccolo' or positive integers) and --mrl_weights (one per dim, >= 0, not all 0); that the dims
-    fit the model's output is checked once it is loaded (modules.losses.matryoshka_from_flags)."""
+    fit the model's output is checked once it is loaded (modules.matryoshka.matryoshka_from_flags)."""
     import math
 
     if dims and dims != "piccolo":
@@ -309,8 +309,6 @@ def data_inputs(args):
     fine-tuning scripts, which have --dhnm), of each corpus its records point into; every record is read, as a
     merged file may point into several. A meta list or dataset that cannot be read ends the list: the run stops
     on it when it loads its data, before anything is deleted."""
-    from .data import iter_meta_lines
-
     try:
         for where, root, fields in iter_meta_lines(args.meta_list, args.root_dir, META_LINE):
             dataset = root / fields[0]  # an absolute path stays itself
@@ -325,8 +323,6 @@ def data_inputs(args):
 def referenced_corpora(dataset):
     """The corpus files the mined records of ``dataset`` point into (relative to its folder, as the loader reads
     them), sorted; invalid JSON lines are skipped here (the loader reports them)."""
-    from .data import iter_raw_records
-
     corpora = {dataset.parent / record["corpus"] for _, record in iter_raw_records(dataset, lambda error: None)
                if isinstance(record, dict) and isinstance(record.get("corpus"), str)}
     return sorted(corpora)

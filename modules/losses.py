@@ -1,10 +1,11 @@
-"""Contrastive and ranking losses on embeddings (the math only; embedding happens in the caller).
+"""Contrastive losses on embeddings (the math only; embedding happens in the caller): InfoNCE with in-batch and hard
+negatives, the improved contrastive loss, the spread-out regulariser.
 
 Every loss takes raw embeddings, casts them to float32 (bf16 embeddings from DeepSpeed or autocast
 included), L2-normalises them, and works in one process or many: with
 ``gather_across_processes`` the candidates of all processes join each query's denominator,
-gathered WITH gradient. Each process returns a loss whose mean over processes equals the loss of
-one process on the concatenated batch; since the all-gather backward sums gradients and DDP
+gathered WITH gradient (modules/loss_inputs.py). Each process returns a loss whose mean over processes equals the
+loss of one process on the concatenated batch; since the all-gather backward sums gradients and DDP
 averages them, the parameter gradients match that single-process computation too.
 """
 
@@ -12,33 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_gather
 
 from .candidates import CandidateRules, adjusted, gather_ids
-from .cli import UsageError
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate ``tensor`` from every process along dim 0, keeping the autograd graph.
-
-    Returns the gathered tensor and this process's row offset into it. Every process must pass
-    the same shape.
-    """
-    if not _distributed():
-        return tensor, 0
-    gathered = all_gather(tensor.contiguous())
-    return torch.cat(gathered), dist.get_rank() * tensor.size(0)
-
-
-def at_least_fp32(tensor):
-    """``tensor`` in float32 (float64 stays): losses never run in bf16/fp16, whatever the launcher's precision."""
-    if tensor is None:
-        return None
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+from .loss_inputs import at_least_fp32, gather_with_grad, is_distributed
+from .matryoshka import unwrapped
 
 
 def info_nce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,7 +115,7 @@ class InfoNCE(nn.Module):
         query = F.normalize(at_least_fp32(query), dim=-1)
         positive = F.normalize(at_least_fp32(positive), dim=-1)
         negatives = F.normalize(at_least_fp32(negatives), dim=-1) if negatives is not None else None
-        gather = self.gather_across_processes and _distributed()
+        gather = self.gather_across_processes and is_distributed()
         if not self.in_batch_negatives:
             return self._own_candidates_loss(query, positive, negatives, text_ids, gather)
 
@@ -240,7 +218,7 @@ class ImprovedInfoNCE(InfoNCE):
         query = F.normalize(at_least_fp32(query), dim=-1)
         positive = F.normalize(at_least_fp32(positive), dim=-1)
         negatives = F.normalize(at_least_fp32(negatives), dim=-1) if negatives is not None else None
-        gather = self.gather_across_processes and _distributed()
+        gather = self.gather_across_processes and is_distributed()
         all_queries, offset = gather_with_grad(query) if gather else (query, 0)
         all_positives = gather_with_grad(positive)[0] if gather else positive
         documents = [all_positives]
@@ -298,7 +276,7 @@ class SpreadOut(nn.Module):
 def orthogonality_penalty(embeddings, gather=True):
     """GOR of a batch of embeddings (with ``gather``, of every process's rows, gathered with gradient)."""
     x = F.normalize(at_least_fp32(embeddings), dim=-1)
-    if gather and _distributed():
+    if gather and is_distributed():
         x = gather_with_grad(x)[0]
     pairs = x.size(0) * (x.size(0) - 1)
     if pairs == 0:
@@ -309,172 +287,12 @@ def orthogonality_penalty(embeddings, gather=True):
     return first**2 + torch.clamp(second - 1 / x.size(1), min=0)
 
 
-def cosent(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log(1 + sum over (a, b) with label_a < label_b of exp((s_a - s_b) / tau))."""
-    differences = (scores[:, None] - scores[None, :]) / temperature  # [a, b] = s_a - s_b
-    ordered = labels[:, None] < labels[None, :]
-    differences = differences.masked_fill(~ordered, float("-inf"))
-    zero = torch.zeros(1, dtype=differences.dtype, device=differences.device)
-    return torch.logsumexp(torch.cat([zero, differences.flatten()]), dim=0)
-
-
-class CoSENT(nn.Module):
-    """CoSENT ranking loss for scored pairs (STS, pair classification).
-
-    With s_i = cos(a_i, b_i) and gold label y_i:
-
-        L = log(1 + sum_{(i, j): y_i < y_j} exp((s_i - s_j) / tau))
-
-    Pairs are ranked against every pair of the global batch: scores and labels are gathered,
-    and every process computes the same full loss. Reference: Su 2022, "CoSENT"
-    (kexue.fm/archives/8847); Piccolo2 (arXiv 2405.06932), tau 0.05.
-    """
-
-    def __init__(self, temperature=0.05, gather_across_processes=True):
-        super().__init__()
-        self.temperature = temperature
-        self.gather_across_processes = gather_across_processes
-
-    def forward(self, embeddings_a, embeddings_b, labels):
-        scores = F.cosine_similarity(at_least_fp32(embeddings_a), at_least_fp32(embeddings_b), dim=-1)
-        # labels keep their own dtype: only their order matters, and bf16 would merge close labels into ties
-        if self.gather_across_processes and _distributed():
-            scores = gather_with_grad(scores)[0]
-            labels = gather_with_grad(labels)[0]
-        return cosent(scores, labels, self.temperature)
-
-
-class Matryoshka(nn.Module):
-    """Matryoshka Representation Learning: the wrapped loss at each nested dimension.
-
-        L = sum_d w_d * loss(e[..., :d]) / sum_d w_d
-
-    Every embedding argument (a float tensor of 2+ dims) is truncated to its first d
-    coordinates; the wrapped loss re-normalises. Dimensions above the embedding size are an error,
-    not silently dropped. Reference: Kusupati et al. 2022 (arXiv 2205.13147).
-    """
-
-    def __init__(self, loss: nn.Module, dims, weights=None):
-        super().__init__()
-        if not dims:
-            raise ValueError("Matryoshka needs at least one dimension")
-        if weights is not None and len(weights) != len(dims):
-            raise ValueError(f"Matryoshka: {len(dims)} dims but {len(weights)} weights")
-        self.loss = loss
-        self.dims = list(dims)
-        self.weights = list(weights) if weights is not None else [1.0] * len(dims)
-
-    def forward(self, *args):
-        embedding_size = next(a.size(-1) for a in args if _is_embedding(a))
-        if max(self.dims) > embedding_size:
-            raise ValueError(f"Matryoshka dims {self.dims} exceed the embedding size {embedding_size}")
-        total = 0.0
-        for dim, weight in zip(self.dims, self.weights):
-            truncated = [a[..., :dim] if _is_embedding(a) else a for a in args]
-            total = total + weight * self.loss(*truncated)
-        return total / sum(self.weights)
-
-
-def _is_embedding(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
-
-
-def relative_task_weights(weights, kinds):
-    """Each task kind's loss weight divided by the largest among the ``kinds`` the run trains.
-
-    Piccolo2's weights (retrieval 1, classification 0.2, CoSENT 0.04) are relative between tasks. A
-    batch holds one task, and Adam's update does not depend on the loss's scale, so the absolute scale
-    only decides how often gradient clipping (norm 1.0) acts: a CoSENT-only run at weight 0.04 was
-    almost never clipped where sentence-transformers' run at weight 1 always is, and ended about a
-    point lower. Dividing by the largest makes a single-task run train at weight 1 and keeps the ratios
-    of a mixed run.
-    """
-    used = {kind: weights[kind] for kind in kinds}
-    bad = [kind for kind, weight in used.items() if not weight > 0]
-    if bad:
-        raise UsageError(f"loss weights must be > 0; {', '.join(f'{k} has {used[k]}' for k in bad)} "
-                         "(leave a task out of the meta list instead)")
-    largest = max(used.values())
-    return {kind: weight / largest for kind, weight in used.items()}
-
-
-PICCOLO_MRL_DIMS = (256, 512, 768, 1024, 1280, 1536, 1792)
-
-
-def matryoshka_dims(requested, output_dim):
-    """The requested nested dims that fit the output size, plus the output size itself (Piccolo2's list
-    is 256..1792; the saved model returns the full embedding, so it is always trained)."""
-    return sorted({d for d in requested if d <= output_dim} | {output_dim})
-
-
-def matryoshka_from_flags(loss, dims_flag, weights_flag, output_dim):
-    """``loss`` wrapped in Matryoshka per ``--mrl_dims`` ('' off, 'piccolo', or '64,128,384') / ``--mrl_weights``.
-
-    An explicit list must hold the output size: coordinates above the largest dim would get no
-    gradient, yet the saved model uses them.
-    """
-    if not dims_flag:
-        return loss
-    if dims_flag == "piccolo":
-        dims = matryoshka_dims(PICCOLO_MRL_DIMS, output_dim)
-    else:
-        try:
-            dims = sorted({int(d) for d in dims_flag.split(",")})
-        except ValueError:
-            raise UsageError(f"--mrl_dims {dims_flag}: expected 'piccolo' or a comma list of integers") from None
-        if dims[0] < 1 or dims[-1] != output_dim:
-            raise UsageError(f"--mrl_dims {dims_flag}: the list must include the output size {output_dim} as its "
-                             "largest dim, and every dim must be >= 1")
-    weights = None
-    if weights_flag:
-        try:
-            weights = [float(w) for w in weights_flag.split(",")]
-        except ValueError:
-            raise UsageError(f"--mrl_weights {weights_flag}: expected a comma list of numbers") from None
-        if len(weights) != len(dims):
-            raise UsageError(f"--mrl_weights: {len(weights)} weights for the Matryoshka dims {dims}")
-    return Matryoshka(loss, dims, weights)
-
-
-def task_losses(args, kinds, output_dim):
-    """The fine-tuning losses of each task kind from the flags (temperatures, CBB, false-negative masks, hardness
-    weights, the improved contrastive loss, the spread-out regulariser, distillation, the STS objective, Matryoshka),
-    and each kind's weight relative to the largest among the run's ``kinds``."""
-    from .distillation import ParallelMSE, ScoreDistillation  # they build on this module's helpers
-    from .sts_losses import sts_loss
-
-    candidates = {"mask_duplicates": args.mask_duplicates, "mask_margin": args.mask_margin,
-                  "mask_relative": args.mask_relative, "hard_alpha": args.hard_negative_alpha,
-                  "in_batch_alpha": args.in_batch_alpha}
-    retrieval = ImprovedInfoNCE if args.improved_contrastive else InfoNCE
-    losses = {
-        "retri_contrast": retrieval(args.retri_temperature, in_batch_negatives=not args.retri_hard_negatives_only,
-                                    shared_queries=args.cbb, **candidates),
-        "cls_contrast": InfoNCE(args.cls_temperature, in_batch_negatives=False, **candidates),
-        "cosent": sts_loss(getattr(args, "sts_loss", "cosent"), args.cosent_temperature),  # --sts_loss
-    }
-    if args.spread_out_weight:
-        losses["retri_contrast"] = SpreadOut(losses["retri_contrast"], args.spread_out_weight)
-    if args.distill_weight:
-        losses["retri_contrast"] = ScoreDistillation(losses["retri_contrast"], args.distill_weight,
-                                                     args.retri_temperature,
-                                                     args.teacher_temperature or args.retri_temperature)
-    weights = relative_task_weights({"retri_contrast": args.retri_weight, "cls_contrast": args.cls_weight,
-                                     "cosent": args.cbb_beta if args.cbb else args.cosent_weight,
-                                     "parallel": args.parallel_weight}, kinds)
-    losses = {kind: matryoshka_from_flags(loss, args.mrl_dims, args.mrl_weights, output_dim)
-              for kind, loss in losses.items()}
-    losses["parallel"] = ParallelMSE()  # the teacher's embeddings are whole: no Matryoshka
-    return losses, weights
-
-
 def contrastive_masks(losses):
     """{"mask/<kind>_removed": candidates removed per forward, "mask/<kind>_removed_fraction": removed / the
     negatives the rows considered (the positive is never removed)} since the last call (then reset), for the log."""
     counts = {}
     for kind, loss in losses.items():
-        inner = loss.loss if isinstance(loss, Matryoshka) else loss
-        masked = getattr(inner, "masked", None)
+        masked = getattr(unwrapped(loss), "masked", None)
         if masked and masked["forwards"]:
             counts[f"mask/{kind}_removed"] = masked["removed"] / masked["forwards"]
             counts[f"mask/{kind}_removed_fraction"] = masked["removed"] / max(masked["candidates"], 1)

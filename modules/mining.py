@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.data import DataError
+from modules.cli import DataError
 from modules.progress import StageProgress, embedding_progress
 
 DHNM_STATE = "dhnm_state.safetensors"

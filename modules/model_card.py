@@ -184,7 +184,7 @@ def _model_section(args, base, summary, layout, weights):
         lines.append(f"- ScalingLayer: linear {layout['dense'][0]} -> {layout['dense'][1]}"
                      + (f", learning rate {_num(lr)}" if lr else ""))
     if args.mrl_dims:
-        from .losses import PICCOLO_MRL_DIMS, matryoshka_dims
+        from .matryoshka import PICCOLO_MRL_DIMS, matryoshka_dims
 
         piccolo = args.mrl_dims == "piccolo" and layout["dim"]
         dims = matryoshka_dims(PICCOLO_MRL_DIMS, layout["dim"]) if piccolo else args.mrl_dims

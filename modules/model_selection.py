@@ -9,7 +9,9 @@ best travel in every checkpoint's trainer_state.json, so a resumed run reports t
 
 import math
 import sys
+from pathlib import Path
 
+from .checkpoints import load_checkpoint
 from .ema import scoring_weights
 
 
@@ -84,6 +86,17 @@ class DevRun:
             print(f"warning: the start model (step 0) scored best on {best.metric} ({best.value:.2f}): training did "
                   f"not improve it; {shipped}", file=sys.stderr, flush=True)
         return best.step if final_is_best and best.step is not None else last_step
+
+    def final_weights(self, accelerator, model, tokenizer, max_lengths, last_step, final_is_best, output_dir,
+                      saved_beside=()):
+        """After the last step: scores it if it was not, and loads the checkpoint of the step final/ ships when that
+        is not the last (``--final_is_best``, with the states saved beside it). Returns that step."""
+        if self and last_step not in self.history:
+            self.evaluate(accelerator, model, tokenizer, max_lengths, last_step)
+        final_step = self.final_step(final_is_best, last_step, accelerator.is_main_process)
+        if final_step != last_step:
+            load_checkpoint(accelerator, Path(output_dir) / f"checkpoint-{final_step}", saved_beside)
+        return final_step
 
     def scorer(self, tokenizer, max_lengths):
         """A function scoring a model on this process alone (final/'s weights, modules/outputs.py)."""

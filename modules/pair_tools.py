@@ -90,7 +90,7 @@ def iter_pairs(args, report):
 
 
 def _iter_records(paths, skip_bad, report):
-    from modules.data import iter_raw_records
+    from modules.records import iter_raw_records
 
     on_invalid_json = (lambda error: report.drop("bad_record", error)) if skip_bad else None
     for path in map(Path, paths):

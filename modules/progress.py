@@ -145,3 +145,13 @@ class Stopwatch:
         lap = time.perf_counter() - self.started
         self.seconds += lap
         return lap
+
+
+def no_library_bars():
+    """Turns off the progress bars of transformers (loading and saving weights) and datasets (loading data): in a
+    log file each is a line of carriage returns."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()

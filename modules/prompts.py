@@ -7,8 +7,9 @@ task of that name). ``prompt_for`` picks a prompt as mteb does, so a dev set sco
 exactly as the saved model is embedded when scored.
 """
 
+from .task_kinds import CONTRASTIVE_KINDS  # the kinds whose queries take a prefix (TaskCollator)
+
 QUERY = "query"
-CONTRASTIVE_KINDS = ("retri_contrast", "cls_contrast")  # the kinds whose queries take a prefix (TaskCollator)
 
 
 def prompt_for(prompts, task_name, task_type, input_type=None):
@@ -45,7 +46,7 @@ def training_prompts(model_prompts, query_prefix, file_prefixes, datasets):
 def set_training_prompts(model, args, datasets):
     """Give ``model`` the prompts final/ saves for a run with these flags and ``datasets`` ((name, kind) pairs); returns
     {dataset: query prefix} (see ``training_prompts``). The training scripts and the checkpoint export both call it."""
-    from .data import read_query_prefixes
+    from .meta_list import read_query_prefixes
 
     names = [name for name, _ in datasets]
     file = getattr(args, "query_prefix_file", None)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import DataError, UsageError
+from .records import BadRecord, iter_raw_records, nonempty_text
 
 FLOAT32, INT8, BINARY = "float32", "int8", "binary"
 QUANTIZATIONS = (FLOAT32, INT8, BINARY)
@@ -85,8 +86,6 @@ def parse_quantizations(names, calibration=None, flag="--quantize"):
 def read_calibration_texts(path, limit=CALIBRATION_TEXTS):
     """The first ``limit`` distinct texts of a data file (JSONL, parquet, saved ``datasets``), from its ``TEXT_COLUMNS``
     (a string or a list of strings each); an empty or broken text is refused naming the line, as in training data."""
-    from .data import BadRecord, iter_raw_records, nonempty_text
-
     texts = {}
     for where, record in iter_raw_records(Path(path)):
         for column in TEXT_COLUMNS:

@@ -2,8 +2,8 @@
 
 from accelerate.utils import DistributedType
 
-from .data import dataset_shares
 from .run_options import shown_path
+from .samplers import dataset_shares
 
 
 def finetune_setup(args, accelerator, datasets, batch_sizes, sampler, total_steps, warmup_steps, loss_weights):

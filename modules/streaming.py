@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.data import (
-    BadRecord, DataError, SkippedRecords, assign_dataset_names, check_weight_sum, iter_file_lines, iter_meta_lines,
-    nonempty_text, parse_json_line, positive_number, tokenize,
+from modules.cli import DataError
+from modules.collator import tokenize
+from modules.meta_list import (
+    PRETRAIN_META_LINE, assign_dataset_names, check_weight_sum, iter_meta_lines, positive_number,
 )
-from modules.flags import PRETRAIN_META_LINE
+from modules.records import BadRecord, SkippedRecords, iter_file_lines, nonempty_text, parse_json_line
 
 PAIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 MAX_HELD_BACK = 100_000
@@ -47,7 +48,7 @@ MAX_HELD_BACK = 100_000
 
 @dataclass
 class PairSource:
-    name: str | None  # name=NAME, else derived from the path (modules.data.assign_dataset_names)
+    name: str | None  # name=NAME, else derived from the path (modules.meta_list.assign_dataset_names)
     files: list
     weight: float
     columns: tuple = ("text", "text_pos")

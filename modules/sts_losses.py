@@ -2,13 +2,13 @@
 
 Every objective takes the embeddings of the two sides of B pairs and their gold labels, scores each pair in
 float32 or wider (cosine similarity; AnglE: its angle similarity), gathers scores and labels across processes with
-gradient as CoSENT does (modules/losses.py), and computes the same full loss over the global batch on every
+gradient (modules/loss_inputs.py), and computes the same full loss over the global batch on every
 process: since the all-gather backward sums the gradients of every process's copy and DDP averages them, the
 parameter gradients equal one process's on the concatenated batch. Labels keep their own dtype wherever they are
 compared (bf16 would merge close labels into ties); label-derived numbers enter the loss in the scores' dtype.
 The objectives work under Matryoshka (the labels are not embeddings, so they are not truncated).
 
-    cosent    CoSENT (modules/losses.py), the default: today's loss
+    cosent    CoSENT, the default                                       Su 2022 (kexue.fm/archives/8847), Piccolo2
     pearson   1 - Pearson r of scores and labels                       CoDiEmb (arXiv 2508.11442)
     rank_kl   KL(softmax of tie-aware rank targets || softmax(s/tau))   CoDiEmb
     pro       PRO's listwise Plackett-Luce ranking over the batch       Song et al. 2023 (arXiv 2306.17492), CoDiEmb
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flags import sts_loss_terms
-from .losses import CoSENT, _distributed, at_least_fp32, cosent, gather_with_grad
+from .loss_inputs import at_least_fp32, gather_with_grad, is_distributed
 
 
 def cosine_scores(embeddings_a, embeddings_b):
@@ -47,6 +47,15 @@ def angle_similarity(embeddings_a, embeddings_b):
     real_y, imaginary_y = y.chunk(2, dim=-1)
     sines = (imaginary_x * real_y - real_x * imaginary_y).sum(-1)
     return torch.abs((x * y).sum(-1) + sines)
+
+
+def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log(1 + sum over (a, b) with label_a < label_b of exp((s_a - s_b) / tau))."""
+    differences = (scores[:, None] - scores[None, :]) / temperature  # [a, b] = s_a - s_b
+    ordered = labels[:, None] < labels[None, :]
+    differences = differences.masked_fill(~ordered, float("-inf"))
+    zero = torch.zeros(1, dtype=differences.dtype, device=differences.device)
+    return torch.logsumexp(torch.cat([zero, differences.flatten()]), dim=0)
 
 
 def pearson_loss(scores, labels):
@@ -111,13 +120,33 @@ class ScoredPairs(nn.Module):
 
     def forward(self, embeddings_a, embeddings_b, labels):
         scores = self.similarity(embeddings_a, embeddings_b)
-        if self.gather_across_processes and _distributed():
+        if self.gather_across_processes and is_distributed():
             scores = gather_with_grad(scores)[0]
             labels = gather_with_grad(labels)[0]
         return self.objective(scores, labels)
 
     def objective(self, scores, labels):
         raise NotImplementedError
+
+
+class CoSENT(ScoredPairs):
+    """CoSENT ranking loss for scored pairs (STS, pair classification).
+
+    With s_i = cos(a_i, b_i) and gold label y_i:
+
+        L = log(1 + sum_{(i, j): y_i < y_j} exp((s_i - s_j) / tau))
+
+    Pairs are ranked against every pair of the global batch: scores and labels are gathered,
+    and every process computes the same full loss. Reference: Su 2022, "CoSENT"
+    (kexue.fm/archives/8847); Piccolo2 (arXiv 2405.06932), tau 0.05.
+    """
+
+    def __init__(self, temperature=0.05, gather_across_processes=True):
+        super().__init__(gather_across_processes)
+        self.temperature = temperature
+
+    def objective(self, scores, labels):
+        return cosent_loss(scores, labels, self.temperature)
 
 
 class Pearson(ScoredPairs):
@@ -192,7 +221,7 @@ class AnglE(ScoredPairs):
         self.temperature = temperature
 
     def objective(self, scores, labels):
-        return cosent(scores, labels, self.temperature)
+        return cosent_loss(scores, labels, self.temperature)
 
 
 class WeightedSum(nn.Module):

@@ -7,7 +7,8 @@ Data, per type:
 - STS, PairClassification: ``<split>.jsonl`` with ``sentence1``, ``sentence2``, ``score`` (STS) or ``label`` (0/1),
   mteb's columns, or the training format ``text``, ``text_pair``, ``label``.
 - Retrieval: the BEIR layout, ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
-  ``qrels/<split>.tsv`` or, for a single split, ``qrels.tsv`` (query-id, corpus-id, score; a header line).
+  ``qrels/<split>.tsv`` or, for a single split, ``qrels.tsv`` (query-id, corpus-id, score; a header line), read by
+  modules/beir.py's rules; every judged query needs a relevant document (a grade above 0).
 
 eval/run_cmteb.py --local-task runs such a folder through mteb's own evaluator of its type, and the training
 scripts' --eval_dir score it during training (modules/evaluation.py). Every problem is a DataError naming the
@@ -16,11 +17,12 @@ folder, file and line.
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .beir import qrels_file, read_retrieval_split, relevant_only
 from .cli import DataError
+from .json_object import read_json_object
 
 TASK_TYPES = ("STS", "PairClassification", "Retrieval")
 DEFAULT_MAIN_SCORE = {"STS": "cosine_spearman", "PairClassification": "max_accuracy", "Retrieval": "ndcg_at_10"}
@@ -35,6 +37,7 @@ class LocalTask:
     main_score: str
     splits: list
     folder: Path
+    description: str = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -57,11 +60,8 @@ class LocalTask:
     def data_files(self):
         if self.type != "Retrieval":
             return [self.folder / f"{split}.jsonl" for split in self.splits]
-        return [self.folder / "corpus.jsonl", self.folder / "queries.jsonl", *map(self._qrels_file, self.splits)]
-
-    def _qrels_file(self, split):
-        per_split = self.folder / "qrels" / f"{split}.tsv"
-        return per_split if per_split.exists() or len(self.splits) > 1 else self.folder / "qrels.tsv"
+        return [self.folder / "corpus.jsonl", self.folder / "queries.jsonl",
+                *(qrels_file(self.folder, split, len(self.splits)) for split in self.splits)]
 
 
 def read_task_folder(folder):
@@ -70,12 +70,7 @@ def read_task_folder(folder):
     spec_file = folder / "task.json"
     if not spec_file.is_file():
         raise DataError(f"{folder}: no task.json (a local task folder declares name, type, language and splits)")
-    try:
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{spec_file}:{error.lineno}: invalid JSON ({error.msg})") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{spec_file}: expected a JSON object")
+    spec = read_json_object(spec_file)
     unknown = set(spec) - {"name", "type", "language", "main_score", "splits", "description"}
     if unknown:
         raise DataError(f"{spec_file}: unknown keys {sorted(unknown)}")
@@ -88,7 +83,8 @@ def read_task_folder(folder):
         raise DataError(f"{spec_file}: 'splits' must be a non-empty list of split names")
     language = spec.get("language", ["und"])
     language = [language] if isinstance(language, str) else language
-    task = LocalTask(name, kind, language, spec.get("main_score") or DEFAULT_MAIN_SCORE[kind], splits, folder)
+    task = LocalTask(name, kind, language, spec.get("main_score") or DEFAULT_MAIN_SCORE[kind], splits, folder,
+                     spec.get("description"))
     missing = [str(path.relative_to(folder)) for path in task.data_files() if not path.is_file()]
     if missing:
         raise DataError(f"{folder}: task {name} ({kind}) needs {', '.join(missing)}")
@@ -96,7 +92,8 @@ def read_task_folder(folder):
 
 
 def _read_pairs(task, split):
-    from .data import _number, iter_raw_records
+    from .records import iter_raw_records
+    from .task_datasets import _number
 
     label = "score" if task.type == "STS" else "label"
     data = {"sentence1": [], "sentence2": [], label: []}
@@ -124,56 +121,5 @@ def _read_pairs(task, split):
 
 
 def _read_retrieval(task, split):
-    from .data import iter_raw_records
-
-    corpus, first_seen = {}, {}
-    for where, record in iter_raw_records(task.folder / "corpus.jsonl"):
-        doc_id = _unique_id(record, where, first_seen)
-        title, text = record.get("title") or "", record.get("text") or ""
-        if not (isinstance(title, str) and isinstance(text, str) and (title + text).strip()):
-            raise DataError(f"{where}: a document needs a non-empty 'text' or 'title' (strings)")
-        corpus[doc_id] = {"title": title, "text": text}
-    qrels_file = task._qrels_file(split)
-    qrels, judged_at = {}, {}
-    for line_no, line in enumerate(qrels_file.read_text(encoding="utf-8").splitlines()[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
-            raise DataError(f"{qrels_file}:{line_no}: expected query-id, corpus-id and an integer score, tab-separated")
-        query_id, doc_id, grade = fields[0], fields[1], int(fields[2])
-        if doc_id not in corpus:
-            raise DataError(f"{qrels_file}:{line_no}: document {doc_id!r} is not in corpus.jsonl")
-        if grade > 0:
-            qrels.setdefault(query_id, {})[doc_id] = grade
-            judged_at.setdefault(query_id, line_no)
-    queries, first_seen = {}, {}
-    for where, record in iter_raw_records(task.folder / "queries.jsonl"):
-        query_id = _unique_id(record, where, first_seen)
-        if query_id in qrels:
-            text = record.get("text")
-            if not (isinstance(text, str) and text.strip()):
-                raise DataError(f"{where}: 'text' must be a non-empty string")
-            queries[query_id] = text
-    unknown = sorted(set(qrels) - set(queries), key=judged_at.get)
-    if unknown:
-        raise DataError(f"{qrels_file}:{judged_at[unknown[0]]}: query {unknown[0]!r} is not in queries.jsonl"
-                        + (f" ({len(unknown) - 1} more judged queries are not)" if len(unknown) > 1 else ""))
-    if not queries:
-        raise DataError(f"{qrels_file}: no query has a relevant document")
-    return {"queries": queries, "corpus": corpus, "qrels": qrels}
-
-
-def _unique_id(record, where, first_seen):
-    """The record's id, refused when an earlier record of the file (``first_seen``: id -> where) has it."""
-    record_id = _record_id(record, where)
-    if record_id in first_seen:
-        raise DataError(f"{where}: id {record_id!r} occurs twice (first at {first_seen[record_id]})")
-    first_seen[record_id] = where
-    return record_id
-
-
-def _record_id(record, where):
-    if not isinstance(record, dict) or record.get("_id", record.get("id")) is None:
-        raise DataError(f"{where}: a record needs an '_id' (or 'id')")
-    return str(record.get("_id", record.get("id")))
+    data = relevant_only(read_retrieval_split(task.folder, split, len(task.splits)))
+    return {"queries": data.queries, "corpus": data.corpus, "qrels": data.qrels}

@@ -10,6 +10,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 
 from .cli import UsageError
 from .model import name_the_device_for_deepspeed
+from .progress import no_library_bars
 
 
 def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.0, report_to=("tensorboard",),
@@ -23,10 +24,8 @@ def make_accelerator(output_dir, gradient_accumulation_steps=1, max_grad_norm=1.
     clipping, as everywhere else).
     """
     name_the_device_for_deepspeed()
-    if not sys.stderr.isatty():  # in a log file a progress bar is a line of carriage returns (transformers' load/save)
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        no_library_bars()
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     launched = "WORLD_SIZE" in os.environ  # by accelerate launch / torchrun: a process group is set up
     accelerator = Accelerator(

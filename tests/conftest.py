@@ -148,7 +148,8 @@ def hybrid_loss_before_and_after(model, batches, optimizer, passes):
     """
     import torch
 
-    from modules.losses import CoSENT, InfoNCE
+    from modules.losses import InfoNCE
+    from modules.sts_losses import CoSENT
     from modules.forward import task_loss
 
     losses = {"retri_contrast": InfoNCE(0.05), "cls_contrast": InfoNCE(0.05, in_batch_negatives=False),

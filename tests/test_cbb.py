@@ -8,8 +8,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from modules.data import BalancedBatchSampler, TaskCollator, load_meta_list
-from modules.losses import CoSENT, InfoNCE, Matryoshka
+from modules.collator import TaskCollator
+from modules.data import load_meta_list
+from modules.losses import InfoNCE
+from modules.matryoshka import Matryoshka
+from modules.samplers import BalancedBatchSampler
+from modules.sts_losses import CoSENT
 from tests.conftest import accelerate_cmd, assert_same_final_weights, minilm_path, run_script
 from tests.test_mining import mine
 
@@ -96,7 +100,7 @@ def test_every_step_carries_every_task_and_ranks_share_queries(tiny_data):
 def test_an_epoch_slices_each_kinds_epoch_once(tiny_data, monkeypatch):
     """Building a CBB epoch must not rebuild every other kind's whole epoch for each retrieval step (quadratic:
     minutes at 1M records, at every epoch start and resume)."""
-    from modules.data import TaskBatchSampler
+    from modules.samplers import TaskBatchSampler
 
     datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
     sampler = BalancedBatchSampler(datasets, [2, 2, 2], seed=3, num_processes=2, process_index=1)

@@ -6,9 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from modules.data import (
-    DataError, EpochBatches, TaskBatchSampler, TaskCollator, build_sampler, load_meta_list, read_meta_list,
-)
+from modules.cli import DataError
+from modules.collator import TaskCollator
+from modules.data import load_meta_list
+from modules.meta_list import read_meta_list
+from modules.samplers import EpochBatches, TaskBatchSampler, build_sampler
 from tests.conftest import write_jsonl
 
 
@@ -272,7 +274,7 @@ def test_parquet_and_datasets_directory_read_like_jsonl(tmp_path):
 
 
 def test_start_up_lines_give_each_datasets_share(tiny_data, tmp_path):
-    from modules.data import BalancedBatchSampler, describe_batches
+    from modules.samplers import BalancedBatchSampler, describe_batches
 
     datasets = load_meta_list(tiny_data / "meta.txt", negatives_per_kind={"retri_contrast": 1, "cls_contrast": 1})
     lines = describe_batches(datasets, build_sampler(datasets, [4, 4, 4], seed=0))
@@ -423,7 +425,7 @@ def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tmp_path, tiny_bert):
     """One 50 MB record cost 7.3 GB and 95 s: the tokenizer reads a text whole before truncating it."""
     from transformers import AutoTokenizer
 
-    from modules.data import MAX_CHARS_PER_TOKEN
+    from modules.collator import MAX_CHARS_PER_TOKEN
 
     huge = " ".join(f"word{i % 97} déjà 東京 x" for i in range(120_000))  # ~2 MB
     records = [{"text": "question", "text_pos": huge, "text_neg": ["n"]}, {"text": "q", "text_pos": "p", "text_neg": [huge]}]

@@ -71,7 +71,7 @@ def test_training_format_pairs_and_bad_folders(tmp_path):
 
 
 @pytest.mark.parametrize("corpus, queries, qrels, message", [
-    (["d1", "d2", "d1"], ["q1"], ["q1\td1\t1"], r"corpus.jsonl:3: id 'd1' occurs twice \(first at .*corpus.jsonl:1\)"),
+    (["d1", "d2", "d1"], ["q1"], ["q1\td1\t1"], r"corpus.jsonl:3: id 'd1' occurs twice \(first at line 1\)"),
     (["d1"], ["q1", "q1"], ["q1\td1\t1"], r"queries.jsonl:2: id 'q1' occurs twice"),
     (["d1", "d2"], ["q1"], ["q1\td1\t1", "q7\td2\t1", "q8\td2\t1"],
      r"qrels.tsv:3: query 'q7' is not in queries.jsonl \(1 more judged queries are not\)"),
@@ -156,5 +156,5 @@ def test_a_non_finite_judgement_of_a_retrieval_folder_names_the_line(tmp_path, g
     write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "d1", "text": "document one"}, {"_id": "d2", "text": "two"}])
     write_jsonl(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "query one"}])
     (tmp_path / "qrels.tsv").write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t{grade}\n")
-    with pytest.raises(DataError, match=rf"qrels.tsv:3: score {grade} is not a finite number"):
+    with pytest.raises(DataError, match=rf"qrels.tsv:3: column 'score' must be a finite number, got {grade}"):
         read_retrieval_folder(tmp_path)

@@ -14,9 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from modules.data import TaskCollator, TaskDataset, parse_record
+from modules.collator import TaskCollator
 from modules.distillation import ParallelMSE, ScoreDistillation, score_kl
-from modules.losses import InfoNCE, Matryoshka
+from modules.losses import InfoNCE
+from modules.matryoshka import Matryoshka
+from modules.task_datasets import TaskDataset, parse_record
 from tests.conftest import REPO, write_jsonl
 from tests.test_false_negatives import assert_every_rank_matches, assert_same, save_averaged
 
@@ -140,7 +142,7 @@ def test_collator_draws_the_teacher_scores_of_the_positive_and_negatives_it_draw
 
 
 def test_missing_or_misaligned_teacher_scores_name_the_line():
-    from modules.data import BadRecord
+    from modules.records import BadRecord
 
     record = {"text": "q", "text_pos": ["a", "b"], "text_neg": ["c"], "pos_scores": [1.0], "neg_scores": [0.5]}
     with pytest.raises(BadRecord, match=r"f.jsonl:7.*'pos_scores' must list 2 finite numbers"):

@@ -31,12 +31,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
 
 import _eval_fixtures as fixtures  # noqa: E402
-import cmteb  # noqa: E402  (the heavy part of run_cmteb.py)
+import cmteb_encoder  # noqa: E402  (cmteb_*: the heavy part of run_cmteb.py)
+import cmteb_errors  # noqa: E402
+import cmteb_model  # noqa: E402
+import cmteb_prompts  # noqa: E402
+import cmteb_tasks  # noqa: E402
+import cmteb_variants  # noqa: E402
 import local_tasks  # noqa: E402
 import mteb  # noqa: E402
 import run_cmteb  # noqa: E402
 from mteb.models import ModelMeta  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
+from modules.quantization import comma_list, truncate_embeddings  # noqa: E402
 from tests.conftest import minilm_path, shared_data  # noqa: E402  (both fail the test when what they need is missing)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The task .* is superseded by:UserWarning")
@@ -508,8 +514,8 @@ def prompt_encoder(
     model_prompts=None, file_prompts=None, query_instruction=None, template=None, default_prompt_name=None
 ):
     model = SimpleNamespace(prompts=model_prompts or {}, default_prompt_name=default_prompt_name)
-    prompts = cmteb.merge_prompts(model.prompts, file_prompts or {}, query_instruction)
-    return cmteb.SentenceEncoder(model, ModelMeta.create_empty(), prompts, instruction_template=template)
+    prompts = cmteb_prompts.merge_prompts(model.prompts, file_prompts or {}, query_instruction)
+    return cmteb_encoder.SentenceEncoder(model, ModelMeta.create_empty(), prompts, instruction_template=template)
 
 
 def metadata(task_name: str):
@@ -539,7 +545,7 @@ def test_model_and_file_prompts_follow_mteb_precedence():
 
 def test_instruction_template_uses_mteb_task_instructions_but_not_for_documents():
     encoder = prompt_encoder(
-        template=cmteb.read_instruction_template("Instruct: {instruction}\\nQuery: ")
+        template=cmteb_prompts.read_instruction_template("Instruct: {instruction}\\nQuery: ")
     )
     retrieval = metadata("DuRetrieval")
     assert (
@@ -559,9 +565,9 @@ def test_default_prompt_name_applies_to_symmetric_inputs():
 
 def test_truncation_renormalises_and_keeps_full_embeddings():
     embeddings = np.array([[3.0, 4.0, 12.0], [1.0, 0.0, 0.0]])
-    truncated = cmteb.truncate_embeddings(embeddings, 2)
+    truncated = truncate_embeddings(embeddings, 2)
     np.testing.assert_allclose(truncated, [[0.6, 0.8], [1.0, 0.0]])
-    assert cmteb.truncate_embeddings(embeddings, None) is embeddings
+    assert truncate_embeddings(embeddings, None) is embeddings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,27 +575,27 @@ def test_truncation_renormalises_and_keeps_full_embeddings():
 
 
 def test_task_selection_by_type_and_name():
-    sts = cmteb.select_tasks(cmteb.BENCHMARK, [], ["sts"])
+    sts = cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, [], ["sts"])
     assert {task.metadata.name for task in sts} == {"LCQMC", "PAWSX", "AFQMC", "QBQTC", "ATEC", "BQ", "STSB"}
-    assert len(cmteb.select_tasks(cmteb.BENCHMARK, [], [])) == 31
-    (stsb,) = cmteb.select_tasks(cmteb.BENCHMARK, ["STSB"], [])
+    assert len(cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, [], [])) == 31
+    (stsb,) = cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, ["STSB"], [])
     assert list(stsb.eval_splits) == ["test"]  # the benchmark's split, not mteb's default (validation, test)
-    assert cmteb.comma_list(["a,b", "c", "a"]) == ["a", "b", "c"]
+    assert comma_list(["a,b", "c", "a"]) == ["a", "b", "c"]
 
 
 def test_unknown_task_name_is_a_clear_error(capsys):
-    with pytest.raises(cmteb.SetupError, match="Unknown task 'NoSuchTask'"):
-        cmteb.select_tasks(cmteb.BENCHMARK, ["STSB", "NoSuchTask"], [])
+    with pytest.raises(cmteb_errors.SetupError, match="Unknown task 'NoSuchTask'"):
+        cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, ["STSB", "NoSuchTask"], [])
     assert run_cmteb.main(["--model", "unused", "--tasks", "NoSuchTask"]) == 2
     assert "Unknown task 'NoSuchTask'" in capsys.readouterr().err
 
 
 def test_unknown_task_type_and_bad_dims_are_clear_errors():
-    with pytest.raises(cmteb.SetupError, match="Unknown task type"):
-        cmteb.select_tasks(cmteb.BENCHMARK, [], ["Bitext"])
-    with pytest.raises(cmteb.SetupError, match="outside 1..384"):
-        cmteb.resolve_dims("64,1024", 384)
-    assert cmteb.resolve_dims("256,64", 384) == [64, 256, 384]
+    with pytest.raises(cmteb_errors.SetupError, match="Unknown task type"):
+        cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, [], ["Bitext"])
+    with pytest.raises(cmteb_errors.SetupError, match="outside 1..384"):
+        cmteb_variants.resolve_dims("64,1024", 384)
+    assert cmteb_variants.resolve_dims("256,64", 384) == [64, 256, 384]
 
 
 def test_local_task_keeps_the_real_mteb_class(tmp_path):
@@ -597,7 +603,7 @@ def test_local_task_keeps_the_real_mteb_class(tmp_path):
         tmp_path / "STSB" / "test.jsonl",
         [{"sentence1": "a", "sentence2": "b", "score": 1.0}, {"sentence1": "c", "sentence2": "d", "score": 2.0}],
     )
-    (task,) = cmteb.select_tasks(cmteb.BENCHMARK, ["STSB"], [])
+    (task,) = cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, ["STSB"], [])
     local = local_tasks.as_local_task(task, tmp_path)
     assert isinstance(local, type(task)) and local.metadata == task.metadata
     assert list(local.eval_splits) == ["test"]
@@ -606,7 +612,7 @@ def test_local_task_keeps_the_real_mteb_class(tmp_path):
 
 
 def local_task(name: str, data_dir: Path):
-    (task,) = cmteb.select_tasks(cmteb.BENCHMARK, [name], [])
+    (task,) = cmteb_tasks.select_tasks(cmteb_tasks.BENCHMARK, [name], [])
     return local_tasks.as_local_task(task, data_dir)
 
 
@@ -677,7 +683,7 @@ def test_retrieval_files_are_checked(tmp_path):
 
 def test_results_are_filed_under_a_hash_of_the_weights(evaluation, model_path):
     revision = evaluation.summary["model"]["revision"]
-    assert revision == cmteb.weights_revision(model_path) and len(revision) == 12
+    assert revision == cmteb_model.weights_revision(model_path) and len(revision) == 12
     assert evaluation.results_dir == evaluation.output_dir / "results" / "test__minilm" / revision
     assert (evaluation.results_dir / "STSB.json").is_file()
     assert f"revision {revision}" in (evaluation.output_dir / "summary.md").read_text()
@@ -704,9 +710,9 @@ def test_partial_benchmark_is_labelled(evaluation):
     assert coverage["label"] == "partial (8 of 31 tasks) + 1 task outside MTEB(cmn, v1): STSBenchmark"
     assert not coverage["full"] and coverage["other_tasks"] == ["STSBenchmark"]
     assert "**partial (8 of 31 tasks)" in (evaluation.output_dir / "summary.md").read_text()
-    names = cmteb.benchmark_task_names(cmteb.BENCHMARK)
-    assert cmteb.benchmark_coverage(cmteb.BENCHMARK, names, names)["label"] == "full (31 of 31 tasks)"
-    assert run_cmteb.BENCHMARK == cmteb.BENCHMARK
+    names = cmteb_tasks.benchmark_task_names(cmteb_tasks.BENCHMARK)
+    assert cmteb_tasks.benchmark_coverage(cmteb_tasks.BENCHMARK, names, names)["label"] == "full (31 of 31 tasks)"
+    assert run_cmteb.BENCHMARK == cmteb_tasks.BENCHMARK
 
 
 def test_mteb_version_is_pinned_and_recorded(evaluation):
@@ -1121,8 +1127,7 @@ def test_truncated_weight_file_is_named(tiny_model, tmp_path, capsys):
         ('{"query": "q: ",}', r"prompts\.json:1: --prompts: invalid JSON \(Expecting property name enclosed in "
                               r"double quotes, column 17\)"),
         ('{\n  "query": "q: "\n  "document": "d: "\n}', r"prompts\.json:3: --prompts: invalid JSON \(Expecting ','"),
-        ('["query: "]', r"prompts\.json: --prompts must hold a JSON object mapping prompt keys to prompt strings, "
-                        r"not a list"),
+        ('["query: "]', r"prompts\.json: --prompts: expected a JSON object, got list"),
         ('{"query": 3}', r"prompts\.json: --prompts: the prompt of 'query' must be a string, got 3"),
     ],
     ids=["trailing_comma", "missing_comma_line_3", "list", "number"],
@@ -1311,10 +1316,10 @@ def write_task_with_a_huge_text(folder: Path, task_type: str, huge: str) -> Path
 @pytest.mark.parametrize("task_type", ["STS", "Retrieval"])
 def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tiny_model, tmp_path, monkeypatch, task_type):
     """A fast tokenizer reads a whole text (and allocates its offsets) before truncating: a 2M-word text cost 2.2 GB.
-    Every text reaches it cut to max_seq_length x modules.data.MAX_CHARS_PER_TOKEN characters (64 x 128 here)."""
+    Every text reaches it cut to max_seq_length x modules.collator.MAX_CHARS_PER_TOKEN characters (64 x 128 here)."""
     from sentence_transformers.base.modules.transformer import Transformer
 
-    from modules.data import MAX_CHARS_PER_TOKEN
+    from modules.collator import MAX_CHARS_PER_TOKEN
 
     budget = 64 * MAX_CHARS_PER_TOKEN  # the tiny model's max_seq_length
     huge = " ".join(f"word{i % 997}" for i in range(1_000_000))

@@ -292,12 +292,12 @@ def write_fsdp_checkpoints(*checkpoints):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
 
-    import train_finetune
+    from modules.model_builders import build_encoder
 
     checkpoints = [Path(checkpoint) for checkpoint in checkpoints]
     processes = PartialState(cpu=True)  # the process group (gloo), and the state accelerate's logging asks for
     args = argparse.Namespace(**json.loads((checkpoints[0].parent / "run_config.json").read_text())["args"])
-    model = train_finetune.build_encoder(args, SimpleNamespace(print=print))
+    model = build_encoder(args, SimpleNamespace(print=print))
     model.load_state_dict(load_file(checkpoints[0] / "model.safetensors"), strict=True)
     mesh = init_device_mesh("cpu", (processes.num_processes,))
     for layer in model.backbone.encoder.layer:  # as accelerate's TRANSFORMER_BASED_WRAP: one unit a layer

@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from modules.data import text_ids
-from modules.losses import InfoNCE, Matryoshka, contrastive_masks
+from modules.collator import text_ids
+from modules.losses import InfoNCE, contrastive_masks
+from modules.matryoshka import Matryoshka
 
 DIM, NEGATIVES, WORLD, ROWS = 8, 2, 2, 3
 

@@ -12,7 +12,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from modules.gradcache import cached_loss_backward
 from modules.forward import length_sorted_sub_batches
-from modules.losses import InBatchInfoNCE, matryoshka_from_flags
+from modules.losses import InBatchInfoNCE
+from modules.matryoshka import matryoshka_from_flags
 from modules.model import EmbeddingModel
 from tests.conftest import SENTENCES
 

@@ -7,9 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.data import DataError, TaskBatchSampler, TaskCollator, load_meta_list
+from modules.cli import DataError
+from modules.collator import TaskCollator
+from modules.data import load_meta_list
 from modules.flags import DEFAULT_LORA_TARGETS
 from modules.llm import LLMEmbeddingModel, LLMSetupError, append_eos
+from modules.samplers import TaskBatchSampler
 from tests.conftest import REPO, SENTENCES, accelerate_cmd, hybrid_loss_before_and_after, run_script
 from tools.random_model import trained_bpe
 
@@ -167,11 +170,11 @@ def script_args(tiny_decoders, tiny_data, output_dir, *extra):
 
 def test_script_saves_rope_and_prompts_and_resumes_exactly(tiny_decoders, tiny_data, tmp_path, capsys, monkeypatch):
     """Stopped at step 3 and resumed == never stopped at step 7; the export carries RoPE scaling and prompts."""
-    import modules.data
+    import modules.collator
     import train_llm_embed
 
-    prefixes, collator_class = [], modules.data.TaskCollator  # train_finetune.main imports it when it runs
-    monkeypatch.setattr(modules.data, "TaskCollator", lambda *a, **k: prefixes.append(a[4]) or collator_class(*a, **k))
+    prefixes, collator_class = [], modules.collator.TaskCollator  # train_finetune.main imports it when it runs
+    monkeypatch.setattr(modules.collator, "TaskCollator", lambda *a, **k: prefixes.append(a[4]) or collator_class(*a, **k))
 
     (tmp_path / "tasks.json").write_text(json.dumps({"retri": "Retrieve the caption"}))
     extra = ["--rope_scaling", "linear", "--rope_factor", "4", "--scaling_dim", "40", "--gradient_checkpointing",

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.losses import CoSENT, InBatchInfoNCE, InfoNCE, Matryoshka
+from modules.losses import InBatchInfoNCE, InfoNCE
+from modules.matryoshka import Matryoshka
+from modules.sts_losses import CoSENT
 
 
 def cos(a, b):
@@ -141,14 +143,14 @@ def test_bf16_embeddings_give_the_float32_loss_and_gradient(name):
     ("8,16,32", 32, [8, 16, 32]),
 ])
 def test_matryoshka_dims_always_train_the_output_size(flag, output_dim, expected):
-    from modules.losses import matryoshka_from_flags
+    from modules.matryoshka import matryoshka_from_flags
 
     assert matryoshka_from_flags(InfoNCE(), flag, "", output_dim).dims == expected
 
 
 def test_matryoshka_dims_without_the_output_size_are_refused():
     from modules.cli import UsageError
-    from modules.losses import matryoshka_from_flags
+    from modules.matryoshka import matryoshka_from_flags
 
     with pytest.raises(UsageError, match=r"--mrl_dims 8,16: the list must include the output size 32"):
         matryoshka_from_flags(InfoNCE(), "8,16", "", 32)
@@ -158,7 +160,7 @@ def test_matryoshka_dims_without_the_output_size_are_refused():
 
 def test_task_weights_are_relative_to_the_largest_present():
     from modules.cli import UsageError
-    from modules.losses import relative_task_weights
+    from modules.objective import relative_task_weights
 
     weights = {"retri_contrast": 1.0, "cls_contrast": 0.2, "cosent": 0.04}
     assert relative_task_weights(weights, {"cosent"}) == {"cosent": 1.0}

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from modules.losses import CoSENT, InfoNCE, Matryoshka
-from modules.sts_losses import sts_loss
+from modules.losses import InfoNCE
+from modules.matryoshka import Matryoshka
+from modules.sts_losses import CoSENT, sts_loss
 
 WORLD = 2
 ROWS = 3  # per process

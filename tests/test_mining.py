@@ -14,11 +14,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import BatchEncoding
 
+from modules.cli import DataError
 from modules.corpus import read_corpus
-from modules.data import DataError, TaskDataset, iter_raw_records, load_meta_list
+from modules.data import load_meta_list
 from modules.evaluation import embed_texts
 from modules.mining import MiningState, dhnm_check, needs_replacement
 from modules.model import EmbeddingModel
+from modules.records import iter_raw_records
+from modules.task_datasets import TaskDataset
 from tests.conftest import REPO, SENTENCES, assert_same_final_weights, run_script, write_jsonl
 from tools import mine_hard_negatives
 
@@ -386,7 +389,7 @@ def test_a_resume_keeps_the_retrieval_batch_dhnm_checks_and_what_the_run_recorde
     checkpoint a run resumes from. Resumed there == never stopped: the same DHNM checks and state, the evaluation
     history from step 0, and the speed totals (the first step after a resume pays its warm-up again, untimed)."""
     import train_finetune
-    from modules.data import build_sampler
+    from modules.samplers import build_sampler
 
     root, _ = retrieval_data
     mine(tiny_bert, root, tmp_path / "mined.jsonl", "--num_negatives", "2", "--range_start", "2", "--range_end", "6")

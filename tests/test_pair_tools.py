@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import REPO, minilm_path, shared_data, write_jsonl
-from modules.data import DataError
+from modules.cli import DataError
 
 
 def load_tool(name):

@@ -70,6 +70,7 @@ def test_run_cmteb_in_a_log_prints_a_line_per_task_and_encoding_and_no_bars(tiny
 
     EmbeddingModel.from_pretrained(tiny_bert, max_seq_length=32).save_pretrained(tmp_path / "model")
     fixtures.build_sts_task(shared_data("en-stsb/dev.jsonl"), tmp_path / "tasks" / "STSB", "test", 40)
+    capsys.readouterr()  # the setup's own save bars are not run_cmteb's
     common = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "tasks"), "--tasks", "STSB"]
     run_cmteb.run([*common, "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err

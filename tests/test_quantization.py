@@ -200,9 +200,10 @@ def quantized_scores(dev_sets):
 @pytest.fixture(scope="module")
 def embedded(dev_sets):
     """The embeddings dev_scores.py scores, computed here as it computes them (same texts, lengths and batches)."""
-    from modules.data import MetaEntry, load_task_dataset
     from modules.evaluation import embed_texts, read_retrieval_folder
+    from modules.meta_list import MetaEntry
     from modules.model import EmbeddingModel
+    from modules.task_datasets import load_task_dataset
 
     model = EmbeddingModel.from_pretrained(minilm_path())
 

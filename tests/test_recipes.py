@@ -1,10 +1,11 @@
 """The shipped recipes' meta lists: every file is found, and each dataset gets the share of steps the
-comments and the README state (the recipes' dev scores are measured by `make demo` / `make en-sts`)."""
+comments and docs/results.md state (the recipes' dev scores are measured by `make demo` / `make en-sts`)."""
 
 import pytest
 
 from conftest import REPO, shared_data
-from modules.data import build_sampler, describe_batches, load_meta_list
+from modules.data import load_meta_list
+from modules.samplers import build_sampler, describe_batches
 
 BATCH = {"cosent": 32, "retri_contrast": 16}
 

@@ -442,7 +442,8 @@ def test_timeout_minutes_reaches_the_process_group(tmp_path):
 
 def test_every_documented_launch_is_quiet():
     """What a researcher copies launches with -q, so a bad input ends with its one line."""
-    documents = ["README.md", "Makefile", *sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir()),
+    documents = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")), "Makefile",
+                 *sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir()),
                  "train_finetune.py", "train_pretrain.py", "train_llm_embed.py"]
     loud = [f"{name}: {line.strip()}" for name in documents for line in (REPO / name).read_text().splitlines()
             if re.search(r"accelerate launch(?! -q)(\s|$)", line)]

@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 
 from modules.distillation import ScoreDistillation, distillation_terms, score_kl
-from modules.losses import ImprovedInfoNCE, InfoNCE, Matryoshka, contrastive_masks
+from modules.losses import ImprovedInfoNCE, InfoNCE, contrastive_masks
+from modules.matryoshka import Matryoshka
 from modules.run_logs import GradNorms, LossWindow
 from tests.conftest import SENTENCES, write_jsonl
 from tests.test_false_negatives import POSITIVES, RECORDS, embeddings, ids_of

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from modules.data import DataError
+from modules.cli import DataError
 from modules.streaming import (
     PairSource, PretrainBatches, SourceStream, choose_source, read_pretrain_meta_list, take_unique_pairs,
 )
@@ -278,7 +278,7 @@ def test_a_truncated_gzip_file_names_the_file_and_last_good_line(tmp_path):
 
 def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(tmp_path):
     """One 50 MB record cost 7.3 GB and 95 s: the tokenizer reads it all before truncating."""
-    from modules.data import MAX_CHARS_PER_TOKEN
+    from modules.collator import MAX_CHARS_PER_TOKEN
 
     huge = " ".join(f"word{i % 97} déjà 東京" for i in range(100_000))  # ~1.6 MB
     write_jsonl(tmp_path / "huge.jsonl", [{"text": "question", "text_pos": huge}])

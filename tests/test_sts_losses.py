@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from modules.flags import sts_loss_description, sts_loss_terms
-from modules.losses import CoSENT, Matryoshka
-from modules.sts_losses import AnglE, PRO, Pearson, RankKL, WeightedSum, average_ranks, sts_loss
+from modules.matryoshka import Matryoshka
+from modules.sts_losses import AnglE, CoSENT, PRO, Pearson, RankKL, WeightedSum, average_ranks, sts_loss
 from tests.conftest import REPO, write_jsonl
 from tests.test_losses import assert_same_value_and_grads, leaves, reference_cosent
 
@@ -247,7 +247,7 @@ def test_a_comma_list_is_the_weighted_sum_codiembs_mix_included():
 
 def test_task_losses_default_is_cosent_and_the_flag_picks_the_menu(tiny_data, tmp_path):
     import train_finetune
-    from modules.losses import task_losses
+    from modules.objective import task_losses
 
     base = ["--model_name_or_path", "m", "--meta_list", str(tiny_data / "meta.txt"), "--output_dir", str(tmp_path)]
     losses, _ = task_losses(train_finetune.parse_args(base), {"cosent"}, 32)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.data import TaskBatchSampler, TaskCollator, load_meta_list
+from modules.collator import TaskCollator
+from modules.data import load_meta_list
 from modules.model import EmbeddingModel
+from modules.samplers import TaskBatchSampler
 from tests.conftest import REPO, accelerate_cmd, assert_same_final_weights, hybrid_loss_before_and_after, run_script
 
 NEGATIVES = {"retri_contrast": 1, "cls_contrast": 2}

@@ -74,7 +74,7 @@ def logged_scalars(log_dir, tag):
 def test_two_processes_with_gradcache(tiny_bert_no_dropout, pair_data, tmp_path):
     """2 DDP processes with GradCache: each process saves its stream position, the logged loss is the mean
     of both processes' losses (the whole global batch's loss), and resuming with 1 process is refused."""
-    from modules.losses import matryoshka_from_flags
+    from modules.matryoshka import matryoshka_from_flags
     from modules.streaming import read_pretrain_meta_list
 
     output = tmp_path / "ddp"
@@ -134,3 +134,22 @@ def test_resuming_with_another_schedule_is_refused(tiny_bert, pair_data, tmp_pat
     with pytest.raises(ValueError, match=r"another learning-rate schedule.*max_steps: 2 -> 4"):
         train_pretrain.main(script_args(tiny_bert, pair_data, tmp_path, "--max_steps", "4", "--resume_from_checkpoint",
                                         "latest")[1:])
+
+
+def test_final_is_best_ships_the_best_steps_weights(tiny_bert, tiny_data, pair_data, tmp_path, monkeypatch):
+    """--metric_for_best / --final_is_best in the pretraining loop: final/ holds the best step's checkpoint."""
+    import modules.evaluation
+    import train_pretrain
+
+    planned = iter([10.0, 40.0, 20.0])  # steps 0 (start), 2 (best), 4
+    monkeypatch.setattr(modules.evaluation, "sts_spearman", lambda *a, **k: next(planned))
+    train_pretrain.main(script_args(tiny_bert, pair_data, tmp_path, "--max_steps", "4", "--eval_every", "2",
+                                    "--eval_sts_file", str(tiny_data / "sts.jsonl"), "--metric_for_best",
+                                    "sts_spearman", "--final_is_best", "--save_every", "2")[1:])
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["best"]["step"] == 2
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    best = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    last = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(final[name], best[f"backbone.{name}"]) and not torch.equal(final[name], last[f"backbone.{name}"])

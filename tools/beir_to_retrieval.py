@@ -25,7 +25,7 @@ from modules.pair_tools import PairWriter
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("folder", help="corpus.jsonl, queries.jsonl, and qrels/<split>.tsv or qrels.tsv")
+    p.add_argument("folder", help="corpus.jsonl, queries.jsonl, and qrels/<split>.tsv or qrels.tsv (modules/beir.py)")
     p.add_argument("--split", default=None, help="qrels/<split>.tsv of a folder with qrels/ (default: qrels.tsv)")
     p.add_argument("--output", required=True)
     p.add_argument("--exclude_queries", default=None, help="queries.jsonl whose ids are left out (a dev split)")
@@ -46,10 +46,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from modules.data import iter_raw_records  # after parsing: --help answers at once
-    from modules.evaluation import read_retrieval_folder
+    from modules.beir import read_retrieval_split  # after parsing: --help answers at once
+    from modules.corpus import passage_text
+    from modules.records import iter_raw_records
 
-    queries, corpus, qrels = read_retrieval_folder(args.folder, args.split)
+    data = read_retrieval_split(args.folder, args.split, strict=False)
+    qrels = {query_id: {doc: grade for doc, grade in judged.items() if grade > 0} for query_id, judged in
+             data.qrels.items()}
+    queries = {query_id: text for query_id, text in data.queries.items() if qrels[query_id]}
+    corpus = {doc_id: passage_text(doc, "text", doc_id) for doc_id, doc in data.corpus.items()}  # training's join
     excluded = set()
     if args.exclude_queries:
         excluded = {str(query.get("_id", query.get("id"))) for _, query in iter_raw_records(args.exclude_queries)}
@@ -103,7 +108,7 @@ def camel_case(name):
 def write_dev_task(dev_dir, name, args, query_ids, queries, qrels):
     """A local task folder (modules/task_folders.py): task.json, queries.jsonl, qrels.tsv and the corpus, less the
     documents with neither text nor title (which a task folder refuses) and their judgements."""
-    from modules.data import iter_raw_records
+    from modules.records import iter_raw_records
 
     dev_dir.mkdir(parents=True, exist_ok=True)
     kept, empty = set(), 0

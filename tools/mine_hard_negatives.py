@@ -8,8 +8,9 @@
 Input: a retrieval dataset (``text``, ``text_pos`` str or list) mined against ``--corpus`` (records with
 a ``--corpus_column`` text, optional ``_id`` / ``id`` and ``title``; default: the dataset's distinct
 positives, written to ``<output stem>.corpus.jsonl``); or a BEIR folder (corpus.jsonl, queries.jsonl,
-qrels/<split>.tsv or qrels.tsv), each query with every document judged > 0 as a positive (best first),
-mined against the folder's corpus (title and text joined).
+qrels/<split>.tsv or qrels.tsv; read by modules/beir.py, not strictly), each query with a document judged > 0
+taking every such document as a positive (best first), mined against the folder's corpus (title and text joined as
+modules.corpus.passage_text joins them).
 
 Output: a normal ``retri_contrast`` dataset (it trains without --dhnm), one record per query:
 
@@ -76,15 +77,19 @@ def parse_args(argv=None):
 
 
 def read_beir_folder(args, report):
-    """The judged queries of a BEIR folder, their relevant documents as positives (as texts and corpus positions)."""
+    """The queries of a BEIR folder judged relevant to a document (grade > 0), their relevant documents as positives
+    (as texts and corpus positions, best grade first)."""
+    from modules.beir import read_retrieval_split
     from modules.corpus import read_corpus
-    from modules.evaluation import read_retrieval_folder
 
-    queries, _, qrels = read_retrieval_folder(args.input, args.split)
-    corpus = read_corpus(corpus_file(args))  # read once: read_retrieval_folder's read, cached
+    data = read_retrieval_split(args.input, args.split, strict=False)
+    corpus = read_corpus(corpus_file(args))
     records, positives = [], []
-    for query_id, text in queries.items():
-        judged = sorted(qrels[query_id].items(), key=lambda judgement: -judgement[1])
+    for query_id, text in data.queries.items():
+        judged = sorted(((doc, grade) for doc, grade in data.qrels[query_id].items() if grade > 0),
+                        key=lambda judgement: -judgement[1])
+        if not judged:
+            continue
         relevant = [corpus.positions[doc] for doc, _ in judged if doc in corpus.positions]
         if not relevant:
             report.drop("no_relevant_document_in_corpus")
@@ -96,9 +101,11 @@ def read_beir_folder(args, report):
 
 def read_dataset(args, report):
     """The queries of a retrieval dataset and the corpus to mine; positives as corpus positions when they are in it."""
+    from modules.cli import DataError
     from modules.corpus import read_corpus
-    from modules.data import DataError, iter_raw_records, parse_record
     from modules.pair_tools import PairWriter
+    from modules.records import iter_raw_records
+    from modules.task_datasets import parse_record
 
     if not Path(args.input).exists():
         raise DataError(f"{args.input}: no such file or directory")
@@ -175,7 +182,7 @@ def main(argv=None):
     import numpy as np
     import torch
 
-    from modules.data import DataError
+    from modules.cli import DataError
     from modules.mining import build_index, embed_with_progress, ranked_candidates, sample_negative_ranks
     from modules.progress import StageProgress
     from modules.model import EmbeddingModel
