@@ -9,7 +9,6 @@ negatives only) or cosent (CoSENT). All hyperparameters are below; edit freely f
 """
 
 import math
-from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (

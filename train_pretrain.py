@@ -13,7 +13,6 @@ have come next. All hyperparameters are below; edit freely for ablations.
 """
 
 import math
-from pathlib import Path
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
