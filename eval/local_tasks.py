@@ -253,7 +253,8 @@ def _read_retrieval_subset(
     task: AbsTaskRetrieval, folder: Path, max_rows: int | None
 ) -> dict[str, RetrievalSplitData]:
     """Every split of the folder, read whole (modules/beir.py) whatever `max_rows`: the checks across files need
-    whole files."""
+    whole files. With `max_rows` (the check before the model loads) the files are only checked: no datasets are
+    built, and the splits are left out."""
     splits = {}
     for split in task.eval_splits:
         try:
@@ -270,7 +271,8 @@ def _read_retrieval_subset(
             )
         else:
             top_ranked = None
-        splits[split] = retrieval_split_data(data.queries, data.corpus, data.qrels, top_ranked)
+        if max_rows is None:
+            splits[split] = retrieval_split_data(data.queries, data.corpus, data.qrels, top_ranked)
     return splits
 
 
