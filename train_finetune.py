@@ -13,7 +13,7 @@ import math
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
     DTYPE_NAMES, PE_METHODS, STS_LOSS_HELP, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments,
-    add_output_arguments, check_output_arguments, claim_output_dir, sts_loss_flag,
+    add_compile_arguments, add_output_arguments, check_output_arguments, claim_output_dir, sts_loss_flag,
 )
 from modules.meta_list import META_LINE
 from modules.model_builders import build_encoder
@@ -38,6 +38,7 @@ def parse_args(argv=None, add_arguments=None, description=__doc__, decoder=False
     g.add_argument("--torch_dtype", choices=DTYPE_NAMES, default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
     add_attention_arguments(g, implementation=not decoder)  # train_llm_embed.py has its own --attn_implementation
+    add_compile_arguments(g)
     if decoder:  # a rotary decoder is extended with --rope_scaling instead
         p.set_defaults(extend_pe=False, max_length=None, freeze_position_embeddings=False)
     else:
@@ -178,6 +179,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
 
     from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
     from modules.collator import TaskCollator
+    from modules.compilation import compile_figures, compile_for_training
     from modules.data import finetune_data
     from modules.distillation import build_teacher, distillation_terms
     from modules.ema import WeightEMA
@@ -231,6 +233,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     model = build_model(args, accelerator)
     if args.padding_free:
         check_padding_free(model, accelerator.device)
+    compile_for_training(model, args)  # --torch_compile: in place, before DDP wraps it
     max_lengths = {"query": args.query_max_len, "passage": args.passage_max_len, "pair": args.pair_max_len}
     lengths_in_use = max_lengths_in_use(max_lengths, datasets, dev_sets)
     check_lengths_fit(model.backbone, lengths_in_use,
@@ -362,6 +365,7 @@ def main(argv=None, add_arguments=None, build_model=build_encoder, description=_
     final_step = dev.final_weights(accelerator, model, tokenizer, max_lengths, global_step, args.final_is_best,
                                    args.output_dir, saved_beside)  # --final_is_best: the best step's checkpoint
     summary = {**setup, "steps": global_step, **speed.run_figures(accelerator.device), **dev.summary(),
+               **compile_figures(args),
                **({"dhnm": dhnm_log} if mining is not None else {})}
     finish_run(accelerator, model, args, summary, dev.history, ema, final_step,
                dev.scorer(tokenizer, max_lengths) if dev else None,

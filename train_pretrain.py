@@ -16,8 +16,8 @@ import math
 
 from modules.cli import ArgumentParser, UsageError, run_cli
 from modules.flags import (
-    DTYPE_NAMES, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments, add_output_arguments,
-    check_output_arguments, claim_output_dir,
+    DTYPE_NAMES, TORCH_DTYPE_HELP, add_attention_arguments, add_bucket_arguments, add_compile_arguments,
+    add_output_arguments, check_output_arguments, claim_output_dir,
 )
 from modules.meta_list import PRETRAIN_META_LINE
 
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     g.add_argument("--torch_dtype", choices=DTYPE_NAMES, default="float32", help=TORCH_DTYPE_HELP)
     g.add_argument("--gradient_checkpointing", action="store_true")
     add_attention_arguments(g)
+    add_compile_arguments(g)
     g = p.add_argument_group("data")
     g.add_argument("--meta_list", required=True, help=f"lines of '{PRETRAIN_META_LINE}'")
     g.add_argument("--root_dir", default=None, help="base of relative meta-list paths (default: the meta list's dir)")
@@ -82,6 +83,7 @@ def main(argv=None):
     from torch.utils.data import DataLoader
 
     from modules.checkpoints import check_resumable, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from modules.compilation import compile_figures, compile_for_training
     from modules.ema import WeightEMA
     from modules.evaluation import DevSets
     from modules.forward import embed, to_device
@@ -128,6 +130,7 @@ def main(argv=None):
     prompts = model.prompts
     if args.padding_free:
         check_padding_free(model, accelerator.device)
+    compile_for_training(model, args)  # --torch_compile: in place, before DDP wraps it
     loss_fn = matryoshka_from_flags(InBatchInfoNCE(args.temperature, args.symmetric, chunk_size=args.loss_chunk_size),
                                     args.mrl_dims, args.mrl_weights, model.output_dim)
     if args.mrl_dims:
@@ -233,7 +236,8 @@ def main(argv=None):
     for line in skipped_record_lines(sources, loader_state):  # every process: each reads its own records
         print(f"process {accelerator.process_index}: {line}" if accelerator.num_processes > 1 else line, flush=True)
     finish_run(accelerator, model, args, {**setup, "steps": global_step, "source_batches": by_source,
-                                          **speed.run_figures(accelerator.device), **dev.summary()},
+                                          **speed.run_figures(accelerator.device), **dev.summary(),
+                                          **compile_figures(args)},
                dev.history, ema, final_step, dev.scorer(tokenizer, max_lengths) if dev else None,
                dev.variant_scorer(tokenizer, max_lengths) if dev else None)
 

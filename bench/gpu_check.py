@@ -10,7 +10,9 @@ peak memory is CUDA's allocator peak on a GPU, the resident set on CPU). Parts:
 
 - ``encoder``: BERT-large (335M) fine-tuning in bf16 autocast (float32 master weights): real tokens/s, MFU and peak
   memory with padded batches (--length_buckets 1), token-budget length buckets (our default) and padding-free
-  forwards (flash_attention_2 where the flash-attn package is installed, else our sdpa_varlen reference);
+  forwards (flash_attention_2 where the flash-attn package is installed, else our sdpa_varlen reference); then the
+  length-bucketed run again with --torch_compile (on a GPU only: compiling on CPU would make the smoke check minutes
+  slower), its speed over the eager one and its compile seconds and graphs;
 - ``gradcache``: BERT-base pretraining at a global batch of 16,384 pairs with GradCache mini-batches, against plain
   in-batch InfoNCE at the largest batch that fits (doubling until CUDA runs out of memory);
 - ``lora``: a 0.5B Qwen2-shaped decoder with LoRA (bf16 frozen base): tokens/s, MFU and peak memory without and
@@ -136,6 +138,11 @@ def padding_free_attention():
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa_varlen"
 
 
+def compiled_variant():
+    """The flags of the encoder's compiled run: the length-bucketed one with --torch_compile."""
+    return ["--attn_implementation", "sdpa", "--torch_compile"]
+
+
 def encoder_part(check, sizes):
     model, count = check.model("bert", sizes["size"])
     meta = finetune_data(check.work, 4 * sizes["batch"] * sizes["steps"])
@@ -143,15 +150,22 @@ def encoder_part(check, sizes):
     variants = {"padded": ["--length_buckets", "1", "--attn_implementation", "sdpa"],
                 "length_buckets": ["--attn_implementation", "sdpa"],
                 "padding_free": ["--padding_free", "--attn_implementation", attention]}
+    if not check.smoke:
+        variants["compiled"] = compiled_variant()
     result = {"model": f"random BERT-{sizes['size']} ({count / 1e6:.3g}M)", "batch": sizes["batch"],
               "padding_free_attention": attention}
     for name, flags in variants.items():
         output_dir = ["--output_dir", str(check.work / "encoder" / name)]
         summary = check.launch("train_finetune.py", finetune_flags(model, meta, sizes, sizes["steps"]) + output_dir
                                + flags + check.peak)
-        result[name] = speed(summary)
+        result[name] = {**speed(summary), **summary.get("torch_compile", {})}
     result["padding_free_over_padded"] = round(result["padding_free"]["tokens_per_s"]
                                                / result["padded"]["tokens_per_s"], 3)
+    if check.smoke:
+        result["compiled"] = {"skipped": "compiling on CPU takes minutes (bench/loop_overhead.py times it)"}
+    else:
+        result["compiled_over_eager"] = round(result["compiled"]["tokens_per_s"]
+                                              / result["length_buckets"]["tokens_per_s"], 3)
     return result
 
 

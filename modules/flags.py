@@ -194,6 +194,7 @@ def check_output_arguments(parser, args):
     after parsing, by ``claim_output_dir``."""
     if getattr(args, "padding_free", False):
         args.length_buckets = 1
+    check_compile_flags(parser, args)
     if not 0 < args.wise_ft_alpha <= 1:
         parser.error(f"--wise_ft_alpha must be in (0, 1] (1: the trained weights alone), got {args.wise_ft_alpha}")
     if (args.keep_best or args.final_is_best) and not args.metric_for_best:
@@ -377,3 +378,47 @@ def add_attention_arguments(group, implementation=True):
                        help="feed each forward's real tokens as one flattened row with per-sequence positions and "
                             "lengths (needs a variable-length attention: flash_attention_2 or sdpa_varlen); length "
                             "buckets are then off")
+
+
+COMPILE_HELP = ("compile the embedding model's forward with torch.compile (inductor, dynamic shapes: length buckets and "
+                "batch sizes share one graph; the first steps pay the compile, train_summary.json counts the graphs "
+                "and seconds). Single process or DDP (launch/single.yaml, launch/ddp.yaml), any encoder or decoder "
+                "backbone (LoRA, GradCache, EMA included); refused with --padding_free, --gradient_checkpointing and "
+                "under DeepSpeed (launch/deepspeed_*.yaml), FSDP (launch/fsdp*.yaml) or an accelerate config's own "
+                "dynamo_backend. Dropout masks differ from eager's (inductor's random stream); weights are saved as "
+                "eager ones")
+# accelerate launch tells a script its launcher through these variables; --torch_compile is refused under them
+COMPILE_REFUSED_LAUNCHERS = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (launch/deepspeed_*.yaml): its engine wraps the model with its own hooks "
+                                "(ZeRO-3 gathers each layer's weights) and compiles only through its own config",
+    "ACCELERATE_USE_FSDP": "FSDP (launch/fsdp*.yaml): FSDP2 shards each layer and would need each layer compiled "
+                           "after sharding, which this flag does not do",
+}
+
+
+def add_compile_arguments(group):
+    """--torch_compile (modules/compilation.py)."""
+    group.add_argument("--torch_compile", action="store_true", help=COMPILE_HELP)
+
+
+def check_compile_flags(parser, args):
+    """Refuse --torch_compile where it cannot run as asked (exit 2, one line): with --padding_free, whose per-sequence
+    lengths are data that would compile a graph per batch; with --gradient_checkpointing, whose transformers wrapper
+    breaks the graph in every layer (a logging call), leaving the layers eager; under DeepSpeed or FSDP; beside accelerate's dynamo_backend,
+    which would compile the model a second time, wrapped."""
+    if not getattr(args, "torch_compile", False):
+        return
+    if args.padding_free:
+        parser.error("--torch_compile with --padding_free: the flattened forward's sequence lengths are data, and "
+                     "every batch's lengths would compile a new graph; give one of them")
+    if args.gradient_checkpointing:
+        parser.error("--torch_compile with --gradient_checkpointing: transformers' checkpointed layers break the "
+                     "graph (a logging call in each), so the layers would run eagerly; give one of them")
+    for variable, launcher in COMPILE_REFUSED_LAUNCHERS.items():
+        if os.environ.get(variable, "false").lower() == "true":
+            parser.error(f"--torch_compile does not run under {launcher}; launch with launch/single.yaml or "
+                         "launch/ddp.yaml, or train eagerly")
+    if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no":
+        parser.error(f"--torch_compile: the accelerate config compiles the model too (dynamo_backend "
+                     f"{os.environ['ACCELERATE_DYNAMO_BACKEND']}, state dict keys prefixed _orig_mod.); set "
+                     "dynamo_backend: 'NO' there")

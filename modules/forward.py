@@ -53,10 +53,12 @@ def plan_sub_batches(lengths, max_rows=None, max_tokens=None, split_tokens=SPLIT
     return groups[::-1]
 
 
-def length_sorted_sub_batches(tokens, count=None, size=None, max_tokens=None, split_tokens=SPLIT_TOKENS):
+def length_sorted_sub_batches(tokens, count=None, size=None, max_tokens=None, split_tokens=SPLIT_TOKENS,
+                              same_count_everywhere=False):
     """[(row indices, tokens of those rows)]: rows sorted by length, cut into ``count`` equal sub-batches, or as
     plan_sub_batches cuts them (at most ``size`` rows and ``max_tokens`` padded tokens each), each trimmed to its own
-    longest row. Right or left padding."""
+    longest row. Right or left padding. ``same_count_everywhere`` (every process of a run calls it together, as a
+    training step does): as many sub-batches on every process, see ``as_many_as_any_process``."""
     mask = tokens["attention_mask"]
     lengths = mask.sum(1)
     right_padded = bool(mask[:, 0].all())
@@ -64,12 +66,31 @@ def length_sorted_sub_batches(tokens, count=None, size=None, max_tokens=None, sp
         groups = torch.argsort(lengths, stable=True).tensor_split(count)
     else:
         groups = [rows.to(mask.device) for rows in plan_sub_batches(lengths.cpu(), size, max_tokens, split_tokens)]
+    if same_count_everywhere and not count:  # ``count`` equal cuts are as many everywhere already
+        groups = as_many_as_any_process(groups, mask.device)
     sub_batches = []
     for rows in groups:
         width = int(lengths[rows].max())
         columns = slice(0, width) if right_padded else slice(mask.size(1) - width, None)
         sub_batches.append((rows, {key: value[rows, columns] for key, value in tokens.items()}))
     return sub_batches
+
+
+def as_many_as_any_process(groups, device):
+    """``groups`` (row indices) cut further, the largest first, until there are as many as the process with the most
+    has. DDP (its buffers), FSDP and ZeRO-3 (their weights) run collectives in every forward: processes whose plans
+    differ in length would pair them wrongly and hang. A cut only shrinks a sub-batch, so limits still hold."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return groups
+    most = torch.tensor([len(groups)], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    groups = list(groups)
+    while len(groups) < int(most):  # the processes' row counts are equal, so there are rows enough to cut
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        groups[largest:largest + 1] = groups[largest].tensor_split(2)
+    return groups
 
 
 def embed(model, tokens, length_buckets="auto", split_tokens=SPLIT_TOKENS):
@@ -84,7 +105,7 @@ def embed(model, tokens, length_buckets="auto", split_tokens=SPLIT_TOKENS):
     if length_buckets == 1 or (length_buckets != "auto" and rows < 2 * length_buckets):
         return model(**tokens)
     sub_batches = length_sorted_sub_batches(tokens, count=None if length_buckets == "auto" else length_buckets,
-                                            split_tokens=split_tokens)
+                                            split_tokens=split_tokens, same_count_everywhere=True)
     if len(sub_batches) == 1:  # no cut pays (the collator already padded to the longest row)
         return model(**tokens)
     outputs = torch.cat([model(**sub_tokens) for _, sub_tokens in sub_batches])

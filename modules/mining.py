@@ -202,16 +202,18 @@ class MiningState:
 
 @torch.no_grad()
 def dhnm_check(model, tokenizer, state, dataset_index, record_indices, max_length, query_prefix="",
-               ratio=1.15, max_abs=0.8, skip=10):
+               ratio=1.15, max_abs=0.8, skip=10, embed=None):
     """Re-score the negatives of ``record_indices`` with the current model; return the replacements due.
 
     Returns [(record index, new ranks, new S0)]. Every process embeds the same number of texts
     (queries, current negatives, and the next window of every checked record, whether due or
     not), so sharded models (FSDP, ZeRO-3) can run it collectively; the cost is about one
-    forward over a training batch with 2n negatives, below one training step.
+    forward over a training batch with 2n negatives, below one training step. ``embed``:
+    ``embed_texts`` or its signature (``ProcessShares.embed``, processes checking the same records).
     """
     from modules.evaluation import embed_texts
 
+    embed = embed or embed_texts
     records = [state.datasets[dataset_index].records[i] for i in record_indices]
     num_negatives = state.ranks[dataset_index].size(1)
     replacements = state.replacements[dataset_index][record_indices]
@@ -222,9 +224,9 @@ def dhnm_check(model, tokenizer, state, dataset_index, record_indices, max_lengt
     next_negatives = [record["candidates"][rank] if window else text
                       for record, window in zip(records, windows)
                       for rank, text in zip(window or [0] * num_negatives, record["text_neg"])]
-    queries = embed_texts(model, tokenizer, [query_prefix + r["text"] for r in records], max_length["query"])
-    current = embed_texts(model, tokenizer, [t for r in records for t in r["text_neg"]], max_length["passage"])
-    following = embed_texts(model, tokenizer, next_negatives, max_length["passage"])
+    queries = embed(model, tokenizer, [query_prefix + r["text"] for r in records], max_length["query"])
+    current = embed(model, tokenizer, [t for r in records for t in r["text_neg"]], max_length["passage"])
+    following = embed(model, tokenizer, next_negatives, max_length["passage"])
     score_now = torch.einsum("bd,bnd->bn", queries, current.view(len(records), num_negatives, -1)).mean(1)
     score_next = torch.einsum("bd,bnd->bn", queries, following.view(len(records), num_negatives, -1)).mean(1)
     due = needs_replacement(score_now, state.initial_scores[dataset_index][record_indices], ratio, max_abs)
@@ -236,14 +238,17 @@ def dhnm_round(accelerator, model, tokenizer, state, last_batch, max_length, que
     """One DHNM check in the training loop: re-score the records of ``last_batch`` (dataset index, record
     indices), apply the replacements due on every process, and add the counts to ``log`` (and the trackers).
 
-    Under CBB every process checked the same records; otherwise each checked its own part, and the
-    replacements are gathered so every process's copy of the records stays the same.
+    Under CBB every process checks the same records, each embedding its share of their texts; otherwise each
+    checks its own part, and the replacements are gathered so every process's copy of the records stays the same.
     """
     from accelerate.utils import gather_object
 
+    from modules.process_shares import ProcessShares
+
     started = time.perf_counter()
+    embed = ProcessShares.of(accelerator).embed if args.cbb else None
     updates = dhnm_check(model, tokenizer, state, *last_batch, max_length, query_prefix, args.dhnm_ratio,
-                         args.dhnm_max_abs, args.dhnm_skip)
+                         args.dhnm_max_abs, args.dhnm_skip, embed)
     if accelerator.num_processes > 1 and not args.cbb:
         updates = gather_object(updates)
     for record_index, ranks, score in updates:

@@ -65,10 +65,13 @@ class DevRun:
             step == last_step or bool(self.every) and step % self.every == 0)
 
     def evaluate(self, accelerator, model, tokenizer, max_lengths, step):
-        """Score what final/ would hold at ``step`` (every process together), log and record it; returns whether a
-        checkpoint must keep it (a new best under --keep_best)."""
+        """Score what final/ would hold at ``step`` (every process together, each embedding and ranking its share),
+        log and record it; returns whether a checkpoint must keep it (a new best under --keep_best)."""
+        from .process_shares import ProcessShares
+
         with scoring_weights(self.ema):
-            self.history[step] = self.dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, self.prompts, step)
+            self.history[step] = self.dev_sets.evaluate(accelerator, model, tokenizer, max_lengths, self.prompts, step,
+                                                        ProcessShares.of(accelerator))
         return self.best.improved(step, self.history[step])
 
     def state(self):
