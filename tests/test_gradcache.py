@@ -175,3 +175,44 @@ def test_two_processes_in_train_mode_replay_each_ranks_dropout(tiny_bert, tmp_pa
         other_loss, other_grads = reference(seeds)
         assert not torch.allclose(other_grads[name], grads[name], atol=1e-6), seeds
         assert not torch.allclose(other_loss, loss, atol=1e-6), seeds
+
+
+def test_what_a_step_holds_is_flat_in_the_global_batch(tiny_bert):
+    """Bytes in use (glibc's mallinfo2, read after every module's forward) over a GradCache step at global batch 32 and
+    1024, mini-batches of 16: only the embeddings and the loss's B x B scores grow (4 MB at 1024). The plain step,
+    which keeps every activation of the whole batch, is the control that the reading sees growth (~150 MB)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError) as error:
+        pytest.fail(f"this test reads glibc's mallinfo2 (glibc >= 2.33, Linux): {error}", pytrace=False)
+    mallinfo2.restype = MallInfo2
+    in_use = lambda: mallinfo2().uordblks + mallinfo2().hblkhd  # noqa: E731
+    model = EmbeddingModel.from_pretrained(tiny_bert).eval()
+    peak = [0]
+    for module in model.modules():
+        module.register_forward_hook(lambda *_: peak.__setitem__(0, max(peak[0], in_use())))
+
+    def grown_mb(rows, cached):
+        generator = torch.Generator().manual_seed(rows)
+        queries, passages = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in
+                             torch.randint(1000, 2000, (2, rows, 24), generator=generator))
+        loss_fn = InBatchInfoNCE(0.05, False)
+        start = peak[0] = in_use()
+        if cached:
+            cached_loss_backward(model, [queries, passages], loss_fn, mini_batch_size=16)
+        else:
+            loss_fn(model(**queries), model(**passages)).backward()
+        model.zero_grad(set_to_none=True)
+        return (peak[0] - start) / 2**20
+
+    grown_mb(32, True)  # the first step allocates the gradients and warms the allocator
+    cached = {rows: grown_mb(rows, True) for rows in (32, 1024)}
+    plain = {rows: grown_mb(rows, False) for rows in (32, 1024)}
+    assert plain[1024] - plain[32] > 100, plain
+    assert cached[1024] - cached[32] < 16, cached
