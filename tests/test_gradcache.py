@@ -181,18 +181,17 @@ def test_what_a_step_holds_is_flat_in_the_global_batch(tiny_bert):
     """Bytes in use (glibc's mallinfo2, read after every module's forward) over a GradCache step at global batch 32 and
     1024, mini-batches of 16: only the embeddings and the loss's B x B scores grow (4 MB at 1024). The plain step,
     which keeps every activation of the whole batch, is the control that the reading sees growth (~150 MB)."""
-    import ctypes
+    from bench.gradcache_memory import glibc_mallinfo2  # the bench's reading of glibc's heap
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    mallinfo2 = glibc_mallinfo2()
+    if mallinfo2 is None:
+        pytest.fail("this test reads glibc's mallinfo2 (glibc >= 2.33, Linux), which this C library lacks",
+                    pytrace=False)
 
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError) as error:
-        pytest.fail(f"this test reads glibc's mallinfo2 (glibc >= 2.33, Linux): {error}", pytrace=False)
-    mallinfo2.restype = MallInfo2
-    in_use = lambda: mallinfo2().uordblks + mallinfo2().hblkhd  # noqa: E731
+    def in_use():
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
     model = EmbeddingModel.from_pretrained(tiny_bert).eval()
     peak = [0]
     for module in model.modules():
