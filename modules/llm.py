@@ -252,8 +252,11 @@ class LLMEmbeddingModel(EmbeddingModel):
         with torch.device("meta"):  # the class itself, not from_config: no ZeRO-3 partitioning, no remote-code lookup
             skeleton = type(base)(copy.deepcopy(base.config))
             skeleton = _with_lora(skeleton, copy.deepcopy(self.backbone.peft_config["default"]))
-        skeleton.load_state_dict(backbone_state, strict=True, assign=True)
-        return skeleton.merge_and_unload(safe_merge=True)  # safe: new tensors, the trained ones stay untouched
+        # peft merges into the base layers' tensors in place (0.22 and later), and ``assign`` makes those the
+        # state dict's, which alias the live weights: the wrapped layers get copies, the rest is shared
+        skeleton.load_state_dict({name: value.clone() if ".base_layer." in name else value
+                                  for name, value in backbone_state.items()}, strict=True, assign=True)
+        return skeleton.merge_and_unload(safe_merge=True)  # safe: refuses non-finite merged weights
 
 
 def _with_lora(backbone, lora):

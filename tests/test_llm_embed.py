@@ -135,6 +135,19 @@ def test_lora_trains_only_the_adapter_and_the_scaling_layer(trained_lora):
         assert torch.equal(value, start[name]) == (name not in trainable), name
 
 
+def test_saving_leaves_the_trained_model_as_it_was(trained_lora, tmp_path):
+    """The export merges the adapter into copies of the base weights: peft 0.22 merges into the tensors it is given,
+    which were the live model's (anything run on the model after a save counted the adapter twice)."""
+    model = trained_lora[0]
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    embeddings = model.encode(TEXTS)
+    model.save_pretrained(tmp_path)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert [name for name in before if not torch.equal(before[name], after[name])] == []
+    assert torch.equal(model.encode(TEXTS), embeddings)
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft, loading the adapter
 def test_merged_export_embeds_like_the_trained_model(trained_lora, tiny_decoders, tmp_path):
     from peft import PeftModel
