@@ -404,8 +404,8 @@ def add_compile_arguments(group):
 def check_compile_flags(parser, args):
     """Refuse --torch_compile where it cannot run as asked (exit 2, one line): with --padding_free, whose per-sequence
     lengths are data that would compile a graph per batch; with --gradient_checkpointing, whose transformers wrapper
-    breaks the graph in every layer (a logging call), leaving the layers eager; under DeepSpeed or FSDP; beside accelerate's dynamo_backend,
-    which would compile the model a second time, wrapped."""
+    breaks the graph in every layer (a logging call), leaving the layers eager; under DeepSpeed or FSDP; beside
+    accelerate's dynamo_backend, which would compile the model a second time, wrapped."""
     if not getattr(args, "torch_compile", False):
         return
     if args.padding_free:

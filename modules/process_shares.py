@@ -53,8 +53,9 @@ class ProcessShares:
         import torch.distributed as dist
 
         gathered = local.new_empty(sum(map(len, rows_of_each)), *local.shape[1:])
-        for start in range(0, max(map(len, rows_of_each)), GATHER_ROWS):
-            piece = local.new_zeros(min(GATHER_ROWS, max(map(len, rows_of_each)) - start), *local.shape[1:])
+        longest = max(map(len, rows_of_each))
+        for start in range(0, longest, GATHER_ROWS):
+            piece = local.new_zeros(min(GATHER_ROWS, longest - start), *local.shape[1:])
             piece[: max(0, min(len(local) - start, len(piece)))] = local[start : start + len(piece)]
             received = [torch.empty_like(piece, device=self.device) for _ in rows_of_each]
             dist.all_gather(received, piece.to(self.device))
